@@ -1,0 +1,130 @@
+"""The sample format shared by the folder reader, the sharder and the shard reader.
+
+A sample is a transmitter of a map, keyed ``{map}_{tx}``. On disk (folder or shard) it is a set of
+members: PNG bytes exactly as RadioMapSeer stores them, plus a small JSON record. Only these member
+types are ever decoded; nothing is unpickled.
+
+In memory a decoded sample is a dict::
+
+    key    str              "{map}_{tx}"
+    cond   float32 (3,H,W)  [buildings, tx, cars or buildings]
+    target float32 (1,H,W)  the gain map
+    map    int, tx int
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from radiodiff.config import DataConfig
+
+NATIVE_SIZE = 256
+PNG_MEMBERS = ("buildings.png", "tx.png", "gain.png", "cars.png")
+MEMBERS = PNG_MEMBERS + ("json",)
+JSON_FIELDS = ("map", "tx", "split", "simulation", "buildings", "tx_row", "tx_col")
+
+
+class DataFormatError(ValueError):
+    """A data file is missing, corrupt, or not in the expected format; the message names it."""
+
+
+@dataclass(frozen=True)
+class SampleId:
+    map: int
+    tx: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.map}_{self.tx}"
+
+    @classmethod
+    def from_key(cls, key: str) -> "SampleId":
+        try:
+            map_id, tx_id = key.split("_")
+            return cls(int(map_id), int(tx_id))
+        except ValueError as err:
+            raise DataFormatError(f"sample key {key!r} is not of the form '{{map}}_{{tx}}'") from err
+
+
+def decode_png(data: bytes, where: str) -> np.ndarray:
+    """Decode a RadioMapSeer PNG, checking it is 8-bit single-channel 256x256. Returns (H, W) uint8."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format != "PNG":
+                raise DataFormatError(f"{where}: expected a PNG file, found {image.format}")
+            if image.mode != "L" or image.size != (NATIVE_SIZE, NATIVE_SIZE):
+                raise DataFormatError(
+                    f"{where}: expected a {NATIVE_SIZE}x{NATIVE_SIZE} 8-bit grayscale (mode L) PNG, "
+                    f"found mode {image.mode} size {image.size[0]}x{image.size[1]}"
+                )
+            array = np.asarray(image)
+    except DataFormatError:
+        raise
+    except Exception as err:  # PIL raises many types for truncated or garbage files
+        raise DataFormatError(f"{where}: cannot decode PNG ({type(err).__name__}: {err})") from err
+    return array
+
+
+def encode_json(record: dict) -> bytes:
+    return json.dumps(record, sort_keys=True).encode()
+
+
+def decode_json(data: bytes, where: str) -> dict:
+    try:
+        record = json.loads(data.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataFormatError(f"{where}: invalid JSON record ({err})") from err
+    missing = [name for name in JSON_FIELDS if name not in record]
+    if missing:
+        raise DataFormatError(f"{where}: JSON record lacks {', '.join(missing)}")
+    return record
+
+
+def _resize(image: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    if size == NATIVE_SIZE:
+        return image
+    kwargs = {"align_corners": False, "antialias": True} if mode == "bilinear" else {}
+    return F.interpolate(image[None], size=(size, size), mode=mode, **kwargs)[0]
+
+
+def to_tensors(
+    buildings: np.ndarray, tx: np.ndarray, gain: np.ndarray, cars: np.ndarray | None, cfg: DataConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 maps -> (cond (3,H,W), target (1,H,W)) float32, per the options in ``cfg``."""
+    third = cars if cfg.cars_input else buildings
+    if third is None:
+        raise DataFormatError("data.cars_input=true but the sample has no cars map")
+    cond = torch.from_numpy(np.stack([buildings, tx, third])).float().div_(255.0)  # (3, H, W)
+    target = torch.from_numpy(gain).float().div_(255.0)[None]  # (1, H, W)
+    if cfg.threshold is not None:
+        target = (target.clamp(min=cfg.threshold) - cfg.threshold) / (1.0 - cfg.threshold)
+    cond = _resize(cond, cfg.image_size, "nearest")
+    target = _resize(target, cfg.image_size, "bilinear").clamp_(0.0, 1.0)
+    if cfg.value_range == "symmetric":
+        cond = cond.mul_(2.0).sub_(1.0)
+        target = target.mul_(2.0).sub_(1.0)
+    return cond, target
+
+
+def decode_members(members: dict[str, bytes], cfg: DataConfig, where: str) -> dict:
+    """Raw members of one sample (``buildings.png`` ... ``json``) -> the in-memory sample dict."""
+    unknown = sorted(set(members) - set(MEMBERS))
+    if unknown:
+        raise DataFormatError(f"{where}: unexpected member types {unknown}; allowed: {list(MEMBERS)}")
+    for name in ("buildings.png", "tx.png", "gain.png", "json"):
+        if name not in members:
+            raise DataFormatError(f"{where}: member {name} is missing")
+    record = decode_json(members["json"], f"{where}.json")
+    arrays = {name: decode_png(members[name], f"{where}.{name}") for name in PNG_MEMBERS if name in members}
+    cond, target = to_tensors(
+        arrays["buildings.png"], arrays["tx.png"], arrays["gain.png"], arrays.get("cars.png"), cfg
+    )
+    return {"key": f"{record['map']}_{record['tx']}", "cond": cond, "target": target,
+            "map": int(record["map"]), "tx": int(record["tx"])}
