@@ -64,7 +64,7 @@ def decode_png(data: bytes, where: str) -> np.ndarray:
                     f"{where}: expected a {NATIVE_SIZE}x{NATIVE_SIZE} 8-bit grayscale (mode L) PNG, "
                     f"found mode {image.mode} size {image.size[0]}x{image.size[1]}"
                 )
-            array = np.asarray(image)
+            array = np.array(image)  # a writable copy: torch.from_numpy shares it
     except DataFormatError:
         raise
     except Exception as err:  # PIL raises many types for truncated or garbage files

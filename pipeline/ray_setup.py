@@ -1,0 +1,36 @@
+"""Starting or joining Ray for a command, and leaving it as it was found."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+from radiodiff.config import RayConfig
+
+
+@contextlib.contextmanager
+def ray_session(cfg: RayConfig) -> Iterator[None]:
+    """Start a local Ray instance (``address=None``) or join a cluster (``address=auto`` or host:port).
+
+    An already initialised Ray (a caller running several stages) is reused and left running.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if cfg.address:
+        if os.environ.get("RAY_AUTH_MODE") == "token" and not (
+            os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.exists(os.path.expanduser("~/.ray/auth_token"))
+        ):
+            raise FileNotFoundError(
+                "RAY_AUTH_MODE=token but no token found: set RAY_AUTH_TOKEN_PATH to the cluster's token file"
+            )
+        ray.init(address=cfg.address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Shared helper, sourced by the sbatch scripts that need Ray: starts a Ray cluster over the
+# allocation (head on the first node, one worker per other node) and stops it on exit.
+# Token authentication stays on: the token lives on the shared filesystem (RAY_AUTH_TOKEN_PATH).
+set -euo pipefail
+
+ray_head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+ray_head_ip=$(srun --nodes=1 --ntasks=1 -w "$ray_head_node" hostname --ip-address | awk '{print $1}')
+ray_port=${RAY_PORT:-6379}
+export RAY_AUTH_MODE=token
+export RAY_AUTH_TOKEN_PATH=${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token_$SLURM_JOB_ID}
+export RAY_ADDRESS="$ray_head_ip:$ray_port"
+ray_cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
+
+srun --nodes=1 --ntasks=1 -w "$ray_head_node" --overlap \
+  ray start --head --node-ip-address="$ray_head_ip" --port="$ray_port" --num-cpus="$ray_cpus" --block &
+sleep "${RAY_HEAD_WAIT_S:-10}"
+if [ "$SLURM_JOB_NUM_NODES" -gt 1 ]; then
+  srun --nodes=$((SLURM_JOB_NUM_NODES - 1)) --ntasks=$((SLURM_JOB_NUM_NODES - 1)) -x "$ray_head_node" --overlap \
+    ray start --address="$RAY_ADDRESS" --num-cpus="$ray_cpus" --block &
+  sleep "${RAY_WORKER_WAIT_S:-10}"
+fi
+trap 'ray stop --force >/dev/null 2>&1 || true' EXIT
