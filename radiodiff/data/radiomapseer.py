@@ -25,14 +25,13 @@ from radiodiff.config import SIMULATION_TX_LIMIT, DataConfig
 from radiodiff.data.schema import NATIVE_SIZE, DataFormatError, SampleId, decode_members, decode_png, encode_json
 
 FULL_MAPS = 700  # the protocols permute maps 0..699 and read file id perm[i] + 1
-MISSING_VERSIONS = 6
-# Published position ranges over the permutation (end exclusive), on the full 700.
-PROTOCOL_BOUNDS = {
-    "radiounet": {"train": (0, 501), "val": (501, 601), "test": (601, 700)},
-    # The published RadioDiff split puts the map at position 600 in both train and test.
-    "radiodiff": {"train": (0, 601), "test": (600, 700)},
-    # Our disjoint variant: the same 100 test maps, train without the shared one.
-    "radiodiff_disjoint": {"train": (0, 600), "test": (600, 700)},
+# Published cut positions in the permutation of the full 700 maps: split i holds positions
+# [cut_{i-1}, cut_i). The RadioDiff protocol's train split also takes the map at its cut (position
+# 600), which is therefore in train and test; the disjoint variant keeps the same 100 test maps.
+PROTOCOL_CUTS = {
+    "radiounet": (("train", "val", "test"), (501, 601)),
+    "radiodiff": (("train", "test"), (600,)),
+    "radiodiff_disjoint": (("train", "test"), (600,)),
 }
 
 
@@ -50,23 +49,21 @@ def protocol_order(map_ids: Sequence[int], seed: int) -> list[int]:
 
 def split_maps(map_ids: Sequence[int], protocol: str, seed: int) -> dict[str, list[int]]:
     """split name -> map ids, per ``protocol`` over the maps present."""
-    if protocol not in PROTOCOL_BOUNDS:
-        raise ValueError(f"unknown protocol {protocol!r}; expected one of {sorted(PROTOCOL_BOUNDS)}")
+    if protocol not in PROTOCOL_CUTS:
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of {sorted(PROTOCOL_CUTS)}")
+    names, cuts = PROTOCOL_CUTS[protocol]
     order = protocol_order(map_ids, seed)
     n = len(order)
-    bounds = PROTOCOL_BOUNDS[protocol]
-    if n < len(bounds) + 1:
-        raise DataFormatError(f"{n} maps are too few for the {protocol} protocol's {len(bounds)} splits")
-
-    def scaled(position: int) -> int:
-        return position if n == FULL_MAPS else max(1, min(n - 1, round(position * n / FULL_MAPS)))
-
-    splits = {}
-    for name, (start, end) in bounds.items():
-        lo, hi = scaled(start) if start else 0, n if end == FULL_MAPS else scaled(end)
-        if protocol == "radiodiff" and name == "train":
-            hi = scaled(600) + 1  # keep the published one-map overlap at every scale
-        splits[name] = order[lo:hi]
+    if n < len(names):
+        raise DataFormatError(f"{n} maps are too few for the {protocol} protocol's {len(names)} splits")
+    scaled: list[int] = []
+    for i, cut in enumerate(cuts):  # scale to n maps, keeping at least one map in every split
+        lowest = (scaled[-1] if scaled else 0) + 1
+        scaled.append(min(max(round(cut * n / FULL_MAPS), lowest), n - (len(cuts) - i)))
+    bounds = [0, *scaled, n]
+    splits = {name: order[bounds[i]:bounds[i + 1]] for i, name in enumerate(names)}
+    if protocol == "radiodiff":
+        splits["train"] = order[: bounds[1] + 1]
     return splits
 
 
@@ -137,6 +134,7 @@ class RadioMapSeer:
         self.splits = split_maps(self.map_ids, cfg.protocol, cfg.split_seed)
         self.only = None if only is None else set(only)
         self.tx_ids = self._tx_ids() if only is None else sorted({s.tx for s in only})
+        self.missing_versions = self._missing_versions()
         if validate:  # the sharder skips this: it decodes and reports every file itself
             self._validate(full_check)
 
@@ -154,9 +152,22 @@ class RadioMapSeer:
             )
         return list(range(wanted))
 
+    def _missing_versions(self) -> list[int]:
+        """Version folders of buildings_missing{k} (6 in the real dataset); [] for complete buildings."""
+        if self.cfg.buildings == "complete":
+            return []
+        folder = self.layout.root / "png" / f"buildings_{self.cfg.buildings}"
+        versions = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+        if not versions:
+            raise DataFormatError(f"RadioMapSeer folder {folder} is missing or holds no version folders 1..6")
+        return versions
+
     def building_version(self, map_id: int) -> int:
         """The buildings_missing version of a map: fixed by split_seed and map id, not per item."""
-        return int(np.random.default_rng([self.cfg.split_seed, map_id]).integers(1, MISSING_VERSIONS + 1))
+        if not self.missing_versions:
+            return 0
+        pick = np.random.default_rng([self.cfg.split_seed, map_id]).integers(len(self.missing_versions))
+        return self.missing_versions[int(pick)]
 
     def sample_ids(self, split: str) -> list[SampleId]:
         if split not in self.splits:
@@ -222,4 +233,6 @@ class RadioMapSeerDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
         members = self.source.read_members(sample, self.split)
-        return decode_members(members, self.source.cfg, where=str(self.source.layout.root / sample.key))
+        where = {name: str(path) for name, path in self.source.paths(sample).items()}
+        where["json"] = f"{self.source.layout.root} sample {sample.key}"
+        return decode_members(members, self.source.cfg, where=where)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -113,16 +114,24 @@ def to_tensors(
     return cond, target
 
 
-def decode_members(members: dict[str, bytes], cfg: DataConfig, where: str) -> dict:
-    """Raw members of one sample (``buildings.png`` ... ``json``) -> the in-memory sample dict."""
+def decode_members(members: dict[str, bytes], cfg: DataConfig, where: str | Mapping[str, str]) -> dict:
+    """Raw members of one sample (``buildings.png`` ... ``json``) -> the in-memory sample dict.
+
+    ``where`` names the sample in errors: a prefix (a shard and key) or, per member, its source file.
+    """
+    if isinstance(where, str):
+        prefix = where
+        where = {name: f"{prefix}.{name}" for name in MEMBERS}
+    else:
+        prefix = where.get("json", next(iter(where.values())))
     unknown = sorted(set(members) - set(MEMBERS))
     if unknown:
-        raise DataFormatError(f"{where}: unexpected member types {unknown}; allowed: {list(MEMBERS)}")
+        raise DataFormatError(f"{prefix}: unexpected member types {unknown}; allowed: {list(MEMBERS)}")
     for name in ("buildings.png", "tx.png", "gain.png", "json"):
         if name not in members:
-            raise DataFormatError(f"{where}: member {name} is missing")
-    record = decode_json(members["json"], f"{where}.json")
-    arrays = {name: decode_png(members[name], f"{where}.{name}") for name in PNG_MEMBERS if name in members}
+            raise DataFormatError(f"{prefix}: member {name} is missing")
+    record = decode_json(members["json"], where.get("json", f"{prefix} (json)"))
+    arrays = {name: decode_png(members[name], where[name]) for name in PNG_MEMBERS if name in members}
     cond, target = to_tensors(
         arrays["buildings.png"], arrays["tx.png"], arrays["gain.png"], arrays.get("cars.png"), cfg
     )

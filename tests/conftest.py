@@ -1,0 +1,48 @@
+"""Shared fixtures: the real RadioMapSeer subset, a small synthetic RadioMapSeer, a Ray instance."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_ROOT = Path(os.environ.get("RADIOMAPSEER_REAL", REPO.parent / "shared" / "radiomapseer-real"))
+
+
+@pytest.fixture(scope="session")
+def real_root() -> Path:
+    """The real RadioMapSeer subset (all 701 city maps, 61 DPM maps), next to the repository."""
+    if not (REAL_ROOT / "png" / "buildings_complete").is_dir():
+        pytest.skip(f"real RadioMapSeer subset not found at {REAL_ROOT} (set RADIOMAPSEER_REAL)")
+    return REAL_ROOT
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic RadioMapSeer written by radiodiff-synth's own code (read-only for tests)."""
+    from radiodiff.config import SynthConfig
+    from radiodiff.data.synth_main import run_synth
+
+    out = tmp_path_factory.mktemp("synth") / "radiomapseer"
+    cfg = SynthConfig(out=str(out), num_maps=12, num_tx=4, seed=3,
+                      simulations=["DPM", "carsDPM", "IRT4"], missing_versions=2)
+    assert run_synth(cfg) == 0
+    return out
+
+
+@pytest.fixture
+def synth_copy(synth_root: Path, tmp_path: Path) -> Path:
+    """A private copy of the synthetic root that a test may damage."""
+    return Path(shutil.copytree(synth_root, tmp_path / "radiomapseer"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance shared by the tests that run Ray tasks (starting Ray takes seconds)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
