@@ -10,14 +10,14 @@ Geometry (``ray_features``), shared by all models, vectorized in numpy:
   reads the ray closest to its direction at its own radius. The pixel's own sample is excluded,
   so a street pixel next to a wall is not counted as "inside" it.
 * Line of sight (LOS): a street pixel whose straight line to the tx crosses (almost) no building.
-* Path around buildings: every non-LOS pixel is reached through its nearest LOS pixel ``q``
-  (a Euclidean distance transform with indices), giving ``around = |tx - q| + |q - p|`` and
-  ``excess = around - direct``. This is the one-corner (single diffraction) path; deeper shadows
+* Path around buildings: every non-LOS pixel is reached through its nearest shadow-edge pixel
+  ``q`` (a LOS pixel next to a shadowed street pixel; Euclidean distance transform with indices),
+  giving ``around = |tx - q| + |q - p|`` and ``excess = around - direct``. This is the one-corner (single diffraction) path; deeper shadows
   are dominated by the direct path through walls anyway.
 
 Models (gain in dB, always negative; ``PropagationParams`` holds the constants):
 
-* ``DPM`` (dominant path): the stronger of two paths.
+* ``DPM`` (dominant path): the power sum of two paths (in LOS, the direct path alone).
   direct path: ``A - 10 n log10(d) - wall_db * walls - metre_db * min(metres, metre_cap)``;
   around path: ``A - 10 n log10(d_around) - diffraction_db - excess_db * sqrt(excess)``.
   Below -147 dB the map is 0 (the simulation floor). Exactly 255 at the tx pixel.
@@ -52,16 +52,18 @@ IRT_PEAK_GRAY = 249
 
 @dataclass(frozen=True)
 class PropagationParams:
-    """Model constants. DPM values were fitted by tools/fit_synth.py on the 45 real RadioUNet-train
-    DPM samples of the shared RadioMapSeer subset only (val/test samples were never used)."""
+    """Model constants. The DPM values (ref_db .. excess_db) were fitted by tools/fit_synth.py
+    (``--stride 2``) on the 45 real RadioUNet-train DPM samples of the shared RadioMapSeer subset
+    only; val/test samples were never used (train RMSE 6.1 dB). car_metre_db is not fitted (no real
+    carsDPM maps here)."""
 
-    ref_db: float = -54.935  # gain at 1 m
-    exponent: float = 2.155  # log-distance path-loss exponent n
-    wall_db: float = 2.731  # per wall entered on the straight line
-    metre_db: float = 0.952  # per metre of building crossed on the straight line
-    metre_cap_m: float = 16.432  # beyond this, more building metres do not add loss
-    diffraction_db: float = 25.527  # fixed loss of turning a corner
-    excess_db: float = 0.312  # times sqrt(excess path length in m)
+    ref_db: float = -54.498  # gain at 1 m
+    exponent: float = 2.173  # log-distance path-loss exponent n
+    wall_db: float = 3.449  # per wall entered on the straight line
+    metre_db: float = 0.923  # per metre of building crossed on the straight line
+    metre_cap_m: float = 16.639  # beyond this, more building metres do not add loss
+    diffraction_db: float = 25.887  # fixed loss of turning a corner
+    excess_db: float = 0.377  # times sqrt(excess path length in m)
     car_metre_db: float = 0.6  # per metre of car crossed (cars* models)
     # IRT models are not fitted (no real IRT maps here); chosen to look like RadioMapSeer's IRT.
     irt_exponent: float = 2.3
@@ -132,6 +134,23 @@ def _cumulative_before(samples: np.ndarray, ray: np.ndarray, radius_idx: np.ndar
     return (cum[ray, radius_idx] - samples[ray, radius_idx]).astype(np.float32)
 
 
+def _around_path(los: np.ndarray, solid: np.ndarray, dist: np.ndarray) -> np.ndarray:
+    """Length of tx -> q -> p, q the nearest shadow-edge pixel (a LOS pixel next to a shadowed
+    street pixel). Using only shadow edges keeps q off the lit face in front of a building,
+    which would make the path cut straight through it. (256,256) float32."""
+    shadow = ~solid & ~los
+    near_shadow = np.zeros_like(shadow)
+    near_shadow[1:] |= shadow[:-1]
+    near_shadow[:-1] |= shadow[1:]
+    near_shadow[:, 1:] |= shadow[:, :-1]
+    near_shadow[:, :-1] |= shadow[:, 1:]
+    edge = los & near_shadow
+    if not edge.any():
+        return dist
+    leg2, (q_rows, q_cols) = ndimage.distance_transform_edt(~edge, return_indices=True)
+    return np.where(los, dist, dist[q_rows, q_cols] + leg2.astype(np.float32))
+
+
 def ray_features(buildings: np.ndarray, tx_rc: tuple[int, int], cars: np.ndarray | None = None) -> RayFeatures:
     """The geometry every model needs (see the module docstring)."""
     _check_inputs(buildings, tx_rc, cars)
@@ -149,9 +168,7 @@ def ray_features(buildings: np.ndarray, tx_rc: tuple[int, int], cars: np.ndarray
                   else np.zeros_like(metres))
     los = (~solid) & (metres <= LOS_TOLERANCE_M)
     los[row, col] = True
-    # Nearest LOS pixel of every pixel, then the two-leg path tx -> q -> p.
-    leg2, (q_rows, q_cols) = ndimage.distance_transform_edt(~los, return_indices=True)
-    around = dist[q_rows, q_cols] + leg2.astype(np.float32)
+    around = _around_path(los, solid, dist)
     return RayFeatures(
         tx_rc=(row, col), buildings=solid, direct_m=np.maximum(dist, 1.0), metres=metres, walls=walls,
         car_metres=car_metres, los=los, around_m=np.maximum(around, 1.0).astype(np.float32),
@@ -167,8 +184,9 @@ def dpm_db(f: RayFeatures, p: PropagationParams, with_cars: bool = False) -> np.
     excess = np.maximum(f.around_m - f.direct_m, 0.0)
     around = (p.ref_db - 10.0 * p.exponent * np.log10(f.around_m) - p.diffraction_db
               - p.excess_db * np.sqrt(excess))
-    # The dominant path is whichever of the two is stronger; in LOS both reduce to free space.
-    return np.where(f.los, direct, np.maximum(direct, around))
+    # Both paths carry power; in LOS the direct path is free space and dominates.
+    both = 10.0 * np.log10(10.0 ** (direct / 10.0) + 10.0 ** (around / 10.0))
+    return np.where(f.los, direct, both)
 
 
 def _irt_db(f: RayFeatures, p: PropagationParams, with_cars: bool, interactions: int) -> np.ndarray:

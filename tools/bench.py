@@ -1,0 +1,140 @@
+"""Benchmarks whose figures the README records. Each compares side by side in one run.
+
+    python tools/bench.py data   [--maps 24 --tx 16 --batch 16 --repeats 3]
+    python tools/bench.py synth  [--maps 4 --tx 16]
+
+data:  samples/s of the shard reader (radiodiff.data.shards, 2 workers) and of a per-file PNG
+       folder loader written the way the RadioUNet loader works (skimage imread of each file per
+       sample, /256 scaling, numpy stacking; its DataLoader with 1 worker), on the same synthetic
+       data, alternating, printed as a ratio.
+synth: milliseconds per simulated gain map on one core (one thread), per model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def make_dataset(workdir: Path, maps: int, tx: int) -> tuple[Path, Path]:
+    """A synthetic RadioMapSeer (DPM only) and its shards."""
+    from pipeline.shard import run_shard
+    from radiodiff.config import DataConfig, RayConfig, ShardConfig, SynthConfig
+    from radiodiff.data.synth_main import run_synth
+
+    root, shards = workdir / "radiomapseer", workdir / "shards"
+    run_synth(SynthConfig(out=str(root), num_maps=maps, num_tx=tx, simulations=["DPM"], missing_versions=0))
+    run_shard(ShardConfig(data=DataConfig(root=str(root)), out=str(shards), min_shards_per_split=4,
+                          ray=RayConfig(num_cpus=2)))
+    return root, shards
+
+
+class FolderLoaderDataset:
+    """Per-file loading as the RadioUNet loader does it: three imread calls per sample."""
+
+    def __init__(self, root: Path, samples: list[tuple[int, int]]) -> None:
+        self.root, self.samples = root, samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        import torch
+        from skimage import io
+
+        map_id, tx = self.samples[index]
+        buildings = np.asarray(io.imread(self.root / "png" / "buildings_complete" / f"{map_id}.png")) / 256
+        antenna = np.asarray(io.imread(self.root / "png" / "antennas" / f"{map_id}_{tx}.png")) / 256
+        gain = np.expand_dims(np.asarray(io.imread(self.root / "gain" / "DPM" / f"{map_id}_{tx}.png")), 2) / 256
+        inputs = np.stack([buildings, antenna], axis=2)
+        return torch.from_numpy(inputs.transpose(2, 0, 1)).float(), torch.from_numpy(gain.transpose(2, 0, 1)).float()
+
+
+def time_pass(make_iterable, count) -> float:
+    """Samples per second of one full pass (the iterable is built inside the timing)."""
+    start = time.perf_counter()
+    seen = sum(count(batch) for batch in make_iterable())
+    return seen / (time.perf_counter() - start)
+
+
+def bench_data(args: argparse.Namespace) -> None:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from radiodiff.config import DataConfig
+    from radiodiff.data.radiomapseer import RadioMapSeer
+    from radiodiff.data.shards import ShardLoader
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root, shards = make_dataset(Path(tmp), args.maps, args.tx)
+        cfg = DataConfig(root=str(root), shards=str(shards), num_workers=2)
+        samples = [(s.map, s.tx) for s in RadioMapSeer(cfg).sample_ids("train")]
+        folder = FolderLoaderDataset(root, samples)
+
+        def shard_pass():
+            return ShardLoader(cfg, "train", batch_size=args.batch, epochs=1, num_workers=2)
+
+        def folder_pass():
+            return DataLoader(folder, batch_size=args.batch, shuffle=True, num_workers=1)
+
+        time_pass(shard_pass, lambda b: len(b["key"]))  # warm the page cache and imports
+        time_pass(folder_pass, lambda b: len(b[0]))
+        shard_rates, folder_rates = [], []
+        for _ in range(args.repeats):  # alternate, so that machine noise hits both alike
+            shard_rates.append(time_pass(shard_pass, lambda b: len(b["key"])))
+            folder_rates.append(time_pass(folder_pass, lambda b: len(b[0])))
+    shard_rate, folder_rate = statistics.median(shard_rates), statistics.median(folder_rates)
+    print(f"\ndata reader benchmark: {len(samples)} train samples, batch {args.batch}, "
+          f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+    print(f"  shard reader (2 workers)          {shard_rate:8.1f} samples/s")
+    print(f"  per-file folder loader (1 worker) {folder_rate:8.1f} samples/s")
+    print(f"  ratio                             {shard_rate / folder_rate:8.2f}x")
+
+
+def bench_synth(args: argparse.Namespace) -> None:
+    import torch
+
+    from radiodiff.data.propagation import simulate_gain
+    from radiodiff.data.synthetic import generate_city
+
+    torch.set_num_threads(1)
+    rates: dict[str, list[float]] = {}
+    for map_id in range(args.maps):
+        city = generate_city(seed=0, map_id=map_id, num_tx=args.tx)
+        for model in ("DPM", "IRT2", "carsDPM"):
+            cars = city.cars if model.startswith("cars") else None
+            start = time.perf_counter()
+            for tx_rc in city.tx_rc:
+                simulate_gain(city.buildings, tx_rc, model, cars=cars)
+            rates.setdefault(model, []).append((time.perf_counter() - start) / len(city.tx_rc) * 1e3)
+    print(f"\nsynthetic gain maps, one core: {args.maps} maps x {args.tx} tx")
+    for model, values in rates.items():
+        print(f"  {model:8s} {statistics.median(values):6.1f} ms per gain map")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    data = sub.add_parser("data", help="shard reader vs per-file folder loader")
+    data.add_argument("--maps", type=int, default=24)
+    data.add_argument("--tx", type=int, default=16)
+    data.add_argument("--batch", type=int, default=16)
+    data.add_argument("--repeats", type=int, default=3)
+    synth = sub.add_parser("synth", help="time per simulated gain map")
+    synth.add_argument("--maps", type=int, default=4)
+    synth.add_argument("--tx", type=int, default=16)
+    args = parser.parse_args(argv)
+    {"data": bench_data, "synth": bench_synth}[args.what](args)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())
