@@ -90,6 +90,7 @@ class SynthConfig:
     simulations: list[str] = field(default_factory=lambda: ["DPM", "IRT2", "carsDPM", "carsIRT2"])
     missing_versions: int = 6  # versions of buildings_missing{1..4}; 0 writes none
     city_from: Optional[str] = None  # keep this RadioMapSeer root's cities and tx, simulate gain only
+    map_ids: Optional[list[int]] = None  # maps to write (e.g. of city_from); None: 0..num_maps-1
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -102,6 +103,10 @@ class SynthConfig:
             raise ConfigError(f"num_maps={self.num_maps}: RadioMapSeer has at most 701 maps")
         for sim in self.simulations:
             check_choice("simulations", sim, SIMULATIONS)
+        if self.map_ids is not None:
+            bad = [m for m in self.map_ids if not 0 <= m <= 700]
+            if bad or len(set(self.map_ids)) != len(self.map_ids) or not self.map_ids:
+                raise ConfigError(f"map_ids={self.map_ids}: expected distinct map ids in 0..700")
 
 
 @dataclass
@@ -196,7 +201,7 @@ class PerceptualConfig:
 
 @dataclass
 class VaeGanLossConfig:
-    """Weights and schedule of the VAE-GAN objective (REFERENCE.md section 2)."""
+    """Weights and schedule of the VAE-GAN objective."""
 
     kl_weight: float = 1e-6
     disc_weight: float = 0.5  # multiplies the adaptive weight
@@ -216,7 +221,7 @@ class VaeGanLossConfig:
 # Treat these as read-only; autoencoder_preset() / discriminator_preset() hand out copies.
 AUTOENCODER_PRESETS: dict[str, AutoencoderConfig] = {
     "reference": AutoencoderConfig(),
-    # Same topology (factor 4, z=3, GroupNorm(32)) at ~1/4 width for CPU tests.
+    # Same topology (factor 4, z=3, GroupNorm(32)) at 1/4 width, one res block per level: CPU tests.
     "tiny": AutoencoderConfig(ch=32, ch_mult=[1, 2, 2], num_res_blocks=1),
 }
 DISCRIMINATOR_PRESETS: dict[str, DiscriminatorConfig] = {
@@ -225,21 +230,23 @@ DISCRIMINATOR_PRESETS: dict[str, DiscriminatorConfig] = {
 }
 
 
-def _preset(kind: str, presets: dict, name: str):  # noqa: ANN202 - returns the preset's own type
+def _check_preset(kind: str, presets: dict[str, object], name: str) -> None:
     if name not in presets:
         raise ConfigError(f"{kind}={name!r} is not a preset; expected one of {', '.join(presets)}")
-    import copy
-
-    return copy.deepcopy(presets[name])
 
 
 def autoencoder_preset(name: str) -> AutoencoderConfig:
-    return _preset("autoencoder preset", AUTOENCODER_PRESETS, name)
+    import copy
+
+    _check_preset("autoencoder preset", AUTOENCODER_PRESETS, name)
+    return copy.deepcopy(AUTOENCODER_PRESETS[name])
 
 
 def discriminator_preset(name: str) -> DiscriminatorConfig:
-    return _preset("discriminator preset", DISCRIMINATOR_PRESETS, name)
+    import copy
 
+    _check_preset("discriminator preset", DISCRIMINATOR_PRESETS, name)
+    return copy.deepcopy(DISCRIMINATOR_PRESETS[name])
 
 # --- end stage 1 ---
 
@@ -372,8 +379,14 @@ class DemoConfig:
     """radiodiff-demo: everything, small, on one machine."""
 
     out_dir: str = "demo_out"
-    synth: SynthConfig = field(default_factory=lambda: SynthConfig(out="${out_dir}/radiomapseer"))
-    shard: ShardConfig = field(default_factory=lambda: ShardConfig(out="${out_dir}/shards"))
+    synth: SynthConfig = field(
+        default_factory=lambda: SynthConfig(out="${out_dir}/radiomapseer", num_maps=24, num_tx=8, overwrite=True)
+    )
+    shard: ShardConfig = field(
+        default_factory=lambda: ShardConfig(
+            data=DataConfig(root="${out_dir}/radiomapseer"), out="${out_dir}/shards", min_shards_per_split=4
+        )
+    )
     batch_size: int = 8
 
 

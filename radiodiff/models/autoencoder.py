@@ -175,16 +175,25 @@ class AutoencoderKL(nn.Module):
     ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """(B, E, h, w) latent -> (B, Cout, H, W); with ``return_features`` also the input of
         ``last_layer``, so a caller can recompute ``last_layer(features.detach())`` on a small
-        separate graph (the adaptive weight under DeepSpeed, see ENVIRONMENT.md)."""
+        separate graph (the adaptive weight under DeepSpeed, whose engines hook their outputs)."""
         feats = self.decoder.features(self.post_quant_conv(z))
         recon = self.decoder.conv_out(feats)
         return (recon, feats) if return_features else recon
 
     def forward(
-        self, x: torch.Tensor, sample_posterior: bool = True, generator: Optional[torch.Generator] = None
-    ) -> tuple[torch.Tensor, DiagonalGaussian]:
+        self,
+        x: torch.Tensor,
+        sample_posterior: bool = True,
+        generator: Optional[torch.Generator] = None,
+        return_features: bool = False,
+    ) -> Union[tuple[torch.Tensor, DiagonalGaussian], tuple[torch.Tensor, DiagonalGaussian, torch.Tensor]]:
+        """(recon, posterior), plus the input of ``last_layer`` when ``return_features``: a
+        training engine's forward must hand those out, since only its forward may be called."""
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        if return_features:
+            recon, feats = self.decode(z, return_features=True)
+            return recon, posterior, feats
         return self.decode(z), posterior
 
 
@@ -202,9 +211,15 @@ class VaeGanGenerator(nn.Module):
         self.logvar = nn.Parameter(torch.full((1,), float(logvar_init)), requires_grad=learn_logvar)
 
     def forward(
-        self, x: torch.Tensor, sample_posterior: bool = True, generator: Optional[torch.Generator] = None
-    ) -> tuple[torch.Tensor, DiagonalGaussian]:
-        return self.autoencoder(x, sample_posterior=sample_posterior, generator=generator)
+        self,
+        x: torch.Tensor,
+        sample_posterior: bool = True,
+        generator: Optional[torch.Generator] = None,
+        return_features: bool = False,
+    ) -> Union[tuple[torch.Tensor, DiagonalGaussian], tuple[torch.Tensor, DiagonalGaussian, torch.Tensor]]:
+        return self.autoencoder(
+            x, sample_posterior=sample_posterior, generator=generator, return_features=return_features
+        )
 
     def autoencoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The bare autoencoder's weights, in the CompVis layout (no ``logvar``)."""
