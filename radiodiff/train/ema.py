@@ -1,0 +1,77 @@
+"""Exponential moving average of a model's parameters, for evaluation and sampling.
+
+Schedule (given the optimizer step after which ``update`` is called):
+- step < start_step: the EMA copies the weights, so it starts from a trained model, not from init;
+- otherwise, every ``update_every`` steps: ema = beta * ema + (1 - beta) * param.
+Buffers (norm statistics, fixed frequencies) are copied at every call: averaging them means nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from radiodiff.config import EMAConfig
+
+
+class EMA:
+    def __init__(self, model: nn.Module, cfg: EMAConfig) -> None:
+        self.cfg = cfg
+        self.params = {name: p.detach().clone() for name, p in model.named_parameters()}
+        self.buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+        self.num_averaged = 0  # updates that averaged (not copied); for logging and checks
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        """Call once after optimizer step ``step`` (counting from 1 or 0, as the loop does)."""
+        if step < self.cfg.start_step:
+            for name, p in model.named_parameters():
+                self.params[name].copy_(p.detach())
+        elif step % self.cfg.update_every == 0:
+            for name, p in model.named_parameters():
+                # lerp: ema + (1 - beta) * (p - ema) = beta * ema + (1 - beta) * p
+                self.params[name].lerp_(p.detach().to(self.params[name].dtype), 1.0 - self.cfg.beta)
+            self.num_averaged += 1
+        for name, b in model.named_buffers():
+            self.buffers[name].copy_(b.detach())
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Write the EMA weights (and buffers) into ``model``."""
+        for name, p in model.named_parameters():
+            p.copy_(self.params[name])
+        for name, b in model.named_buffers():
+            b.copy_(self.buffers[name])
+
+    @contextlib.contextmanager
+    def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:
+        """``with ema.swapped_into(model):`` evaluates with EMA weights; the trained ones come back after."""
+        tensors = [*model.parameters(), *model.buffers()]
+        saved = [t.detach().clone() for t in tensors]
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for t, value in zip(tensors, saved):
+                    t.copy_(value)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "params": {k: v.clone() for k, v in self.params.items()},
+            "buffers": {k: v.clone() for k, v in self.buffers.items()},
+            "num_averaged": self.num_averaged,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for kind in ("params", "buffers"):
+            own, other = getattr(self, kind), state[kind]
+            if set(own) != set(other):
+                diff = sorted(set(own) ^ set(other))
+                raise ValueError(f"EMA state does not match the model; differing {kind}: {diff[:5]}")
+            for name, value in other.items():
+                own[name].copy_(value)
+        self.num_averaged = int(state["num_averaged"])
