@@ -1,6 +1,6 @@
 """Synthetic RadioMapSeer: city generation, real-city reuse, and the on-disk layout.
 
-The output folder is laid out exactly like the real dataset (see REFERENCE.md section 1), so the
+The output folder is laid out exactly like the real dataset (see the README's data section), so the
 same reader opens both. Cities are street grids (optionally rotated) whose blocks are split into
 lots carrying rectangular or L-shaped buildings; cars are short rectangles along the roads;
 transmitters stand in streets at least ``TX_MARGIN_PX`` from the border. Gains come from
