@@ -23,9 +23,10 @@ from radiodiff.data.propagation import CEIL_DB, FLOOR_DB, PropagationParams, dpm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sim_fidelity import load_real_samples  # noqa: E402  (sibling script)
 
-FITTED = ("ref_db", "exponent", "wall_db", "metre_db", "metre_cap_m", "diffraction_db", "excess_db")
-LOWER = (-80.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0)
-UPPER = (-20.0, 5.0, 40.0, 5.0, 250.0, 40.0, 20.0)
+FITTED = ("ref_db", "exponent", "wall_db", "metre_db", "metre_sat_m", "diffraction_db", "excess_db",
+          "excess_lin_db", "edge_floor_weight", "roof_scale", "roof_offset_db", "path_softness")
+LOWER = (-80.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, -60.0, 1.0)
+UPPER = (-20.0, 5.0, 40.0, 10.0, 250.0, 60.0, 20.0, 5.0, 1.0, 5.0, 100.0, 10.0)
 
 
 def residual_fn(features: list, targets: list[np.ndarray], masks: list[np.ndarray]):
