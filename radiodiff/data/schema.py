@@ -30,6 +30,7 @@ from radiodiff.config import DataConfig
 NATIVE_SIZE = 256
 PNG_MEMBERS = ("buildings.png", "tx.png", "gain.png", "cars.png")
 MEMBERS = PNG_MEMBERS + ("json",)
+PER_MAP_MEMBERS = ("buildings.png", "cars.png")  # the same bytes for every transmitter of a map
 JSON_FIELDS = ("map", "tx", "split", "simulation", "buildings", "tx_row", "tx_col")
 
 
@@ -130,10 +131,18 @@ def to_tensors(
     return cond, target
 
 
-def decode_members(members: dict[str, bytes], cfg: DataConfig, where: str | Mapping[str, str]) -> dict:
+def decode_members(
+    members: dict[str, bytes],
+    cfg: DataConfig,
+    where: str | Mapping[str, str],
+    *,
+    map_cache: dict[bytes, np.ndarray] | None = None,
+) -> dict:
     """Raw members of one sample (``buildings.png`` ... ``json``) -> the in-memory sample dict.
 
     ``where`` names the sample in errors: a prefix (a shard and key) or, per member, its source file.
+    ``map_cache`` (PNG bytes -> decoded map) lets a reader decode the per-map members (buildings,
+    cars), which all transmitters of a map share, once instead of once per sample.
     """
     if isinstance(where, str):
         prefix = where
@@ -147,7 +156,18 @@ def decode_members(members: dict[str, bytes], cfg: DataConfig, where: str | Mapp
         if name not in members:
             raise DataFormatError(f"{prefix}: member {name} is missing")
     record = decode_json(members["json"], where.get("json", f"{prefix} (json)"))
-    arrays = {name: decode_png(members[name], where[name]) for name in PNG_MEMBERS if name in members}
+    arrays = {}
+    for name in PNG_MEMBERS:
+        if name not in members:
+            continue
+        data = members[name]
+        cached = map_cache is not None and name in PER_MAP_MEMBERS
+        if cached and data in map_cache:
+            arrays[name] = map_cache[data]
+            continue
+        arrays[name] = decode_png(data, where[name])
+        if cached:
+            map_cache[data] = arrays[name]
     cond, target = to_tensors(
         arrays["buildings.png"], arrays["tx.png"], arrays["gain.png"], arrays.get("cars.png"), cfg
     )

@@ -274,11 +274,12 @@ class ShardStream(IterableDataset):
         if len(index) != shard.num_samples:
             raise DataFormatError(f"{url}: shard holds {len(index)} samples, the manifest says "
                                   f"{shard.num_samples}")
+        map_cache: dict[bytes, np.ndarray] = {}  # a shard holds a few samples of each of its maps
         # Skipping happens on the index, so a resume mid-shard decodes no skipped sample.
         for i in self.plan.sample_order(shard, epoch)[skip:]:
             key, spans = index[i]
             members = {kind: data[start:end] for kind, (start, end) in spans.items()}
-            sample = decode_members(members, self.cfg, f"{url}:{key}")
+            sample = decode_members(members, self.cfg, f"{url}:{key}", map_cache=map_cache)
             if sample["key"] != key:
                 raise DataFormatError(f"{url}: sample {key} has a JSON record for {sample['key']}")
             yield sample

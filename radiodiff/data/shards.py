@@ -30,6 +30,7 @@ import json
 from typing import Any, Iterator, Optional
 
 import fsspec.utils
+import torch
 from torch.utils.data import DataLoader
 
 from radiodiff.config import ConfigError, DataConfig
@@ -193,9 +194,11 @@ class ShardLoader:
             extra["prefetch_factor"] = self.prefetch_factor
         # Workers are not persistent: each pass pickles the dataset with the positions above, which
         # persistent workers would not see.
+        # Its own generator: a DataLoader iterator otherwise draws its base seed from torch's global
+        # RNG, so a resumed run would consume one more draw than the uninterrupted one.
         return DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
                           drop_last=self.drop_last, pin_memory=self.pin_memory,
-                          persistent_workers=False, **extra)
+                          persistent_workers=False, generator=torch.Generator().manual_seed(self.seed), **extra)
 
     def __iter__(self) -> Iterator[dict]:
         """Batches from the current state on; a finite loader starts a new pass once it finished one."""

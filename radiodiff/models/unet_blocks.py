@@ -144,7 +144,10 @@ class FrequencyFilter(nn.Module):
             )
         # FFTs run in float32: half-precision FFTs are limited to power-of-two sizes and lose accuracy.
         spectrum = torch.fft.rfft2(x.float(), norm="ortho")  # (B, C, H, W//2+1) complex
-        filtered = torch.fft.irfft2(spectrum * torch.view_as_complex(self.weight.float()), s=(h, w), norm="ortho")
+        # torch.complex, not view_as_complex: ZeRO makes parameters views into one flat buffer at
+        # offsets that view_as_complex does not accept (and channels_last restrides the weight).
+        weight = self.weight.float()
+        filtered = torch.fft.irfft2(spectrum * torch.complex(weight[..., 0], weight[..., 1]), s=(h, w), norm="ortho")
         return x + filtered.to(x.dtype)
 
 

@@ -1,0 +1,151 @@
+"""Checkpoints: collective DeepSpeed saves, our per-rank state, and a commit marker.
+
+Layout of ``{run_dir}/checkpoints/step_XXXXXXXX/``::
+
+    {engine}/...        one folder per DeepSpeed engine (its own save_checkpoint; collective)
+    rank_00000.pt ...   per-rank state: RNG states, data-reader position (loads with weights_only)
+    {name}.pt           rank-0 extras (the EMA weights, the bare autoencoder for stage 2)
+    meta.json           step, world_size, zero_stage, wandb run id, counters
+    COMMITTED           written last, after a barrier: only then is the checkpoint valid
+
+A folder without COMMITTED (a save that was killed) is ignored and replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from radiodiff.train.dist import DistInfo, barrier, broadcast_object
+
+CHECKPOINTS = "checkpoints"
+COMMITTED = "COMMITTED"
+STEP_PATTERN = re.compile(r"^step_(\d{8})$")
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / CHECKPOINTS / f"step_{step:08d}"
+
+
+def is_committed(folder: Path) -> bool:
+    return (folder / COMMITTED).is_file() and (folder / "meta.json").is_file()
+
+
+def committed_steps(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every committed checkpoint, oldest first."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_PATTERN.match(p.name))]
+    return sorted((step, p) for step, p in found if is_committed(p))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run directory meaning its newest committed checkpoint."""
+    path = Path(path)
+    if is_committed(path):
+        return path
+    steps = committed_steps(path)
+    if steps:
+        return steps[-1][1]
+    if (path / "meta.json").is_file():
+        raise FileNotFoundError(f"checkpoint {path} is not committed (no {COMMITTED} file): it was not completely saved")
+    raise FileNotFoundError(f"{path} is neither a committed checkpoint folder nor a run directory holding one")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states, in types that torch.load(weights_only=True) accepts."""
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {"python": json.dumps(random.getstate()), "torch": torch.get_rng_state(),
+             "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                       "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = json.loads(state["python"])
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(run_dir: Path, step: int, engines: dict[str, Any], *, rank_state: dict, meta: dict,
+         extras: dict[str, Any], dist: DistInfo, keep_last: int) -> Path:
+    """Save a checkpoint on every rank (collective) and commit it."""
+    folder = step_dir(run_dir, step)
+    if dist.is_main:
+        if folder.exists():  # a save of this step that never committed
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+    barrier()
+    for name, engine in engines.items():
+        engine.save_checkpoint(str(folder), tag=name)  # collective: every rank writes its shard
+    torch.save(rank_state, folder / f"rank_{dist.rank:05d}.pt")
+    if dist.is_main:
+        for name, value in extras.items():
+            torch.save(value, folder / f"{name}.pt")
+    barrier()  # every rank's files are complete before the commit
+    if dist.is_main:
+        _write_atomic(folder / "meta.json", json.dumps(meta, indent=1).encode())
+        _write_atomic(folder / COMMITTED, f"{step}\n".encode())
+        prune(run_dir, keep_last)
+    barrier()
+    return folder
+
+
+def prune(run_dir: Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` committed checkpoints; drop older ones and stale partial saves."""
+    steps = committed_steps(run_dir)
+    for _, folder in steps[:-keep_last]:
+        shutil.rmtree(folder, ignore_errors=True)
+    newest = steps[-1][0] if steps else -1
+    for folder in (run_dir / CHECKPOINTS).iterdir():
+        match = STEP_PATTERN.match(folder.name)
+        if match and int(match.group(1)) < newest and not is_committed(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def find_resume(run_dir: Path) -> Path | None:
+    """The newest committed checkpoint, as rank 0 sees it (all ranks then load the same one)."""
+    steps = committed_steps(run_dir)
+    return broadcast_object(steps[-1][1] if steps else None)
+
+
+def load(folder: Path, engines: dict[str, Any], dist: DistInfo) -> tuple[dict, dict | None]:
+    """Load every engine and this rank's state; returns (meta, rank_state or None on a new world size)."""
+    meta = json.loads((folder / "meta.json").read_text())
+    for name, engine in engines.items():
+        path, _ = engine.load_checkpoint(str(folder), tag=name, load_optimizer_states=True,
+                                         load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed could not load engine {name!r} from {folder / name}")
+    rank_file = folder / f"rank_{dist.rank:05d}.pt"
+    same_world = meta["world_size"] == dist.world_size
+    rank_state = torch.load(rank_file, weights_only=True) if same_world else None
+    return meta, rank_state
+
+
+def load_extra(folder: Path, name: str) -> Any:
+    return torch.load(folder / f"{name}.pt", weights_only=True, map_location="cpu")

@@ -1,0 +1,93 @@
+"""Distributed setup and the few collectives the loop needs. Called once, from an entry point.
+
+Under torchrun (or srun + torchrun) the launcher sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+MASTER_PORT; run directly (a laptop), the process is rank 0 of 1 and gets a free local port. The
+backend is NCCL on GPUs and gloo on CPUs (DeepSpeed picks it from its accelerator).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def setup() -> DistInfo:
+    """Join (or, single-process, create) the default process group through DeepSpeed."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # not launched by torchrun: a world of one
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not torch_dist.is_initialized():
+        deepspeed.init_distributed(dist_init_required=True)
+    return DistInfo(torch_dist.get_rank(), torch_dist.get_world_size(), local_rank, device)
+
+
+def teardown() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def all_reduce_max(value: float | bool, device: torch.device) -> float:
+    """The maximum of a scalar over all ranks (e.g. "any rank saw a NaN / a signal")."""
+    tensor = torch.tensor([float(value)], device=device)
+    if torch_dist.is_initialized():
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
+    return float(tensor.item())
+
+
+def all_reduce_mean(metrics: dict[str, torch.Tensor], device: torch.device) -> dict[str, float]:
+    """Average scalar metrics over ranks in one collective; returns Python floats."""
+    names = sorted(metrics)
+    stacked = torch.stack([metrics[n].detach().float().reshape(()).to(device) for n in names])
+    if torch_dist.is_initialized():
+        torch_dist.all_reduce(stacked, op=torch_dist.ReduceOp.SUM)
+        stacked /= torch_dist.get_world_size()
+    return dict(zip(names, stacked.tolist()))
+
+
+def barrier() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+
+
+def broadcast_object(value: object, src: int = 0) -> object:
+    """Rank ``src``'s value on every rank (decisions such as which checkpoint to resume)."""
+    if not torch_dist.is_initialized():
+        return value
+    holder = [value]
+    torch_dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def print0(*args: object) -> None:
+    if not torch_dist.is_initialized() or torch_dist.get_rank() == 0:
+        print(*args, flush=True)

@@ -1,0 +1,63 @@
+"""Metrics logging: ``metrics.jsonl`` always, wandb (offline by default) too; rank 0 only.
+
+Other ranks get a no-op logger, so the loop never branches on rank. On a resume the log is cut
+back to the resumed step, so steps that are trained again are not logged twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from radiodiff.config import WandbConfig
+
+METRICS = "metrics.jsonl"
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop logged steps after ``last_step`` (they are about to be trained again)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(temporary, path)
+
+
+class NullLogger:
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class RunLogger(NullLogger):
+    """Appends one JSON object per logged step and mirrors it to wandb."""
+
+    def __init__(self, run_dir: Path, cfg: WandbConfig, *, run_id: str, config: dict[str, Any], resume_step: int) -> None:
+        self.path = run_dir / METRICS
+        truncate_metrics(self.path, resume_step)
+        self.wandb = None
+        if cfg.enabled and cfg.mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.project, entity=cfg.entity, id=run_id, resume="allow",
+                                    dir=str(run_dir), mode=cfg.mode, config=config, name=run_dir.name)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,136 @@
+"""The training loop, one for both stages: steps, logging, validation, checkpoints, guards.
+
+Each iteration is one optimizer update of ``train.grad_accum`` micro-batches. Before it, all ranks
+agree on whether a preemption signal arrived (then: save, exit 75). After it, the non-finite guard
+counts bad updates (skipped exactly, see ``steps.guarded_update``) and aborts after
+``train.max_bad_steps`` in a row. Steps are counted from 1 in logs and checkpoint names.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from radiodiff.config import DeepSpeedConfig, TrainConfig
+from radiodiff.train import checkpoint
+from radiodiff.train.dist import DistInfo, all_reduce_max, all_reduce_mean, print0
+from radiodiff.train.engines import lr_at, set_lr
+from radiodiff.train.preemption import EXIT_PREEMPTED, PreemptionFlag, requeue_slurm_job
+from radiodiff.train.steps import StepContext
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss was non-finite for ``train.max_bad_steps`` updates in a row."""
+
+
+@dataclass
+class Stage:
+    """What differs between the two stages; the loop is the same."""
+
+    name: str  # vae | ldm
+    models: Any  # VaeGanModels | LdmModels
+    engines: dict[str, Any]  # name -> DeepSpeed engine (each saved in its own folder)
+    step_fn: Callable[[Any, dict, StepContext], dict[str, torch.Tensor]]
+    validate: Callable[[int], dict[str, float]] | None = None  # step -> metrics (all ranks call it)
+    after_update: Callable[[int], None] = lambda step: None  # e.g. the EMA update
+    extras: Callable[[], dict[str, Any]] = dict  # rank-0 files saved with each checkpoint
+    extra_state: Callable[[], dict] = dict  # per-rank state saved with each checkpoint
+    restore: Callable[[Path], None] = lambda folder: None  # reload what extras() saved
+
+
+@dataclass
+class RunState:
+    """Counters that survive a resume (saved in meta.json)."""
+
+    step: int = 0
+    skipped_steps: int = 0
+    bad_in_a_row: int = 0
+    wandb_run_id: str = ""
+    resumed_from: list[int] = field(default_factory=list)
+
+
+@dataclass
+class LoopConfig:
+    run_dir: Path
+    train: TrainConfig
+    deepspeed: DeepSpeedConfig
+    stage_name: str
+
+
+def _meta(state: RunState, loop: LoopConfig, dist: DistInfo) -> dict:
+    return {"step": state.step, "world_size": dist.world_size, "zero_stage": loop.deepspeed.zero_stage,
+            "precision": loop.deepspeed.precision, "stage": loop.stage_name, "wandb_run_id": state.wandb_run_id,
+            "skipped_steps": state.skipped_steps, "bad_in_a_row": state.bad_in_a_row,
+            "resumed_from": state.resumed_from, "time": time.time()}
+
+
+def save_checkpoint(stage: Stage, state: RunState, loop: LoopConfig, dist: DistInfo, loader: Any) -> Path:
+    rank_state = {"rng": checkpoint.rng_state(), "loader": loader.state_dict(), **stage.extra_state()}
+    return checkpoint.save(loop.run_dir, state.step, stage.engines, rank_state=rank_state,
+                           meta=_meta(state, loop, dist), extras=stage.extras(), dist=dist,
+                           keep_last=loop.train.keep_last)
+
+
+def _run_update(stage: Stage, batches: Iterator[dict], state: RunState, loop: LoopConfig,
+                dist: DistInfo) -> tuple[dict[str, torch.Tensor], bool]:
+    """One optimizer update over grad_accum micro-batches; returns summed metrics and badness."""
+    train = loop.train
+    for engine in stage.engines.values():
+        set_lr(engine, lr_at(state.step, train))
+    inject = (state.step + 1) in train.nan_steps and train.nan_rank in (-1, dist.rank)
+    ctx = StepContext(step=state.step, device=dist.device, precision=loop.deepspeed.precision, inject_nan=inject)
+    totals: dict[str, torch.Tensor] = {}
+    for _ in range(train.grad_accum):
+        metrics = stage.step_fn(stage.models, next(batches), ctx)
+        for name, value in metrics.items():
+            totals[name] = totals.get(name, 0.0) + value / train.grad_accum
+    return totals, any(ctx.window_bad.values())
+
+
+def train(stage: Stage, loader: Any, state: RunState, loop: LoopConfig, dist: DistInfo, logger: Any) -> int:
+    """Run updates until ``train.max_steps``; returns the process exit code (0 or 75)."""
+    train_cfg = loop.train
+    flag = PreemptionFlag().install()
+    batches = iter(loader)
+    started, first_step = time.perf_counter(), state.step
+    try:
+        while state.step < train_cfg.max_steps:
+            if all_reduce_max(flag.received is not None, dist.device) > 0:
+                return _preempt(stage, state, loop, dist, loader)
+            metrics, bad = _run_update(stage, batches, state, loop, dist)
+            state.step += 1
+            state.bad_in_a_row = state.bad_in_a_row + 1 if bad else 0
+            state.skipped_steps += int(bad)
+            if state.bad_in_a_row >= train_cfg.max_bad_steps:
+                raise NonFiniteLossError(f"non-finite loss in {state.bad_in_a_row} updates in a row (up to step "
+                                         f"{state.step}); train.max_bad_steps={train_cfg.max_bad_steps}")
+            if not bad:
+                stage.after_update(state.step)
+            if state.step % train_cfg.log_every == 0 or state.step == train_cfg.max_steps:
+                values = all_reduce_mean(metrics, dist.device)
+                elapsed = time.perf_counter() - started
+                values.update(lr=lr_at(state.step - 1, train_cfg), skipped_steps=state.skipped_steps,
+                              steps_per_s=(state.step - first_step) / max(elapsed, 1e-9))
+                logger.log(state.step, values)
+            if stage.validate and train_cfg.val_every and state.step % train_cfg.val_every == 0:
+                logger.log(state.step, stage.validate(state.step))
+            if state.step % train_cfg.ckpt_every == 0 or state.step == train_cfg.max_steps:
+                save_checkpoint(stage, state, loop, dist, loader)
+        print0(f"{loop.stage_name}: finished at step {state.step} ({state.skipped_steps} skipped updates)")
+        return 0
+    finally:
+        flag.uninstall()
+
+
+def _preempt(stage: Stage, state: RunState, loop: LoopConfig, dist: DistInfo, loader: Any) -> int:
+    folder = save_checkpoint(stage, state, loop, dist, loader)
+    print0(f"{loop.stage_name}: preempted; saved {folder}, exiting with {EXIT_PREEMPTED}")
+    if dist.is_main and loop.train.requeue_on_preempt:
+        outcome = requeue_slurm_job()
+        if outcome:
+            print0(outcome)
+    return EXIT_PREEMPTED

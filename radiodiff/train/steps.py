@@ -1,0 +1,172 @@
+"""One micro-batch of each stage: ``vae_gan_step`` and ``ldm_step``, with the same signature.
+
+Each step runs the forward passes, agrees with the other ranks on whether its losses are finite,
+backpropagates through the DeepSpeed engines and calls their ``step()`` (which updates only at an
+accumulation boundary). Metrics come back as tensors; the loop averages them over ranks.
+
+Why the VAE-GAN step is built the way it is: every DeepSpeed engine treats any backward that flows
+through its forward's outputs as its own training backward. So the generator loss calls the frozen
+discriminator as a plain module with detached parameters (each rank holds all of them at ZeRO <= 2),
+and the adaptive weight's two gradient norms are taken on a separate small graph: the decoder's
+last conv recomputed from its detached input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch.func import functional_call
+
+from radiodiff.config import DiffusionConfig, VaeGanLossConfig
+from radiodiff.diffusion.loss import constant_sde_loss
+from radiodiff.diffusion.process import forward_sample, sample_time, targets
+from radiodiff.losses import vae_gan
+from radiodiff.models.autoencoder import DiagonalGaussian
+from radiodiff.train.dist import all_reduce_max
+from radiodiff.train.engines import skipped_update
+
+
+@dataclass
+class StepContext:
+    """What a step needs to know beyond its batch."""
+
+    step: int  # the update this micro-batch belongs to (0-based)
+    device: torch.device
+    precision: str  # autocast | bf16 | fp32
+    inject_nan: bool = False  # fault injection (train.nan_steps)
+    window_bad: dict[str, bool] = field(default_factory=dict)  # engine name -> a bad micro-batch this update
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        enabled = self.precision != "fp32"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def inputs(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.to(self.device, non_blocking=True)
+        return tensor.to(torch.bfloat16) if self.precision == "bf16" else tensor
+
+
+def _zero_loss(engine) -> torch.Tensor:
+    """A loss whose gradient is exactly zero for every trainable parameter."""
+    return sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0
+
+
+def guarded_update(engine, name: str, loss: torch.Tensor, ctx: StepContext) -> bool:
+    """Backward and step of one engine; a non-finite loss on any rank contributes nothing.
+
+    All ranks agree (all-reduce) so that every rank takes the same path and DeepSpeed's
+    collectives stay in step. Returns whether this micro-batch was bad.
+    """
+    if ctx.inject_nan:
+        loss = loss * float("nan")
+    bad = all_reduce_max(not bool(torch.isfinite(loss.detach()).all()), ctx.device) > 0
+    engine.backward(_zero_loss(engine) if bad else loss)
+    ctx.window_bad[name] = ctx.window_bad.get(name, False) or bad
+    if ctx.window_bad[name] and engine.is_gradient_accumulation_boundary():
+        with skipped_update(engine):
+            engine.step()
+    else:
+        engine.step()
+    return bad
+
+
+@dataclass
+class VaeGanModels:
+    generator: Any  # DeepSpeed engine over VaeGanGenerator (autoencoder + learned logvar)
+    discriminator: Any  # DeepSpeed engine over the PatchGAN
+    perceptual: torch.nn.Module | None  # frozen LPIPS; None when perceptual_weight == 0
+    loss: VaeGanLossConfig
+
+
+def _frozen(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Call ``module`` with detached parameters: gradients reach the input, never the module."""
+    params = {name: p.detach() for name, p in module.named_parameters()}
+    return lambda x: functional_call(module, params, (x,))
+
+
+def _adaptive_weight(models: VaeGanModels, x: torch.Tensor, features: torch.Tensor, logvar: torch.Tensor,
+                     disc: Callable) -> torch.Tensor:
+    """The adaptive GAN weight on a small graph: the last conv recomputed from detached features."""
+    last = models.generator.module.autoencoder.last_layer
+    recon = last(features.detach().to(last.weight.dtype)).float()  # same values, a separate graph
+    perceptual = models.perceptual(x, recon).float() if models.perceptual is not None else None
+    nll = vae_gan.nll_loss(vae_gan.reconstruction_loss(x, recon, perceptual, models.loss.perceptual_weight), logvar)
+    g_loss = vae_gan.generator_loss(disc(recon.to(last.weight.dtype)).float())
+    return vae_gan.adaptive_disc_weight(nll, g_loss, last.weight, models.loss.disc_weight)
+
+
+def _as_float(posterior: DiagonalGaussian) -> DiagonalGaussian:
+    return DiagonalGaussian(torch.cat([posterior.mean, posterior.logvar], dim=1).float())
+
+
+def vae_gan_step(models: VaeGanModels, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
+    """One autoencoder update with the discriminator frozen, then one discriminator update.
+
+    Networks run in bf16 under autocast (or bf16 weights); every loss is reduced in fp32.
+    """
+    cfg = models.loss
+    x = ctx.inputs(batch["target"])  # (B, 1, H, W) in [-1, 1]
+    x32 = x.float()
+    factor = vae_gan.disc_factor(ctx.step, cfg.disc_start, cfg.disc_factor)
+    generator, discriminator = models.generator, models.discriminator
+    logvar = generator.module.logvar.float()
+    disc = _frozen(discriminator.module)
+    with ctx.autocast():
+        recon, posterior, features = generator(x, return_features=True)
+        perceptual = models.perceptual(x, recon) if models.perceptual is not None else None
+        logits_g = disc(recon) if factor > 0 else None  # the GAN terms are 0 before disc_start
+    rec = vae_gan.reconstruction_loss(x32, recon.float(), None if perceptual is None else perceptual.float(),
+                                      cfg.perceptual_weight)
+    nll, kl = vae_gan.nll_loss(rec, logvar), vae_gan.kl_loss(_as_float(posterior))
+    g_loss, d_weight = None, torch.zeros((), device=ctx.device)
+    if logits_g is not None:
+        g_loss = vae_gan.generator_loss(logits_g.float())
+        d_weight = _adaptive_weight(models, x32, features, logvar, disc)
+    ae_loss, terms = vae_gan.autoencoder_loss(nll, kl, g_loss, kl_weight=cfg.kl_weight, d_weight=d_weight,
+                                              disc_factor=factor)
+    bad_ae = guarded_update(generator, "generator", ae_loss, ctx)
+    with ctx.autocast():
+        fake = recon.detach()
+        logits_real, logits_fake = discriminator(x), discriminator(fake)
+    d_loss = vae_gan.discriminator_loss(logits_real.float(), logits_fake.float(), cfg.disc_loss, factor)
+    bad_d = guarded_update(discriminator, "discriminator", d_loss, ctx)
+    metrics = {f"ae/{k}": v.detach().float() for k, v in terms.items()}
+    metrics.update({"disc/loss": d_loss.detach(), "disc/logits_real": logits_real.detach().float().mean(),
+                    "disc/logits_fake": logits_fake.detach().float().mean(), "ae/logvar": logvar.detach().sum(),
+                    "bad": torch.tensor(float(bad_ae or bad_d), device=ctx.device)})
+    return metrics
+
+
+@dataclass
+class LdmModels:
+    engine: Any  # DeepSpeed engine over the conditional U-Net (with its condition encoder)
+    vae: torch.nn.Module  # frozen AutoencoderKL, eval mode
+    scale_factor: float
+    diffusion: DiffusionConfig
+
+
+def encode_latents(vae: torch.nn.Module, x: torch.Tensor, scale_factor: float) -> torch.Tensor:
+    """z0 = scale * a sample of q(z | x), with no graph (the VAE is frozen on every rank)."""
+    with torch.no_grad():
+        return scale_factor * vae.encode(x.float()).sample().float()
+
+
+def ldm_step(models: LdmModels, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
+    """Constant-SDE loss of the two-head U-Net on the frozen VAE's latents (loss reduced in fp32)."""
+    x, cond = batch["target"].to(ctx.device), batch["cond"].to(ctx.device)
+    with ctx.autocast():
+        z0 = encode_latents(models.vae, x, models.scale_factor)  # (B, 3, h, w) fp32
+    t = sample_time(z0.shape[0], models.diffusion.eps, device=ctx.device)
+    noise = torch.randn_like(z0)
+    z_t = forward_sample(z0, t, noise)
+    c_target, eps_target = targets(z0, noise)
+    with ctx.autocast():
+        c_hat, eps_hat = models.engine(ctx.inputs(z_t), ctx.inputs(t), ctx.inputs(cond))
+    loss, terms = constant_sde_loss(c_hat.float(), eps_hat.float(), c_target, eps_target, t,
+                                    models.diffusion.weighting)
+    bad = guarded_update(models.engine, "unet", loss, ctx)
+    metrics = {"loss": loss.detach(), **{f"ldm/{k}": v.float() for k, v in terms.items()},
+               "bad": torch.tensor(float(bad), device=ctx.device)}
+    return metrics

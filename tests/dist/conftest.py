@@ -1,0 +1,70 @@
+"""Helpers for training tests: real shards, and training runs as real processes (torchrun for 2 ranks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+# Tiny, fast, deterministic: 64 px maps, no data-loader workers, metrics every step, no wandb.
+TINY = ["model=tiny", "data.num_workers=0", "train.micro_batch=2", "train.log_every=1", "wandb.enabled=false"]
+STAGE_TINY = {"vae": ["perceptual.pretrained=false"], "ldm": []}
+
+
+@dataclass
+class Run:
+    returncode: int
+    output: str
+    run_dir: Path
+
+    def metrics(self) -> list[dict]:
+        path = self.run_dir / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def losses(self, key: str) -> dict[int, float]:
+        return {m["step"]: m[key] for m in self.metrics() if key in m}
+
+
+@pytest.fixture(scope="session")
+def train_shards(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shards of the session's synthetic RadioMapSeer, written by the real Ray sharder."""
+    from pipeline.shard import run_shard
+    from radiodiff.config import DataConfig, RayConfig, ShardConfig
+
+    out = tmp_path_factory.mktemp("train-shards")
+    run_shard(ShardConfig(data=DataConfig(root=str(synth_root)), out=str(out), min_shards_per_split=4,
+                          ray=RayConfig(num_cpus=2)))
+    return out
+
+
+def command(stage: str, nproc: int) -> list[str]:
+    script = str(BIN / f"radiodiff-train-{stage}")
+    if nproc == 1:
+        return [sys.executable, script]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
+
+
+def environment() -> dict[str, str]:
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+            "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+
+
+def train(stage: str, run_dir: Path, shards: Path, *overrides: str, nproc: int = 2, timeout_s: int = 600) -> Run:
+    """Run radiodiff-train-{stage} to completion and return its exit code, output and run dir."""
+    args = [f"run_dir={run_dir}", f"data.shards={shards}", *TINY, *STAGE_TINY[stage], *overrides]
+    done = subprocess.run(command(stage, nproc) + args, capture_output=True, text=True, timeout=timeout_s,
+                          env=environment())
+    return Run(done.returncode, done.stdout + done.stderr, run_dir)
+
+
+def start(stage: str, run_dir: Path, shards: Path, *overrides: str, nproc: int = 2) -> subprocess.Popen:
+    """Start a training run in its own process group (so that a test can signal or kill all of it)."""
+    args = [f"run_dir={run_dir}", f"data.shards={shards}", *TINY, *STAGE_TINY[stage], *overrides]
+    return subprocess.Popen(command(stage, nproc) + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=environment(), start_new_session=True)
