@@ -2,12 +2,15 @@
 
     python tools/bench.py data   [--maps 24 --tx 16 --batch 16 --repeats 3]
     python tools/bench.py synth  [--maps 4 --tx 16]
+    python tools/bench.py models [--presets tiny,reference --image-size 256 --batch 4 --iters 5 ...]
 
 data:  samples/s of the shard reader (radiodiff.data.shards, 2 workers) and of a per-file PNG
        folder loader written the way the RadioUNet loader works (skimage imread of each file per
        sample, /256 scaling, numpy stacking; its DataLoader with 1 worker), on the same synthetic
        data, alternating, printed as a ratio.
 synth: milliseconds per simulated gain map on one core (one thread), per model.
+models: forward+backward ms per image of the stage-1 (VAE-GAN) and stage-2 (LDM) training steps per
+       preset, fp32 vs bf16 autocast, channels_last off vs on, with FLOPs; see tools/bench_models.py.
 """
 
 from __future__ import annotations
@@ -102,18 +105,19 @@ def bench_synth(args: argparse.Namespace) -> None:
     import torch
 
     from radiodiff.data.propagation import simulate_gain
-    from radiodiff.data.synthetic import generate_city
+    from radiodiff.data.synthetic import choose_transmitters, generate_city
 
     torch.set_num_threads(1)
     rates: dict[str, list[float]] = {}
     for map_id in range(args.maps):
-        city = generate_city(seed=0, map_id=map_id, num_tx=args.tx)
+        city = generate_city(seed=0, map_id=map_id)
+        positions = choose_transmitters(city, args.tx, seed=0, map_id=map_id)
         for model in ("DPM", "IRT2", "carsDPM"):
             cars = city.cars if model.startswith("cars") else None
             start = time.perf_counter()
-            for tx_rc in city.tx_rc:
+            for tx_rc in positions:
                 simulate_gain(city.buildings, tx_rc, model, cars=cars)
-            rates.setdefault(model, []).append((time.perf_counter() - start) / len(city.tx_rc) * 1e3)
+            rates.setdefault(model, []).append((time.perf_counter() - start) / len(positions) * 1e3)
     print(f"\nsynthetic gain maps, one core: {args.maps} maps x {args.tx} tx")
     for model, values in rates.items():
         print(f"  {model:8s} {statistics.median(values):6.1f} ms per gain map")
@@ -130,8 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     synth = sub.add_parser("synth", help="time per simulated gain map")
     synth.add_argument("--maps", type=int, default=4)
     synth.add_argument("--tx", type=int, default=16)
+    # tools/ is sys.path[0] when this file runs as a script.
+    import bench_models
+
+    models = sub.add_parser("models", help="fwd+bwd time per image of the two training steps")
+    bench_models.add_arguments(models)
     args = parser.parse_args(argv)
-    {"data": bench_data, "synth": bench_synth}[args.what](args)
+    {"data": bench_data, "synth": bench_synth, "models": bench_models.bench_models}[args.what](args)
     return 0
 
 
