@@ -18,6 +18,8 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -116,14 +118,16 @@ def save(run_dir: Path, step: int, engines: dict[str, Any], *, rank_state: dict,
 
 
 def prune(run_dir: Path, keep_last: int) -> None:
-    """Keep the newest ``keep_last`` committed checkpoints; drop older ones and stale partial saves."""
+    """Keep the newest ``keep_last`` committed checkpoints; drop older ones and every partial save.
+
+    Called right after a commit, when no other save can be in progress: a folder without COMMITTED
+    is then what a killed save left behind, at any step.
+    """
     steps = committed_steps(run_dir)
     for _, folder in steps[:-keep_last]:
         shutil.rmtree(folder, ignore_errors=True)
-    newest = steps[-1][0] if steps else -1
     for folder in (run_dir / CHECKPOINTS).iterdir():
-        match = STEP_PATTERN.match(folder.name)
-        if match and int(match.group(1)) < newest and not is_committed(folder):
+        if STEP_PATTERN.match(folder.name) and not is_committed(folder):
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -133,17 +137,46 @@ def find_resume(run_dir: Path) -> Path | None:
     return broadcast_object(steps[-1][1] if steps else None)
 
 
+def read_meta(folder: Path) -> dict:
+    return json.loads((folder / "meta.json").read_text())
+
+
+def to_universal(folder: Path, name: str, dist: DistInfo) -> str:
+    """Convert engine ``name``'s ZeRO checkpoint to DeepSpeed's universal format (rank 0, once);
+    returns the tag to load. A universal checkpoint loads at any world size."""
+    tag = f"{name}_universal"
+    target = folder / tag
+    if dist.is_main and not (target / COMMITTED).is_file():
+        if target.exists():
+            shutil.rmtree(target)
+        # --inject_missing_state: our models carry no Megatron-style universal-checkpoint info.
+        done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                               str(folder / name), "--output_folder", str(target), "--inject_missing_state",
+                               "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"converting {folder / name} to a universal checkpoint failed:\n{done.stderr[-2000:]}")
+        (target / COMMITTED).write_text("universal\n")
+    barrier()
+    return tag
+
+
 def load(folder: Path, engines: dict[str, Any], dist: DistInfo) -> tuple[dict, dict | None]:
-    """Load every engine and this rank's state; returns (meta, rank_state or None on a new world size)."""
-    meta = json.loads((folder / "meta.json").read_text())
+    """Load every engine and this rank's state; returns (meta, rank_state or None on a new world size).
+
+    At another world size than the one saved, the engines (built with ``load_universal``) load a
+    universal conversion of the checkpoint: weights and optimizer state are exact; per-rank state
+    (data position, RNG) cannot carry over and is returned as None.
+    """
+    meta = read_meta(folder)
+    same_world = meta["world_size"] == dist.world_size
     for name, engine in engines.items():
-        path, _ = engine.load_checkpoint(str(folder), tag=name, load_optimizer_states=True,
+        tag = name if same_world else to_universal(folder, name, dist)
+        path, _ = engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True,
                                          load_lr_scheduler_states=False)
         if path is None:
-            raise FileNotFoundError(f"DeepSpeed could not load engine {name!r} from {folder / name}")
-    rank_file = folder / f"rank_{dist.rank:05d}.pt"
-    same_world = meta["world_size"] == dist.world_size
-    rank_state = torch.load(rank_file, weights_only=True) if same_world else None
+            raise FileNotFoundError(f"DeepSpeed could not load engine {name!r} from {folder / tag}")
+    rank_state = torch.load(folder / f"rank_{dist.rank:05d}.pt", weights_only=True) if same_world else None
     return meta, rank_state
 
 

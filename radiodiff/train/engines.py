@@ -19,8 +19,12 @@ from radiodiff.config import DeepSpeedConfig, TrainConfig
 NEVER_PRINT_STEPS = 2**31 - 1
 
 
-def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, *, world_size: int) -> dict[str, Any]:
-    """DeepSpeed's config for one engine: ZeRO stage, precision, batch geometry, clipping, AdamW."""
+def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, *, world_size: int,
+                     load_universal: bool = False) -> dict[str, Any]:
+    """DeepSpeed's config for one engine: ZeRO stage, precision, batch geometry, clipping, AdamW.
+
+    ``load_universal``: the engine will load a universal checkpoint (a resume at another world size).
+    """
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.micro_batch,
         "gradient_accumulation_steps": train.grad_accum,
@@ -44,6 +48,8 @@ def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, *, world_size: int
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if ds.zero_stage == 3:
         config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     return config
 
 
@@ -64,14 +70,14 @@ def lr_at(step: int, train: TrainConfig) -> float:
     return train.min_lr + (train.lr - train.min_lr) * shape
 
 
-def build_engine(model: torch.nn.Module, train: TrainConfig, ds: DeepSpeedConfig, *, world_size: int):
+def build_engine(model: torch.nn.Module, train: TrainConfig, ds: DeepSpeedConfig, *, world_size: int,
+                 load_universal: bool = False):
     """A DeepSpeed engine (with its AdamW) over the trainable parameters of ``model``."""
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=params, config=deepspeed_config(train, ds, world_size=world_size)
-    )
+    config = deepspeed_config(train, ds, world_size=world_size, load_universal=load_universal)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=config)
     return engine
 
 

@@ -85,7 +85,15 @@ def _run_update(stage: Stage, batches: Iterator[dict], state: RunState, loop: Lo
     ctx = StepContext(step=state.step, device=dist.device, precision=loop.deepspeed.precision, inject_nan=inject)
     totals: dict[str, torch.Tensor] = {}
     for _ in range(train.grad_accum):
+        buffers = [b for engine in stage.engines.values() for b in engine.module.buffers()]
+        saved = [b.clone() for b in buffers]
         metrics = stage.step_fn(stage.models, next(batches), ctx)
+        if metrics["bad"].item() > 0:
+            # A bad batch's forward passes also moved buffers (BatchNorm running statistics), possibly
+            # to NaN: put them back, so that a skipped update leaves no trace.
+            with torch.no_grad():
+                for buffer, value in zip(buffers, saved):
+                    buffer.copy_(value)
         for name, value in metrics.items():
             totals[name] = totals.get(name, 0.0) + value / train.grad_accum
     return totals, any(ctx.window_bad.values())

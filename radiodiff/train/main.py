@@ -39,9 +39,8 @@ def make_loader(cfg: TrainConfigs, dist: DistInfo, seed: int) -> ShardLoader:
                        world_size=dist.world_size, seed=seed)
 
 
-def resume(stage: Stage, cfg: TrainConfigs, dist: DistInfo, run_dir: Path) -> tuple[RunState, ShardLoader]:
-    """Restore the newest committed checkpoint if there is one; otherwise a fresh state."""
-    folder = checkpoint.find_resume(run_dir)
+def resume(stage: Stage, cfg: TrainConfigs, dist: DistInfo, folder: Path | None) -> tuple[RunState, ShardLoader]:
+    """Restore the checkpoint ``folder`` if there is one; otherwise a fresh state."""
     if folder is None:
         seed_all(cfg.seed * 1000 + dist.rank + 1)  # training randomness differs across ranks
         return RunState(wandb_run_id=new_run_id()), make_loader(cfg, dist, cfg.seed)
@@ -63,16 +62,18 @@ def resume(stage: Stage, cfg: TrainConfigs, dist: DistInfo, run_dir: Path) -> tu
     return state, loader
 
 
-def run_training(cfg: TrainConfigs, build_stage: Callable[[TrainConfigs, DistInfo], Stage], name: str) -> int:
+def run_training(cfg: TrainConfigs, build_stage: Callable[..., Stage], name: str) -> int:
     dist = setup()
     try:
         run_dir = Path(cfg.run_dir)
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        folder = checkpoint.find_resume(run_dir)
+        other_world = folder is not None and checkpoint.read_meta(folder)["world_size"] != dist.world_size
         seed_all(cfg.seed)  # identical initial weights on every rank
-        stage = build_stage(cfg, dist)
-        state, loader = resume(stage, cfg, dist, run_dir)
+        stage = build_stage(cfg, dist, load_universal=other_world)
+        state, loader = resume(stage, cfg, dist, folder)
         loop = LoopConfig(run_dir, cfg.train, cfg.deepspeed, name)
         config = OmegaConf.to_container(OmegaConf.structured(cfg))
         logger = (RunLogger(run_dir, cfg.wandb, run_id=state.wandb_run_id, config=config, resume_step=state.step)

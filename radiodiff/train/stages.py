@@ -60,12 +60,13 @@ def _mean_metrics(values: list[dict[str, torch.Tensor]], prefix: str, dist: Dist
     return all_reduce_mean(means, dist.device)
 
 
-def build_vae_stage(cfg: TrainVaeConfig, dist: DistInfo) -> Stage:
+def build_vae_stage(cfg: TrainVaeConfig, dist: DistInfo, *, load_universal: bool = False) -> Stage:
     _check_zero_stage(cfg.deepspeed.zero_stage, "the VAE-GAN")
     generator = build_vae_gan_generator(cfg.model.autoencoder, cfg.loss)
     discriminator = build_discriminator(cfg.model.discriminator)
-    engines = {"autoencoder": build_engine(generator, cfg.train, cfg.deepspeed, world_size=dist.world_size),
-               "discriminator": build_engine(discriminator, cfg.train, cfg.deepspeed, world_size=dist.world_size)}
+    engines = {name: build_engine(module, cfg.train, cfg.deepspeed, world_size=dist.world_size,
+                                  load_universal=load_universal)
+               for name, module in (("autoencoder", generator), ("discriminator", discriminator))}
     perceptual = None
     if cfg.loss.perceptual_weight > 0:
         perceptual = LPIPSLoss(cfg.perceptual).to(dist.device)
@@ -109,7 +110,7 @@ def load_frozen_vae(path: str, device: torch.device) -> tuple[AutoencoderKL, Aut
     return autoencoder, vae_cfg.model.autoencoder, folder
 
 
-def build_ldm_stage(cfg: TrainLdmConfig, dist: DistInfo) -> Stage:
+def build_ldm_stage(cfg: TrainLdmConfig, dist: DistInfo, *, load_universal: bool = False) -> Stage:
     _check_zero_stage(cfg.deepspeed.zero_stage, "the latent diffusion model (with its EMA)")
     vae, vae_cfg, _ = load_frozen_vae(cfg.vae.checkpoint, dist.device)
     latent = cfg.data.image_size // vae_cfg.downsample_factor
@@ -118,7 +119,7 @@ def build_ldm_stage(cfg: TrainLdmConfig, dist: DistInfo) -> Stage:
                           f"{cfg.data.image_size} / the VAE's factor {vae_cfg.downsample_factor} gives {latent}")
     scale = cfg.diffusion.scale_factor or vae_cfg.scaling_factor
     engine = build_engine(build_unet(cfg.model.unet, cfg.model.condition), cfg.train, cfg.deepspeed,
-                          world_size=dist.world_size)
+                          world_size=dist.world_size, load_universal=load_universal)
     ema = EMA(engine.module, cfg.ema)
     models = LdmModels(engine, vae, scale, replace(cfg.diffusion, scale_factor=scale))
 
