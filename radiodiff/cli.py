@@ -26,8 +26,9 @@ def conf_dir() -> Path:
     return path
 
 
-def compose(config_name: str, overrides: list[str]) -> Any:
-    """Compose ``conf/<config_name>.yaml`` with overrides and return the schema dataclass."""
+def compose(config_name: str, overrides: list[str], config_file: str | None = None) -> Any:
+    """Compose ``conf/<config_name>.yaml`` (or ``config_file``, e.g. a sweep's best.yaml, which
+    names its schema in its defaults list) with overrides; returns the schema dataclass."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
@@ -35,9 +36,25 @@ def compose(config_name: str, overrides: list[str]) -> Any:
     from radiodiff.config import register_configs
 
     register_configs()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = hydra_compose(config_name=config_name, overrides=overrides)
+    folder, name = str(conf_dir()), config_name
+    if config_file is not None:
+        path = Path(config_file).expanduser().resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {config_file}: no such file")
+        folder, name = str(path.parent), path.stem
+    with initialize_config_dir(config_dir=folder, version_base="1.3"):
+        cfg = hydra_compose(config_name=name, overrides=overrides)
     return OmegaConf.to_object(cfg)
+
+
+def split_config_file(args: list[str]) -> tuple[str | None, list[str]]:
+    """``--config <file>`` anywhere in the arguments -> (file, the remaining overrides)."""
+    if "--config" not in args:
+        return None, args
+    at = args.index("--config")
+    if at + 1 >= len(args):
+        raise ValueError("--config needs a file: --config <path/to/config.yaml>")
+    return args[at + 1], args[:at] + args[at + 2:]
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -52,13 +69,15 @@ def run_app(config_name: str, command: Callable[[Any], int | None], argv: list[s
     """Entry-point body: compose the config from argv overrides and run ``command`` on it."""
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in ("-h", "--help"):
-        print(f"usage: {Path(sys.argv[0]).name} [key=value ...]\n\nconfig ({conf_dir() / config_name}.yaml):")
+        print(f"usage: {Path(sys.argv[0]).name} [--config FILE] [key=value ...]\n\n"
+              f"config ({conf_dir() / config_name}.yaml):")
         from omegaconf import OmegaConf
 
         print(OmegaConf.to_yaml(compose(config_name, [])))
         return 0
     try:
-        cfg = compose(config_name, args)
+        config_file, overrides = split_config_file(args)
+        cfg = compose(config_name, overrides, config_file)
         code = command(cfg)
     except user_errors() as err:
         if os.environ.get("RADIODIFF_TRACEBACK"):

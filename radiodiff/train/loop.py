@@ -23,6 +23,9 @@ from radiodiff.train.preemption import EXIT_PREEMPTED, PreemptionFlag, requeue_s
 from radiodiff.train.steps import StepContext
 
 
+OnLog = Callable[[int, dict[str, float]], None]
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss was non-finite for ``train.max_bad_steps`` updates in a row."""
 
@@ -99,8 +102,18 @@ def _run_update(stage: Stage, batches: Iterator[dict], state: RunState, loop: Lo
     return totals, any(ctx.window_bad.values())
 
 
-def train(stage: Stage, loader: Any, state: RunState, loop: LoopConfig, dist: DistInfo, logger: Any) -> int:
-    """Run updates until ``train.max_steps``; returns the process exit code (0 or 75)."""
+def train(stage: Stage, loader: Any, state: RunState, loop: LoopConfig, dist: DistInfo, logger: Any,
+          on_log: OnLog | None = None) -> int:
+    """Run updates until ``train.max_steps``; returns the process exit code (0 or 75).
+
+    ``on_log(step, metrics)`` is called on every rank with the rank-averaged metrics of each logged
+    step and each validation (a sweep reports them to Ray Tune from there).
+    """
+    def log(step: int, values: dict[str, float]) -> None:
+        logger.log(step, values)
+        if on_log is not None:
+            on_log(step, values)
+
     train_cfg = loop.train
     flag = PreemptionFlag().install()
     batches = iter(loader)
@@ -123,9 +136,9 @@ def train(stage: Stage, loader: Any, state: RunState, loop: LoopConfig, dist: Di
                 elapsed = time.perf_counter() - started
                 values.update(lr=lr_at(state.step - 1, train_cfg), skipped_steps=state.skipped_steps,
                               steps_per_s=(state.step - first_step) / max(elapsed, 1e-9))
-                logger.log(state.step, values)
+                log(state.step, values)
             if stage.validate and train_cfg.val_every and state.step % train_cfg.val_every == 0:
-                logger.log(state.step, stage.validate(state.step))
+                log(state.step, stage.validate(state.step))
             if state.step % train_cfg.ckpt_every == 0 or state.step == train_cfg.max_steps:
                 save_checkpoint(stage, state, loop, dist, loader)
         print0(f"{loop.stage_name}: finished at step {state.step} ({state.skipped_steps} skipped updates)")
