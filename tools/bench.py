@@ -11,6 +11,8 @@ data:  samples/s of the shard reader (radiodiff.data.shards, 2 workers) and of a
 synth: milliseconds per simulated gain map on one core (one thread), per model.
 models: forward+backward ms per image of the stage-1 (VAE-GAN) and stage-2 (LDM) training steps per
        preset, fp32 vs bf16 autocast, channels_last off vs on, with FLOPs; see tools/bench_models.py.
+train: steps/s and images/s of radiodiff-train-vae/-ldm per precision and ZeRO stage (GPU memory on
+       a GPU); see tools/bench_train.py.
 """
 
 from __future__ import annotations
@@ -136,11 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     synth.add_argument("--tx", type=int, default=16)
     # tools/ is sys.path[0] when this file runs as a script.
     import bench_models
+    import bench_train
 
     models = sub.add_parser("models", help="fwd+bwd time per image of the two training steps")
     bench_models.add_arguments(models)
+    training = sub.add_parser("train", help="steps/s and images/s of the training commands")
+    bench_train.add_arguments(training)
     args = parser.parse_args(argv)
-    {"data": bench_data, "synth": bench_synth, "models": bench_models.bench_models}[args.what](args)
+    commands = {"data": bench_data, "synth": bench_synth, "models": bench_models.bench_models,
+                "train": bench_train.bench_train}
+    commands[args.what](args)
     return 0
 
 

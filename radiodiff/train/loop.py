@@ -136,6 +136,8 @@ def train(stage: Stage, loader: Any, state: RunState, loop: LoopConfig, dist: Di
                 elapsed = time.perf_counter() - started
                 values.update(lr=lr_at(state.step - 1, train_cfg), skipped_steps=state.skipped_steps,
                               steps_per_s=(state.step - first_step) / max(elapsed, 1e-9))
+                if dist.device.type == "cuda":
+                    values["gpu_max_memory_gb"] = torch.cuda.max_memory_allocated(dist.device) / 2**30
                 log(state.step, values)
             if stage.validate and train_cfg.val_every and state.step % train_cfg.val_every == 0:
                 log(state.step, stage.validate(state.step))
