@@ -90,11 +90,22 @@ def decode_json(data: bytes, where: str) -> dict:
     return record
 
 
-def _resize(image: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+def resize_maps(cond: torch.Tensor, target: torch.Tensor, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, 256, 256) condition and (B, 1, 256, 256) target, already in value range -> image_size.
+
+    Binary maps resize nearest, the gain map bilinear (antialiased). The transmitter is one pixel:
+    nearest sampling would drop it at most positions, so shrinking keeps it with a max over each
+    output pixel's area.
+    """
+    size = cfg.image_size
     if size == NATIVE_SIZE:
-        return image
-    kwargs = {"align_corners": False, "antialias": True} if mode == "bilinear" else {}
-    return F.interpolate(image[None], size=(size, size), mode=mode, **kwargs)[0]
+        return cond, target
+    low = -1.0 if cfg.value_range == "symmetric" else 0.0
+    resized = F.interpolate(cond, size=(size, size), mode="nearest")
+    if size < NATIVE_SIZE:
+        resized[:, 1:2] = F.adaptive_max_pool2d(cond[:, 1:2], size)
+    target = F.interpolate(target, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return resized, target.clamp(low, 1.0)
 
 
 @functools.lru_cache(maxsize=16)
@@ -125,9 +136,7 @@ def to_tensors(
     cond = torch.from_numpy(cond_lut[np.stack([buildings, tx, third])])  # (3, H, W)
     target = torch.from_numpy(target_lut[gain][None])  # (1, H, W)
     if cfg.image_size != NATIVE_SIZE:
-        low = -1.0 if symmetric else 0.0
-        cond = _resize(cond, cfg.image_size, "nearest")
-        target = _resize(target, cfg.image_size, "bilinear").clamp_(low, 1.0)
+        cond, target = (x[0] for x in resize_maps(cond[None], target[None], cfg))
     return cond, target
 
 

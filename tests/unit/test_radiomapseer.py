@@ -170,3 +170,18 @@ def test_not_a_root() -> None:
         RadioMapSeer(DataConfig())
     with pytest.raises(DataFormatError, match="is not a folder"):
         RadioMapSeer(DataConfig(root="/nonexistent/radiomapseer"))
+
+
+@pytest.mark.parametrize("value_range", ["unit", "symmetric"])
+def test_shrinking_keeps_the_one_pixel_transmitter(value_range: str) -> None:
+    from radiodiff.data.schema import to_tensors
+
+    cfg = DataConfig(value_range=value_range, image_size=64)
+    empty = np.zeros((256, 256), np.uint8)
+    on = 1.0
+    for row, col in [(0, 0), (1, 2), (77, 130), (255, 255), (128, 3)]:
+        tx = empty.copy()
+        tx[row, col] = 255
+        cond, _ = to_tensors(empty, tx, empty, None, cfg)
+        hits = (cond[1] == on).nonzero().tolist()
+        assert hits == [[row // 4, col // 4]]  # exactly one pixel, in the cell that holds the transmitter

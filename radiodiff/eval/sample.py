@@ -1,0 +1,127 @@
+"""radiodiff-sample: radio-map PNGs from a trained LDM run, for one map or a RadioMapSeer folder.
+
+Inputs are RadioMapSeer PNGs (256x256 mode L: buildings 255 on buildings, the antenna 255 at the
+transmitter) and go through ``schema.to_tensors``, the training transforms. Output is the dataset's
+gain convention: mode L 256x256, gray = round(255 * prediction), building pixels 0 when
+``mask_buildings``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from radiodiff.config import ConfigError, DataConfig, SampleConfig
+from radiodiff.data.radiomapseer import Layout
+from radiodiff.data.schema import NATIVE_SIZE, decode_png, to_tensors
+from radiodiff.eval.predict import Predict, default_device, generator_seed, make_predictor
+from radiodiff.eval.runs import load_models, open_run
+
+ANTENNA = re.compile(r"^(\d+)_(\d+)\.png$")
+
+
+def read_map(path: str | Path) -> np.ndarray:
+    """A 256x256 mode L PNG as (256, 256) uint8; errors name the file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    return decode_png(path.read_bytes(), str(path))
+
+
+def antenna_at(row: int, col: int) -> np.ndarray:
+    """The antenna map RadioMapSeer stores for a transmitter at (row, col)."""
+    tx = np.zeros((NATIVE_SIZE, NATIVE_SIZE), dtype=np.uint8)
+    tx[row, col] = 255
+    return tx
+
+
+def condition(buildings: np.ndarray, tx: np.ndarray, cars: np.ndarray | None, data: DataConfig) -> torch.Tensor:
+    """(3, s, s) model condition, through the training transforms (the gain map is a placeholder)."""
+    cond, _ = to_tensors(buildings, tx, np.zeros_like(buildings), cars, data)
+    return cond
+
+
+def to_gray(pred: torch.Tensor, buildings: np.ndarray, mask_buildings: bool) -> np.ndarray:
+    """(1, 256, 256) prediction in [0, 1] -> (256, 256) uint8 gray, buildings 0 when masked."""
+    gray = torch.round(pred[0].double().clamp(0.0, 1.0) * 255.0).to(torch.uint8).cpu().numpy()
+    if mask_buildings:
+        gray[buildings > 0] = 0
+    return gray
+
+
+def _write(gray: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(gray, mode="L").save(path)
+
+
+def _cars_for(cfg: SampleConfig, data: DataConfig) -> np.ndarray | None:
+    if not data.cars_input:
+        return None
+    if cfg.cars is None:
+        raise ConfigError(f"run {cfg.run_dir} was trained with data.cars_input=true: give cars=<png>")
+    return read_map(cfg.cars)
+
+
+def sample_one(cfg: SampleConfig, predict: Predict, data: DataConfig, device: torch.device) -> Path:
+    buildings = read_map(cfg.buildings)
+    tx = read_map(cfg.antenna) if cfg.antenna is not None else antenna_at(cfg.tx_row, cfg.tx_col)
+    cond = condition(buildings, tx, _cars_for(cfg, data), data)[None].to(device)
+    pred = predict(cond, torch.zeros_like(cond[:, :1]))
+    out = Path(cfg.out).expanduser()
+    _write(to_gray(pred[0], buildings, cfg.mask_buildings), out)
+    return out
+
+
+def folder_samples(root: Path) -> list[tuple[int, int]]:
+    """(map, tx) of every antenna PNG of a RadioMapSeer root, in map then tx order."""
+    folder = Layout(root).root / "png" / "antennas"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"input_dir={root}: {folder} is missing (expected a RadioMapSeer layout)")
+    found = [(int(m.group(1)), int(m.group(2))) for name in folder.iterdir() if (m := ANTENNA.match(name.name))]
+    if not found:
+        raise FileNotFoundError(f"input_dir={root}: no {{map}}_{{tx}}.png antenna files in {folder}")
+    return sorted(found)
+
+
+def sample_folder(cfg: SampleConfig, predict: Predict, data: DataConfig, device: torch.device) -> int:
+    layout = Layout(Path(cfg.input_dir).expanduser())
+    items = folder_samples(layout.root)
+    out_dir = Path(cfg.out_dir).expanduser()
+    for start in range(0, len(items), cfg.batch_size):
+        batch = items[start:start + cfg.batch_size]
+        maps, conds = [], []
+        for map_id, tx_id in batch:
+            buildings = read_map(layout.buildings(map_id, "complete", 0))
+            cars = read_map(layout.cars(map_id)) if data.cars_input else None
+            conds.append(condition(buildings, read_map(layout.antenna(map_id, tx_id)), cars, data))
+            maps.append(buildings)
+        cond = torch.stack(conds).to(device)  # (B, 3, s, s)
+        preds = predict(cond, torch.zeros_like(cond[:, :1]))
+        for (map_id, tx_id), buildings, pred in zip(batch, maps, preds):
+            _write(to_gray(pred, buildings, cfg.mask_buildings), out_dir / f"{map_id}_{tx_id}.png")
+    return len(items)
+
+
+def run_sample(cfg: SampleConfig) -> int:
+    run = open_run(cfg.run_dir)
+    if run.stage != "ldm":
+        raise ConfigError(f"run_dir={cfg.run_dir} is a {run.stage} run; radiodiff-sample needs an LDM run")
+    device = default_device()
+    models = load_models(run, device, use_ema=cfg.use_ema)
+    data = run.config.data
+    generator = torch.Generator(device).manual_seed(generator_seed(cfg.seed, 0))
+    predict = make_predictor(models, data, steps=cfg.sampler.steps, generator=generator)
+    if cfg.input_dir is not None:
+        count = sample_folder(cfg, predict, data, device)
+        print(f"radiodiff-sample: {count} maps from {cfg.input_dir} -> {cfg.out_dir} (step {run.step})")
+    else:
+        out = sample_one(cfg, predict, data, device)
+        print(f"radiodiff-sample: {out} (run {run.run_dir}, step {run.step})")
+    return 0
+
+
+__all__ = ["antenna_at", "folder_samples", "read_map", "run_sample", "to_gray"]

@@ -1,0 +1,175 @@
+"""radiodiff-eval and radiodiff-sample on tiny runs trained once per module with the real training
+commands (VAE 3 steps, then LDM 3 steps, one process), checked against independent computations."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from radiodiff.eval.main import evaluate_main, sample_main
+from tests.dist.conftest import BIN, environment, train, train_shards  # noqa: F401 (fixture)
+
+METRICS = ("psnr", "ssim", "nmse", "rmse", "rmse_db")
+
+
+@pytest.fixture(scope="module")
+def runs(train_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:  # noqa: F811
+    root = tmp_path_factory.mktemp("eval-runs")
+    steps = ["train.max_steps=3", "train.ckpt_every=3"]
+    vae = train("vae", root / "vae", train_shards, *steps, nproc=1)
+    assert vae.returncode == 0, vae.output[-3000:]
+    ldm = train("ldm", root / "ldm", train_shards, *steps, f"vae.checkpoint={root / 'vae'}", "ema.start_step=0",
+                "ema.update_every=1", nproc=1)
+    assert ldm.returncode == 0, ldm.output[-3000:]
+    return {"vae": root / "vae", "ldm": root / "ldm", "shards": train_shards}
+
+
+def run_eval(run_dir: Path, shards: Path, out_dir: Path, *overrides: str, nproc: int = 1) -> dict:
+    script = str(BIN / "radiodiff-eval")
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    done = subprocess.run([*launcher, script, f"run_dir={run_dir}", f"data.shards={shards}", f"out_dir={out_dir}",
+                           *overrides], capture_output=True, text=True, timeout=300, env=environment())
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return json.loads((out_dir / "metrics.json").read_text())
+
+
+def read_rows(out_dir: Path) -> list[dict]:
+    with open(out_dir / "per_sample.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def split_size(shards: Path, split: str) -> int:
+    manifest = json.loads((shards / "manifest.json").read_text())
+    return sum(s["num_samples"] for s in manifest["splits"][split]["shards"])
+
+
+@pytest.fixture(scope="module")
+def vae_eval(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("eval-vae")
+    run_eval(runs["vae"], runs["shards"], out, "batch_size=3", "num_grid=3")
+    return out
+
+
+def check_outputs(out: Path, metrics: dict, num_grid: int) -> None:
+    rows = read_rows(out)
+    assert len(rows) == metrics["num_samples"]
+    for name in METRICS:  # metrics.json holds the per-image means of per_sample.csv
+        assert metrics[name] == pytest.approx(np.mean([float(r[name]) for r in rows]), rel=1e-12)
+        assert metrics["baseline"][name] == pytest.approx(np.mean([float(r[f"baseline_{name}"]) for r in rows]),
+                                                          rel=1e-12)
+    assert metrics["baseline"]["psnr"] != pytest.approx(metrics["psnr"], abs=1e-3)
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size == (5 * 256, min(num_grid, len(rows)) * 256) and grid.mode == "L"
+
+
+def test_eval_of_a_vae_run_writes_metrics_matching_per_sample_rows(runs, vae_eval: Path) -> None:
+    metrics = json.loads((vae_eval / "metrics.json").read_text())
+    assert metrics["stage"] == "vae" and metrics["checkpoint_step"] == 3 and metrics["split"] == "test"
+    assert metrics["num_samples"] == split_size(runs["shards"], "test")
+    assert metrics["protocol"] == "radiounet" and metrics["sampler_steps"] is None
+    assert metrics["seconds_per_map"] > 0 and metrics["baseline"]["num_train_samples"] == split_size(
+        runs["shards"], "train")
+    check_outputs(vae_eval, metrics, 3)
+
+
+def test_eval_on_two_ranks_equals_one_rank_for_a_vae_run(runs, vae_eval: Path, tmp_path: Path) -> None:
+    one = json.loads((vae_eval / "metrics.json").read_text())
+    two = run_eval(runs["vae"], runs["shards"], tmp_path, "batch_size=3", "num_grid=3", nproc=2)
+    assert two["world_size"] == 2 and two["num_samples"] == one["num_samples"]
+    for name in ("psnr", "ssim", "nmse", "rmse"):
+        assert two[name] == pytest.approx(one[name], abs=1e-6)
+        assert two["baseline"][name] == pytest.approx(one["baseline"][name], abs=1e-6)
+    assert [r["key"] for r in read_rows(tmp_path)] == [r["key"] for r in read_rows(vae_eval)]
+
+
+def test_eval_of_an_ldm_run_covers_the_split(runs, tmp_path: Path) -> None:
+    metrics = run_eval(runs["ldm"], runs["shards"], tmp_path, "sampler.steps=2", "num_grid=2")
+    assert metrics["stage"] == "ldm" and metrics["sampler_steps"] == 2 and metrics["use_ema"] is True
+    assert metrics["num_samples"] == split_size(runs["shards"], "test")
+    check_outputs(tmp_path, metrics, 2)
+
+
+def test_ldm_eval_row_matches_scikit_image_on_the_sampled_png(runs, synth_root: Path, tmp_path: Path) -> None:
+    """One sample evaluated by radiodiff-eval, regenerated by radiodiff-sample (same seed, same
+    noise), then scored by scikit-image / numpy against the dataset's ground-truth PNG."""
+    metrics = run_eval(runs["ldm"], runs["shards"], tmp_path / "eval", "max_samples=1", "batch_size=1", "seed=5")
+    assert metrics["num_samples"] == 1
+    row = read_rows(tmp_path / "eval")[0]
+    map_id, tx = row["map"], row["tx"]
+    out = tmp_path / "pred.png"
+    assert sample_main([f"run_dir={runs['ldm']}", f"buildings={synth_root}/png/buildings_complete/{map_id}.png",
+                        f"antenna={synth_root}/png/antennas/{map_id}_{tx}.png", f"out={out}", "seed=5",
+                        "mask_buildings=false"]) == 0
+    pred = np.asarray(Image.open(out), dtype=np.float64) / 255
+    gt = np.asarray(Image.open(synth_root / "gain" / "DPM" / f"{map_id}_{tx}.png"), dtype=np.float64) / 255
+    # The PNG is quantized to 1/255; eval scores the unquantized prediction.
+    assert float(row["psnr"]) == pytest.approx(peak_signal_noise_ratio(gt, pred, data_range=1), abs=0.02)
+    ssim = structural_similarity(gt, pred, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                 data_range=1)
+    assert float(row["ssim"]) == pytest.approx(ssim, abs=3e-3)
+    assert float(row["rmse"]) == pytest.approx(np.sqrt(np.mean((pred - gt) ** 2)), abs=2e-3)
+
+
+def test_eval_names_a_run_dir_without_committed_checkpoints(runs, tmp_path: Path, capsys) -> None:
+    (tmp_path / "config.yaml").write_text((runs["vae"] / "config.yaml").read_text())
+    assert evaluate_main([f"run_dir={tmp_path}", f"out_dir={tmp_path / 'out'}"]) == 2
+    assert f"run_dir={tmp_path}: no committed checkpoint" in capsys.readouterr().err
+
+
+def sample(runs, synth_root: Path, out: Path, *extra: str) -> np.ndarray:
+    args = [f"run_dir={runs['ldm']}", f"buildings={synth_root}/png/buildings_complete/1.png", f"out={out}", *extra]
+    if not any(a.startswith("tx_") for a in extra):
+        args.append(f"antenna={synth_root}/png/antennas/1_2.png")
+    assert sample_main(args) == 0
+    with Image.open(out) as image:
+        assert image.mode == "L" and image.size == (256, 256)
+        return np.asarray(image)
+
+
+def test_sample_writes_a_masked_deterministic_radio_map(runs, synth_root: Path, tmp_path: Path) -> None:
+    first = sample(runs, synth_root, tmp_path / "a.png", "seed=1")
+    again = sample(runs, synth_root, tmp_path / "b.png", "seed=1")
+    other = sample(runs, synth_root, tmp_path / "c.png", "seed=2")
+    unmasked = sample(runs, synth_root, tmp_path / "d.png", "seed=1", "mask_buildings=false")
+    buildings = np.asarray(Image.open(synth_root / "png" / "buildings_complete" / "1.png")) > 0
+    assert buildings.any() and (first[buildings] == 0).all() and unmasked[buildings].any()
+    assert np.array_equal(first[~buildings], unmasked[~buildings])
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
+
+
+def test_sample_at_tx_row_col_equals_the_antenna_png(runs, synth_root: Path, tmp_path: Path) -> None:
+    antenna = np.asarray(Image.open(synth_root / "png" / "antennas" / "1_2.png"))
+    row, col = np.unravel_index(int(np.argmax(antenna)), antenna.shape)
+    from_png = sample(runs, synth_root, tmp_path / "a.png")
+    from_position = sample(runs, synth_root, tmp_path / "b.png", f"tx_row={row}", f"tx_col={col}")
+    # On a multiple of 4, so that the reader's nearest resize to the tiny model's 64 px keeps the pixel.
+    moved = sample(runs, synth_root, tmp_path / "c.png", f"tx_row={(row // 4 * 4 + 64) % 256}", "tx_col=128")
+    assert np.array_equal(from_png, from_position) and not np.array_equal(from_png, moved)
+
+
+def test_sample_folder_mode_writes_one_map_per_antenna(runs, synth_root: Path, tmp_path: Path) -> None:
+    assert sample_main([f"run_dir={runs['ldm']}", f"input_dir={synth_root}", f"out_dir={tmp_path}",
+                        "sampler.steps=1", "batch_size=16"]) == 0
+    antennas = sorted(p.name for p in (synth_root / "png" / "antennas").glob("*.png"))
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == antennas
+    with Image.open(tmp_path / antennas[0]) as image:
+        assert image.mode == "L" and image.size == (256, 256)
+
+
+def test_sample_rejects_a_wrong_size_png_naming_it(runs, synth_root: Path, tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "small.png"
+    Image.fromarray(np.zeros((128, 128), dtype=np.uint8), mode="L").save(bad)
+    code = sample_main([f"run_dir={runs['ldm']}", f"buildings={bad}", "tx_row=5", "tx_col=5",
+                        f"out={tmp_path / 'out.png'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and str(bad) in err and "128x128" in err
+    assert not (tmp_path / "out.png").exists()
