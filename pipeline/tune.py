@@ -1,8 +1,155 @@
-"""Entry point radiodiff-tune (Ray Tune sweeps over the VAE-GAN's disc_start and kl_weight).
+"""radiodiff-tune: Ray Tune sweeps of stage-1 (VAE-GAN) training over loss.disc_start and loss.kl_weight.
 
-Sweeps call the training function, which has not landed yet: the command says so and exits 2.
+The config is radiodiff-train-vae's (``train.max_steps`` is every trial's length) plus ``tune:``,
+``ray:`` and ``out_dir``. Trials (pipeline/tune_trial.py) run the same training function as
+radiodiff-train-vae, each in its own run directory ``out_dir/trials/<trial name>`` (resumable like
+any run). Search: a grid of every listed combination, or Optuna sampling the ranges the lists span;
+optionally ASHA stops weak trials at validation steps. The sweep writes ``out_dir/results.csv`` and
+``out_dir/best.yaml`` and prints a summary; failed trials are listed with their error, and the exit
+code is 1 when every trial failed.
 """
 
-from radiodiff.cli import not_available
+from __future__ import annotations
 
-main = not_available("radiodiff-tune (Ray Tune sweeps of VAE-GAN training)")
+import copy
+import functools
+import importlib.util
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from radiodiff.config import ConfigError, TrainVaeConfig, TuneConfig, TuneSweepConfig
+from pipeline.tune_results import (BEST_NAME, RESULTS_NAME, STATUS_OK, best_row, collect_rows, summary,
+                                   write_best, write_results)
+from pipeline.tune_trial import TRIALS_DIR, run_trial, run_trial_workers, trial_config
+
+TUNE_DIR = "ray_tune"  # under out_dir: Ray Tune's experiment state and per-trial logs
+
+
+def _absolute(path: str | None) -> str | None:
+    """Local paths made absolute: Ray runs trials in other working directories."""
+    if path is None or "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def base_training_config(cfg: TuneConfig) -> TrainVaeConfig:
+    """The training config every trial starts from; validation is on so that val/* gets reported."""
+    base = TrainVaeConfig(**{f.name: copy.deepcopy(getattr(cfg, f.name)) for f in fields(TrainVaeConfig)})
+    base.data.shards = _absolute(base.data.shards)
+    base.data.root = _absolute(base.data.root)
+    base.perceptual.vgg_weights = _absolute(base.perceptual.vgg_weights)
+    if cfg.tune.metric.startswith("val/") and base.train.val_every == 0:
+        base.train.val_every = base.train.max_steps  # validate once, at the end of every trial
+    return base
+
+
+def param_space(sweep: TuneSweepConfig) -> dict[str, Any]:
+    from ray import tune
+
+    if sweep.search == "grid":
+        return {"disc_start": tune.grid_search(list(sweep.disc_start)),
+                "kl_weight": tune.grid_search(list(sweep.kl_weight))}
+    low, high = min(sweep.disc_start), max(sweep.disc_start)
+    disc_start = tune.randint(low, high + 1) if low < high else low
+    low, high = min(sweep.kl_weight), max(sweep.kl_weight)
+    if low == high:
+        kl_weight: Any = low
+    else:
+        kl_weight = tune.loguniform(low, high) if low > 0 else tune.uniform(low, high)
+    return {"disc_start": disc_start, "kl_weight": kl_weight}
+
+
+def check_search_available(sweep: TuneSweepConfig) -> None:
+    if sweep.search == "optuna" and importlib.util.find_spec("optuna") is None:
+        raise ConfigError("tune.search=optuna needs the optuna package: pip install optuna")
+
+
+def make_search(sweep: TuneSweepConfig) -> Any:
+    if sweep.search == "grid":
+        return None
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch()
+
+
+def make_scheduler(sweep: TuneSweepConfig, base: TrainVaeConfig) -> Any:
+    if sweep.scheduler == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    grace = sweep.grace_steps or base.train.val_every or base.train.log_every
+    return ASHAScheduler(time_attr="step", max_t=base.train.max_steps, grace_period=min(grace, base.train.max_steps),
+                         reduction_factor=sweep.reduction_factor)
+
+
+def trial_name(trial: Any) -> str:
+    return f"{trial.trial_id}_ds{trial.config['disc_start']}_kl{trial.config['kl_weight']:.3g}"
+
+
+def make_trainable(sweep: TuneSweepConfig, base: TrainVaeConfig, out_dir: Path) -> Any:
+    from ray import tune
+
+    trials_dir = str(out_dir / TRIALS_DIR)
+    if sweep.workers_per_trial == 1:
+        resources = {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial}
+        trainable = functools.partial(run_trial, base=base, trials_dir=trials_dir, metric=sweep.metric)
+    else:
+        # The trial's own process only drives the TorchTrainer, whose workers hold the CPUs and GPUs;
+        # Ray needs a non-empty reservation for it: one byte of (logical) memory blocks no worker.
+        resources = {"cpu": 0, "memory": 1}
+        trainable = functools.partial(run_trial_workers, base=base, trials_dir=trials_dir, metric=sweep.metric,
+                                      sweep=sweep, storage_dir=str(out_dir / "ray_train"))
+    return tune.with_resources(trainable, resources)
+
+
+def make_tuner(cfg: TuneConfig, base: TrainVaeConfig, out_dir: Path) -> Any:
+    from ray import tune
+
+    from pipeline.tune_progress import ProgressPrinter
+
+    sweep = cfg.tune
+    tune_config = tune.TuneConfig(
+        metric=sweep.metric, mode=sweep.mode, search_alg=make_search(sweep), scheduler=make_scheduler(sweep, base),
+        num_samples=1 if sweep.search == "grid" else sweep.num_samples,
+        max_concurrent_trials=sweep.max_concurrent or None, reuse_actors=False,
+        trial_name_creator=trial_name, trial_dirname_creator=trial_name)
+    run_config = tune.RunConfig(
+        name=TUNE_DIR, storage_path=str(out_dir), verbose=0, log_to_file=True,
+        failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+        callbacks=[ProgressPrinter(sweep.metric, num_trials(sweep))])
+    return tune.Tuner(make_trainable(sweep, base, out_dir), param_space=param_space(sweep), tune_config=tune_config,
+                      run_config=run_config)
+
+
+def num_trials(sweep: TuneSweepConfig) -> int:
+    return len(sweep.disc_start) * len(sweep.kl_weight) if sweep.search == "grid" else sweep.num_samples
+
+
+def tune_command(cfg: TuneConfig) -> int:
+    from pipeline.ray_setup import ray_session
+
+    check_search_available(cfg.tune)
+    out_dir = Path(cfg.out_dir).expanduser().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = base_training_config(cfg)
+    sweep = cfg.tune
+    print(f"sweep: {num_trials(sweep)} trials ({sweep.search}, scheduler {sweep.scheduler}) of "
+          f"{base.train.max_steps} steps, {sweep.workers_per_trial} rank(s) each; {sweep.metric} ({sweep.mode}); "
+          f"out {out_dir}", flush=True)
+    with ray_session(cfg.ray):
+        results = make_tuner(cfg, base, out_dir).fit()
+    rows = collect_rows(results, out_dir / TRIALS_DIR)
+    write_results(rows, out_dir / RESULTS_NAME, sweep.metric)
+    best = best_row(rows, sweep.metric, sweep.mode)
+    if best is not None:
+        params = {"disc_start": best.disc_start, "kl_weight": best.kl_weight}
+        write_best(trial_config(base, params, Path("???")), best, out_dir / BEST_NAME, sweep.metric)
+    print(summary(rows, best, sweep.metric, out_dir), flush=True)
+    return 0 if any(row.status == STATUS_OK for row in rows) else 1
+
+
+def main() -> int:
+    from radiodiff.cli import run_app
+
+    return run_app("tune", tune_command)

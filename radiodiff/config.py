@@ -624,7 +624,18 @@ class DemoConfig:
             data=DataConfig(root="${out_dir}/radiomapseer"), out="${out_dir}/shards", min_shards_per_split=4
         )
     )
-    batch_size: int = 8
+    batch_size: int = 8  # reader pass, training micro-batch, evaluation
+    model: str = "tiny"  # the model preset both stages train
+    vae_steps: int = 300
+    disc_start: int = 150  # the VAE-GAN's discriminator joins halfway
+    ldm_steps: int = 300
+    sampler_steps: int = 5
+    nproc: int = 1  # training ranks (torchrun when > 1)
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "vae_steps", "ldm_steps", "sampler_steps", "nproc"):
+            check_positive(key, getattr(self, key))
+        check_choice("model", self.model, ("tiny", "reference"))
 
 
 def register_configs() -> None:

@@ -1,0 +1,155 @@
+"""What runs inside one radiodiff-tune trial: radiodiff-train-vae's own training function.
+
+A trial applies its ``disc_start`` / ``kl_weight`` to a copy of the typed training config and calls
+``run_training(cfg, build_vae_stage, "vae", on_log=...)`` in the trial's process, or, with
+``tune.workers_per_trial > 1``, on every worker of a Ray Train ``TorchTrainer`` (each worker joins
+the process group Ray Train set up). Metrics reach Ray Tune from ``on_log``; a non-zero exit code
+fails the trial with the training's own error message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import io
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from radiodiff.config import TrainVaeConfig, TuneSweepConfig
+
+TRIALS_DIR = "trials"  # under out_dir: one training run directory per trial
+
+Report = Callable[[dict[str, Any]], None]
+
+
+class TrialFailed(RuntimeError):
+    """Training in a trial ended with a non-zero exit code."""
+
+
+def trial_config(base: TrainVaeConfig, params: dict[str, Any], run_dir: Path) -> TrainVaeConfig:
+    """``base`` with the trial's parameters applied (validated like any config) and its run dir."""
+    cfg = copy.deepcopy(base)
+    cfg.run_dir = str(run_dir)
+    cfg.loss = dataclasses.replace(cfg.loss, disc_start=int(params["disc_start"]),
+                                   kl_weight=float(params["kl_weight"]))
+    return cfg
+
+
+class MetricReporter:
+    """``on_log`` for a trial: keeps the latest value of every metric and reports all of them (with
+    ``step``) whenever a report holds the sweep's metric: at each validation for ``val/*``."""
+
+    def __init__(self, metric: str, report: Report) -> None:
+        self.metric = metric
+        self.report = report
+        self.latest: dict[str, float] = {}
+
+    def __call__(self, step: int, values: dict[str, float]) -> None:
+        self.latest.update(values)
+        if self.metric in values:
+            self.report({**self.latest, "step": step})
+
+
+class _ErrorLines(io.TextIOBase):
+    """stderr that also remembers the last ``error: ...`` line (run_training prints its errors)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.last = ""
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        for line in text.splitlines():
+            if line.startswith("error: "):
+                self.last = line[len("error: "):]
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+class _NoSignalPreemptionFlag:
+    """The loop's preemption flag, minus signal handlers (see ``_off_main_thread``)."""
+
+    received: int | None = None
+
+    def install(self) -> "_NoSignalPreemptionFlag":
+        return self
+
+    def uninstall(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _off_main_thread() -> Iterator[None]:
+    """Ray runs trial functions (and Ray Train worker functions) on a thread of their actor, where
+    ``signal.signal`` raises ValueError. There the loop gets a flag without handlers: a trial is
+    stopped by Ray (killing its actor), not by a signal, and a retried trial (tune.max_failures)
+    resumes from its run directory's newest checkpoint."""
+    if threading.current_thread() is threading.main_thread():
+        yield
+        return
+    from radiodiff.train import loop
+
+    original = loop.PreemptionFlag
+    loop.PreemptionFlag = _NoSignalPreemptionFlag  # type: ignore[assignment, misc]
+    try:
+        yield
+    finally:
+        loop.PreemptionFlag = original  # type: ignore[misc]
+
+
+def train_and_report(cfg: TrainVaeConfig, metric: str, report: Report) -> None:
+    """One rank of a trial: radiodiff-train-vae's training function, reporting through ``report``."""
+    from radiodiff.train.main import run_training
+    from radiodiff.train.stages import build_vae_stage
+
+    errors = _ErrorLines(sys.stderr)
+    with _off_main_thread(), contextlib.redirect_stderr(errors):
+        code = run_training(cfg, build_vae_stage, "vae", on_log=MetricReporter(metric, report))
+    if code != 0:
+        raise TrialFailed(f"training exited with code {code}" + (f": {errors.last}" if errors.last else ""))
+
+
+def _trial_run_dir(trials_dir: str) -> Path:
+    from ray import tune
+
+    return Path(trials_dir) / tune.get_context().get_trial_name()
+
+
+def run_trial(params: dict[str, Any], *, base: TrainVaeConfig, trials_dir: str, metric: str) -> None:
+    """A trial of one process (tune.workers_per_trial=1)."""
+    from ray import tune
+
+    train_and_report(trial_config(base, params, _trial_run_dir(trials_dir)), metric, tune.report)
+
+
+def _train_worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker of a multi-worker trial."""
+    import ray.train
+
+    train_and_report(loop_config["cfg"], loop_config["metric"], ray.train.report)
+
+
+def run_trial_workers(params: dict[str, Any], *, base: TrainVaeConfig, trials_dir: str, metric: str,
+                      sweep: TuneSweepConfig, storage_dir: str) -> None:
+    """A trial of ``tune.workers_per_trial`` ranks: a TorchTrainer whose workers each call the
+    training function; rank 0's reports reach Tune through TuneReportCallback."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    run_dir = _trial_run_dir(trials_dir)
+    resources = {"CPU": sweep.cpus_per_trial, **({"GPU": sweep.gpus_per_trial} if sweep.gpus_per_trial else {})}
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"cfg": trial_config(base, params, run_dir), "metric": metric},
+        scaling_config=ScalingConfig(num_workers=sweep.workers_per_trial, use_gpu=sweep.gpus_per_trial > 0,
+                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if sweep.gpus_per_trial > 0 else "gloo"),
+        run_config=RunConfig(name=run_dir.name, storage_path=storage_dir, callbacks=[TuneReportCallback()]),
+    )
+    trainer.fit()

@@ -1,0 +1,139 @@
+"""radiodiff-tune end to end: real Ray Tune trials of the tiny VAE-GAN on synthetic shards."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from radiodiff.cli import compose, run_app, split_config_file
+from radiodiff.config import ConfigError, TrainVaeConfig, TuneSweepConfig
+from pipeline.tune import check_search_available, tune_command
+from tests.dist.conftest import train_shards  # noqa: F401  (a fixture: real shards by the Ray sharder)
+
+TINY = ["model=tiny", "data.num_workers=0", "perceptual.pretrained=false", "wandb.enabled=false",
+        "train.val_batches=1", "tune.cpus_per_trial=1", "ray.num_cpus=2"]
+
+
+def sweep(out_dir: Path, shards: Path, *overrides: str) -> int:
+    """radiodiff-tune's entry-point body (the Hydra composition included) on the session's Ray."""
+    return run_app("tune", tune_command, [f"out_dir={out_dir}", f"data.shards={shards}", *TINY, *overrides])
+
+
+def read_rows(out_dir: Path) -> list[dict[str, str]]:
+    with (out_dir / "results.csv").open() as stream:
+        return list(csv.DictReader(stream))
+
+
+@pytest.fixture(autouse=True)
+def quiet_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(ray_local, train_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:  # noqa: F811
+    out_dir = tmp_path_factory.mktemp("tune-grid")
+    code = sweep(out_dir, train_shards, "tune.disc_start=[0,2]", "tune.kl_weight=[1e-6,1e-2]",
+                 "train.max_steps=3", "train.val_every=3")
+    return out_dir, code
+
+
+def test_grid_sweep_writes_one_row_per_combination(grid_sweep: tuple[Path, int]) -> None:
+    out_dir, code = grid_sweep
+    assert code == 0
+    rows = read_rows(out_dir)
+    assert sorted((int(r["disc_start"]), float(r["kl_weight"])) for r in rows) == [
+        (0, 1e-6), (0, 1e-2), (2, 1e-6), (2, 1e-2)]
+    assert len({r["trial_id"] for r in rows}) == 4
+    for row in rows:
+        assert row["status"] == "TERMINATED" and row["error"] == ""
+        assert int(row["steps"]) == 3
+        assert math.isfinite(float(row["val/psnr"])) and math.isfinite(float(row["val/ssim"]))
+        assert math.isfinite(float(row["ae/loss"]))
+
+
+def test_each_trial_is_a_run_directory_with_its_parameters(grid_sweep: tuple[Path, int]) -> None:
+    out_dir, _ = grid_sweep
+    for row in read_rows(out_dir):
+        run_dir = Path(row["run_dir"])
+        assert run_dir.parent == out_dir / "trials"
+        assert (run_dir / "checkpoints" / "step_00000003" / "COMMITTED").is_file()
+        assert json.loads((run_dir / "checkpoints" / "step_00000003" / "meta.json").read_text())["step"] == 3
+        logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert logged[-1]["step"] == 3 and any("val/psnr" in m for m in logged)
+        # The reported val/psnr is the one the trial's own training logged.
+        assert float(row["val/psnr"]) == pytest.approx(next(m["val/psnr"] for m in logged if "val/psnr" in m))
+        saved = OmegaConf.load(run_dir / "config.yaml")
+        assert saved.loss.disc_start == int(row["disc_start"]) and saved.loss.kl_weight == float(row["kl_weight"])
+
+
+def test_best_yaml_composes_as_a_train_vae_config(grid_sweep: tuple[Path, int], tmp_path: Path) -> None:
+    out_dir, _ = grid_sweep
+    rows = read_rows(out_dir)
+    best = max(rows, key=lambda r: float(r["val/psnr"]))
+    # Exactly what `radiodiff-train-vae --config out_dir/best.yaml run_dir=...` composes.
+    config_file, overrides = split_config_file(["--config", str(out_dir / "best.yaml"), f"run_dir={tmp_path / 'again'}"])
+    cfg = compose("train_vae", overrides, config_file)
+    assert isinstance(cfg, TrainVaeConfig)
+    assert cfg.run_dir == str(tmp_path / "again")
+    assert cfg.loss.disc_start == int(best["disc_start"]) and cfg.loss.kl_weight == float(best["kl_weight"])
+    assert cfg.train.max_steps == 3 and cfg.train.val_every == 3
+    assert cfg.model.autoencoder.ch == 32 and cfg.data.image_size == 64  # the tiny preset, in full
+
+
+def test_failed_trials_are_reported_and_fail_the_sweep(ray_local, train_shards: Path, tmp_path: Path,  # noqa: F811
+                                                        capsys: pytest.CaptureFixture) -> None:
+    code = sweep(tmp_path, train_shards, "tune.disc_start=[0]", "tune.kl_weight=[1e-6]", "train.max_steps=2",
+                 "train.nan_steps=[1]", "train.max_bad_steps=1")
+    assert code == 1
+    [row] = read_rows(tmp_path)
+    assert row["status"] == "ERROR" and row["val/psnr"] == ""
+    assert "non-finite loss" in row["error"] and "train.max_bad_steps=1" in row["error"]
+    printed = capsys.readouterr().out
+    assert "1 failed" in printed and "non-finite loss" in printed
+    assert not (tmp_path / "best.yaml").exists()
+
+
+def test_multi_worker_trial_trains_on_two_ranks(ray_local, train_shards: Path, tmp_path: Path) -> None:  # noqa: F811
+    code = sweep(tmp_path, train_shards, "tune.disc_start=[1]", "tune.kl_weight=[1e-6]", "train.max_steps=2",
+                 "tune.workers_per_trial=2")
+    assert code == 0
+    [row] = read_rows(tmp_path)
+    assert row["status"] == "TERMINATED" and math.isfinite(float(row["val/psnr"]))  # val_every 0 -> at the end
+    meta = json.loads((Path(row["run_dir"]) / "checkpoints" / "step_00000002" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["step"] == 2
+
+
+def test_sweep_config_is_validated() -> None:
+    with pytest.raises(ConfigError, match="tune.kl_weight"):
+        TuneSweepConfig(kl_weight=[])
+    with pytest.raises(ConfigError, match="tune.scheduler"):
+        TuneSweepConfig(scheduler="hyperband")
+
+
+def test_optuna_search_names_the_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else real_find_spec(name, *a))
+    with pytest.raises(ConfigError, match="pip install optuna"):
+        check_search_available(TuneSweepConfig(search="optuna"))
+
+
+def test_optuna_search_with_asha_samples_within_the_ranges(ray_local, train_shards: Path,  # noqa: F811
+                                                          tmp_path: Path) -> None:
+    pytest.importorskip("optuna")
+    code = sweep(tmp_path, train_shards, "tune.search=optuna", "tune.num_samples=2", "tune.scheduler=asha",
+                 "tune.disc_start=[0,2]", "tune.kl_weight=[1e-6,1e-2]", "train.max_steps=2", "train.val_every=1")
+    assert code == 0
+    rows = read_rows(tmp_path)
+    assert len(rows) == 2
+    for row in rows:
+        assert row["status"] == "TERMINATED" and 1 <= int(row["steps"]) <= 2
+        assert 0 <= int(row["disc_start"]) <= 2 and 1e-6 <= float(row["kl_weight"]) <= 1e-2
+        assert math.isfinite(float(row["val/psnr"]))
