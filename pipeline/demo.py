@@ -1,20 +1,27 @@
 """radiodiff-demo: the whole pipeline, small, on one machine, from nothing.
 
-Stages (each prints what it did): a synthetic RadioMapSeer is written, sharded into WebDataset
-tars by Ray tasks, and read back by the resumable training reader, one pass over every split.
-The training, evaluation and figure stages join as they land.
+1. a synthetic RadioMapSeer (radiodiff-synth's code), 2. Ray sharding into WebDataset tars,
+3. one pass of the resumable training reader, 4. the VAE-GAN and 5. the latent diffusion model on
+DeepSpeed (the real radiodiff-train-* commands, tiny preset), 6. evaluation of both against the
+mean-map baseline (radiodiff-eval), 7. training figures, 8. ``report.md`` tying it together.
+The commands run as subprocesses, as a user would run them; their output streams through.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from radiodiff.config import DemoConfig
 
+STAGES = 8
 
-def stage(title: str) -> float:
-    print(f"\n== {title}", flush=True)
+
+def stage(number: int, title: str) -> float:
+    print(f"\n== {number}/{STAGES} {title}", flush=True)
     return time.perf_counter()
 
 
@@ -28,35 +35,73 @@ def reader_pass(cfg: DemoConfig) -> dict[str, int]:
     counts = {}
     for split in ("train", "val", "test"):
         start = time.perf_counter()
-        loader = ShardLoader(data, split, batch_size=cfg.batch_size, epochs=1)
-        batches = list(loader)
+        batches = list(ShardLoader(data, split, batch_size=cfg.batch_size, epochs=1))
         counts[split] = sum(len(b["key"]) for b in batches)
-        shape = tuple(batches[0]["cond"].shape), tuple(batches[0]["target"].shape)
         rate = counts[split] / (time.perf_counter() - start)
-        print(f"  {split}: {counts[split]} samples in {len(batches)} batches of cond {shape[0]}, "
-              f"target {shape[1]} ({rate:.0f} samples/s)")
+        print(f"  {split}: {counts[split]} samples in {len(batches)} batches, cond "
+              f"{tuple(batches[0]['cond'].shape)}, target {tuple(batches[0]['target'].shape)} ({rate:.0f} samples/s)")
     return counts
 
 
+def run_command(script: str, args: list[str], nproc: int = 1) -> None:
+    """Run a console script of this environment (under torchrun when nproc > 1); fail loudly."""
+    path = str(Path(sys.executable).parent / script)
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    print(f"  $ {script} {' '.join(args)}", flush=True)
+    done = subprocess.run([*launcher, path, *args])
+    if done.returncode != 0:
+        raise RuntimeError(f"{script} failed with exit code {done.returncode}")
+
+
+def train_args(cfg: DemoConfig, run_dir: Path, steps: int) -> list[str]:
+    return [f"run_dir={run_dir}", f"data.shards={cfg.shard.out}", f"model={cfg.model}", f"train.max_steps={steps}",
+            f"train.micro_batch={cfg.batch_size}", f"train.log_every={max(1, steps // 10)}",
+            f"train.ckpt_every={steps}", f"train.val_every={max(1, steps // 3)}", "data.num_workers=0",
+            "wandb.mode=offline"]
+
+
 def run_demo(cfg: DemoConfig) -> int:
+    from pipeline.demo_report import write_report
     from pipeline.shard import run_shard, summarize
     from radiodiff.data.synth_main import run_synth
+    from radiodiff.eval.figures import write_figures
 
-    began = time.perf_counter()
-    print(f"radiodiff demo in {Path(cfg.out_dir).resolve()}")
-    start = stage(f"1/3 synthetic RadioMapSeer: {cfg.synth.num_maps} maps x {cfg.synth.num_tx} transmitters")
+    began, out = time.perf_counter(), Path(cfg.out_dir)
+    print(f"radiodiff demo in {out.resolve()}")
+    stage(1, f"synthetic RadioMapSeer: {cfg.synth.num_maps} maps x {cfg.synth.num_tx} transmitters")
     run_synth(cfg.synth)
-    print(f"  done in {time.perf_counter() - start:.1f} s")
-    start = stage("2/3 sharding into WebDataset tars with Ray tasks")
+    start = stage(2, "sharding into WebDataset tars with Ray tasks")
     manifest = run_shard(cfg.shard)
     print(summarize(manifest, time.perf_counter() - start))
-    start = stage("3/3 one pass of the resumable training reader over the shards")
+    stage(3, "one pass of the resumable training reader over the shards")
     counts = reader_pass(cfg)
     expected = {split: entry["num_samples"] for split, entry in manifest["splits"].items()}
     if counts != expected:
         raise RuntimeError(f"reader pass read {counts} samples, the manifest lists {expected}")
-    print(f"  every sample read exactly once, in {time.perf_counter() - start:.1f} s")
-    print(f"\ndemo finished in {time.perf_counter() - began:.0f} s; outputs under {cfg.out_dir}/")
+    runs = {"vae": out / "runs" / "vae", "ldm": out / "runs" / "ldm"}
+    stage(4, f"VAE-GAN on DeepSpeed: {cfg.vae_steps} steps, discriminator from step {cfg.disc_start}")
+    run_command("radiodiff-train-vae", [*train_args(cfg, runs["vae"], cfg.vae_steps), "perceptual.pretrained=false",
+                                        f"loss.disc_start={cfg.disc_start}"], cfg.nproc)
+    stage(5, f"latent diffusion on the frozen VAE: {cfg.ldm_steps} steps")
+    run_command("radiodiff-train-ldm", [*train_args(cfg, runs["ldm"], cfg.ldm_steps), f"vae.checkpoint={runs['vae']}",
+                                        f"sampler.steps={cfg.sampler_steps}", f"ema.start_step={cfg.ldm_steps // 2}",
+                                        "ema.update_every=1"], cfg.nproc)
+    stage(6, "evaluation on the test split (PSNR, SSIM, NMSE, RMSE) against the mean-map baseline")
+    results = {}
+    for name, run_dir in runs.items():
+        eval_dir = out / "eval" / name
+        run_command("radiodiff-eval", [f"run_dir={run_dir}", "split=test", f"out_dir={eval_dir}",
+                                       f"sampler.steps={cfg.sampler_steps}", f"batch_size={cfg.batch_size}"])
+        results[name] = json.loads((eval_dir / "metrics.json").read_text())
+    stage(7, "training figures")
+    figures = {name: write_figures(run_dir) for name, run_dir in runs.items()}
+    for paths in figures.values():
+        print("  " + ", ".join(str(p) for p in paths))
+    stage(8, "report")
+    report = write_report(out, cfg, manifest, results, figures)
+    print(f"  {report}")
+    print(f"\ndemo finished in {time.perf_counter() - began:.0f} s; open {report}")
     return 0
 
 

@@ -35,6 +35,7 @@ class Stage:
     """What differs between the two stages; the loop is the same."""
 
     name: str  # vae | ldm
+    headline: str  # the metric printed on the console at each logged step
     models: Any  # VaeGanModels | LdmModels
     engines: dict[str, Any]  # name -> DeepSpeed engine (each saved in its own folder)
     step_fn: Callable[[Any, dict, StepContext], dict[str, torch.Tensor]]
@@ -139,6 +140,8 @@ def train(stage: Stage, loader: Any, state: RunState, loop: LoopConfig, dist: Di
                 if dist.device.type == "cuda":
                     values["gpu_max_memory_gb"] = torch.cuda.max_memory_allocated(dist.device) / 2**30
                 log(state.step, values)
+                print0(f"{loop.stage_name} step {state.step}/{train_cfg.max_steps}: {stage.headline} "
+                       f"{values.get(stage.headline, float('nan')):.4g}, {values['steps_per_s']:.2f} steps/s")
             if stage.validate and train_cfg.val_every and state.step % train_cfg.val_every == 0:
                 log(state.step, stage.validate(state.step))
             if state.step % train_cfg.ckpt_every == 0 or state.step == train_cfg.max_steps:

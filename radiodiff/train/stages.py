@@ -88,7 +88,7 @@ def build_vae_stage(cfg: TrainVaeConfig, dist: DistInfo, *, load_universal: bool
     def extras() -> dict:
         return {AUTOENCODER_WEIGHTS: {k: v.detach().float().cpu() for k, v in autoencoder.state_dict().items()}}
 
-    return Stage("vae", models, engines, vae_gan_step, validate=validate, extras=extras)
+    return Stage("vae", "ae/loss", models, engines, vae_gan_step, validate=validate, extras=extras)
 
 
 def load_frozen_vae(path: str, device: torch.device) -> tuple[AutoencoderKL, AutoencoderConfig, Path]:
@@ -137,7 +137,7 @@ def build_ldm_stage(cfg: TrainLdmConfig, dist: DistInfo, *, load_universal: bool
                 values.append(all_metrics(to_unit(pred), to_unit(x)))
         return _mean_metrics(values, "val", dist)
 
-    return Stage("ldm", models, {"unet": engine}, ldm_step, validate=validate if _has_val_split(cfg.data) else None,
+    return Stage("ldm", "loss", models, {"unet": engine}, ldm_step, validate=validate if _has_val_split(cfg.data) else None,
                  after_update=lambda step: ema.update(engine.module, step),
                  extras=lambda: {"ema": ema.state_dict()},
                  restore=lambda folder: ema.load_state_dict(checkpoint.load_extra(folder, "ema")))
