@@ -14,9 +14,8 @@ import copy
 import dataclasses
 import io
 import sys
-import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from radiodiff.config import TrainVaeConfig, TuneSweepConfig
 
@@ -71,44 +70,13 @@ class _ErrorLines(io.TextIOBase):
         self.stream.flush()
 
 
-class _NoSignalPreemptionFlag:
-    """The loop's preemption flag, minus signal handlers (see ``_off_main_thread``)."""
-
-    received: int | None = None
-
-    def install(self) -> "_NoSignalPreemptionFlag":
-        return self
-
-    def uninstall(self) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def _off_main_thread() -> Iterator[None]:
-    """Ray runs trial functions (and Ray Train worker functions) on a thread of their actor, where
-    ``signal.signal`` raises ValueError. There the loop gets a flag without handlers: a trial is
-    stopped by Ray (killing its actor), not by a signal, and a retried trial (tune.max_failures)
-    resumes from its run directory's newest checkpoint."""
-    if threading.current_thread() is threading.main_thread():
-        yield
-        return
-    from radiodiff.train import loop
-
-    original = loop.PreemptionFlag
-    loop.PreemptionFlag = _NoSignalPreemptionFlag  # type: ignore[assignment, misc]
-    try:
-        yield
-    finally:
-        loop.PreemptionFlag = original  # type: ignore[misc]
-
-
 def train_and_report(cfg: TrainVaeConfig, metric: str, report: Report) -> None:
     """One rank of a trial: radiodiff-train-vae's training function, reporting through ``report``."""
     from radiodiff.train.main import run_training
     from radiodiff.train.stages import build_vae_stage
 
     errors = _ErrorLines(sys.stderr)
-    with _off_main_thread(), contextlib.redirect_stderr(errors):
+    with contextlib.redirect_stderr(errors):
         code = run_training(cfg, build_vae_stage, "vae", on_log=MetricReporter(metric, report))
     if code != 0:
         raise TrialFailed(f"training exited with code {code}" + (f": {errors.last}" if errors.last else ""))

@@ -46,3 +46,15 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def train_shards(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shards of the session's synthetic RadioMapSeer, written by the real Ray sharder."""
+    from pipeline.shard import run_shard
+    from radiodiff.config import DataConfig, RayConfig, ShardConfig
+
+    out = tmp_path_factory.mktemp("train-shards")
+    run_shard(ShardConfig(data=DataConfig(root=str(synth_root)), out=str(out), min_shards_per_split=4,
+                          ray=RayConfig(num_cpus=2)))
+    return out

@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     synth = sub.add_parser("synth", help="time per simulated gain map")
     synth.add_argument("--maps", type=int, default=4)
     synth.add_argument("--tx", type=int, default=16)
-    # tools/ is sys.path[0] when this file runs as a script.
+    tools = str(Path(__file__).resolve().parent)  # the sibling benchmark modules live here
+    if tools not in sys.path:
+        sys.path.insert(0, tools)
     import bench_models
     import bench_train
 

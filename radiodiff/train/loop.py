@@ -103,53 +103,55 @@ def _run_update(stage: Stage, batches: Iterator[dict], state: RunState, loop: Lo
     return totals, any(ctx.window_bad.values())
 
 
+def _log_update(stage: Stage, metrics: dict[str, torch.Tensor], state: RunState, loop: LoopConfig,
+                dist: DistInfo, log: OnLog, rate: float) -> None:
+    """Average the update's metrics over ranks, log them and print one console line."""
+    values = all_reduce_mean(metrics, dist.device)
+    values.update(lr=lr_at(state.step - 1, loop.train), skipped_steps=state.skipped_steps, steps_per_s=rate)
+    if dist.device.type == "cuda":
+        values["gpu_max_memory_gb"] = torch.cuda.max_memory_allocated(dist.device) / 2**30
+    log(state.step, values)
+    print0(f"{loop.stage_name} step {state.step}/{loop.train.max_steps}: {stage.headline} "
+           f"{values.get(stage.headline, float('nan')):.4g}, {rate:.2f} steps/s")
+
+
 def train(stage: Stage, loader: Any, state: RunState, loop: LoopConfig, dist: DistInfo, logger: Any,
-          on_log: OnLog | None = None) -> int:
+          flag: PreemptionFlag, on_log: OnLog | None = None) -> int:
     """Run updates until ``train.max_steps``; returns the process exit code (0 or 75).
 
-    ``on_log(step, metrics)`` is called on every rank with the rank-averaged metrics of each logged
-    step and each validation (a sweep reports them to Ray Tune from there).
+    ``flag`` is the installed preemption flag. ``on_log(step, metrics)`` is called on every rank
+    with the rank-averaged metrics of each logged step and each validation (a sweep reports them
+    to Ray Tune from there).
     """
     def log(step: int, values: dict[str, float]) -> None:
         logger.log(step, values)
         if on_log is not None:
             on_log(step, values)
 
-    train_cfg = loop.train
-    flag = PreemptionFlag().install()
+    cfg = loop.train
     batches = iter(loader)
     started, first_step = time.perf_counter(), state.step
-    try:
-        while state.step < train_cfg.max_steps:
-            if all_reduce_max(flag.received is not None, dist.device) > 0:
-                return _preempt(stage, state, loop, dist, loader)
-            metrics, bad = _run_update(stage, batches, state, loop, dist)
-            state.step += 1
-            state.bad_in_a_row = state.bad_in_a_row + 1 if bad else 0
-            state.skipped_steps += int(bad)
-            if state.bad_in_a_row >= train_cfg.max_bad_steps:
-                raise NonFiniteLossError(f"non-finite loss in {state.bad_in_a_row} updates in a row (up to step "
-                                         f"{state.step}); train.max_bad_steps={train_cfg.max_bad_steps}")
-            if not bad:
-                stage.after_update(state.step)
-            if state.step % train_cfg.log_every == 0 or state.step == train_cfg.max_steps:
-                values = all_reduce_mean(metrics, dist.device)
-                elapsed = time.perf_counter() - started
-                values.update(lr=lr_at(state.step - 1, train_cfg), skipped_steps=state.skipped_steps,
-                              steps_per_s=(state.step - first_step) / max(elapsed, 1e-9))
-                if dist.device.type == "cuda":
-                    values["gpu_max_memory_gb"] = torch.cuda.max_memory_allocated(dist.device) / 2**30
-                log(state.step, values)
-                print0(f"{loop.stage_name} step {state.step}/{train_cfg.max_steps}: {stage.headline} "
-                       f"{values.get(stage.headline, float('nan')):.4g}, {values['steps_per_s']:.2f} steps/s")
-            if stage.validate and train_cfg.val_every and state.step % train_cfg.val_every == 0:
-                log(state.step, stage.validate(state.step))
-            if state.step % train_cfg.ckpt_every == 0 or state.step == train_cfg.max_steps:
-                save_checkpoint(stage, state, loop, dist, loader)
-        print0(f"{loop.stage_name}: finished at step {state.step} ({state.skipped_steps} skipped updates)")
-        return 0
-    finally:
-        flag.uninstall()
+    while state.step < cfg.max_steps:
+        if all_reduce_max(flag.received is not None, dist.device) > 0:  # every rank stops together
+            return _preempt(stage, state, loop, dist, loader)
+        metrics, bad = _run_update(stage, batches, state, loop, dist)
+        state.step += 1
+        state.bad_in_a_row = state.bad_in_a_row + 1 if bad else 0
+        state.skipped_steps += int(bad)
+        if state.bad_in_a_row >= cfg.max_bad_steps:
+            raise NonFiniteLossError(f"non-finite loss in {state.bad_in_a_row} updates in a row (up to step "
+                                     f"{state.step}); train.max_bad_steps={cfg.max_bad_steps}")
+        if not bad:
+            stage.after_update(state.step)
+        if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+            rate = (state.step - first_step) / max(time.perf_counter() - started, 1e-9)
+            _log_update(stage, metrics, state, loop, dist, log, rate)
+        if stage.validate and cfg.val_every and state.step % cfg.val_every == 0:
+            log(state.step, stage.validate(state.step))
+        if state.step % cfg.ckpt_every == 0 or state.step == cfg.max_steps:
+            save_checkpoint(stage, state, loop, dist, loader)
+    print0(f"{loop.stage_name}: finished at step {state.step} ({state.skipped_steps} skipped updates)")
+    return 0
 
 
 def _preempt(stage: Stage, state: RunState, loop: LoopConfig, dist: DistInfo, loader: Any) -> int:

@@ -23,6 +23,7 @@ from radiodiff.train import checkpoint
 from radiodiff.train.dist import DistInfo, print0, setup, teardown
 from radiodiff.train.logger import NullLogger, RunLogger, new_run_id
 from radiodiff.train.loop import LoopConfig, NonFiniteLossError, OnLog, RunState, Stage, train
+from radiodiff.train.preemption import PreemptionFlag
 from radiodiff.train.stages import build_ldm_stage, build_vae_stage
 
 TrainConfigs = TrainVaeConfig | TrainLdmConfig
@@ -64,6 +65,7 @@ def resume(stage: Stage, cfg: TrainConfigs, dist: DistInfo, folder: Path | None)
 
 def run_training(cfg: TrainConfigs, build_stage: Callable[..., Stage], name: str, on_log: OnLog | None = None) -> int:
     """Train one stage in this process (one rank); returns the exit code. ``on_log``: see ``loop.train``."""
+    flag = PreemptionFlag().install()  # from the start: a signal during set-up is not lost
     dist = setup()
     try:
         run_dir = Path(cfg.run_dir)
@@ -82,7 +84,7 @@ def run_training(cfg: TrainConfigs, build_stage: Callable[..., Stage], name: str
         print0(f"{name}: {dist.world_size} rank(s) on {dist.device}, ZeRO {cfg.deepspeed.zero_stage}, "
                f"{cfg.deepspeed.precision}, steps {state.step} -> {cfg.train.max_steps}, run {run_dir}")
         try:
-            return train(stage, loader, state, loop, dist, logger, on_log)
+            return train(stage, loader, state, loop, dist, logger, flag, on_log)
         finally:
             logger.close()
     except NonFiniteLossError as err:
@@ -90,6 +92,7 @@ def run_training(cfg: TrainConfigs, build_stage: Callable[..., Stage], name: str
         return 1
     finally:
         teardown()
+        flag.uninstall()
 
 
 def train_vae_command(cfg: TrainVaeConfig) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 from types import FrameType
 
 EXIT_PREEMPTED = 75
@@ -26,6 +27,10 @@ class PreemptionFlag:
         self.received = signum
 
     def install(self) -> "PreemptionFlag":
+        """Handle the signals (only the main thread can: a run inside a Ray trial's thread is
+        stopped by Ray instead, and resumes from its run directory when retried)."""
+        if threading.current_thread() is not threading.main_thread():
+            return self
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self

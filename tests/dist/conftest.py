@@ -9,7 +9,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 
 BIN = Path(sys.executable).parent
 # Tiny, fast, deterministic: 64 px maps, no data-loader workers, metrics every step, no wandb.
@@ -29,18 +28,6 @@ class Run:
 
     def losses(self, key: str) -> dict[int, float]:
         return {m["step"]: m[key] for m in self.metrics() if key in m}
-
-
-@pytest.fixture(scope="session")
-def train_shards(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Shards of the session's synthetic RadioMapSeer, written by the real Ray sharder."""
-    from pipeline.shard import run_shard
-    from radiodiff.config import DataConfig, RayConfig, ShardConfig
-
-    out = tmp_path_factory.mktemp("train-shards")
-    run_shard(ShardConfig(data=DataConfig(root=str(synth_root)), out=str(out), min_shards_per_split=4,
-                          ray=RayConfig(num_cpus=2)))
-    return out
 
 
 def command(stage: str, nproc: int) -> list[str]:

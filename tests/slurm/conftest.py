@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist.conftest import train_shards  # noqa: F401  (a fixture: the tests here reuse its shards)
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -15,13 +15,13 @@ from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from radiodiff.eval.main import evaluate_main, sample_main
-from tests.dist.conftest import BIN, environment, train, train_shards  # noqa: F401 (fixture)
+from tests.dist.conftest import BIN, environment, train
 
 METRICS = ("psnr", "ssim", "nmse", "rmse", "rmse_db")
 
 
 @pytest.fixture(scope="module")
-def runs(train_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:  # noqa: F811
+def runs(train_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval-runs")
     steps = ["train.max_steps=3", "train.ckpt_every=3"]
     vae = train("vae", root / "vae", train_shards, *steps, nproc=1)

@@ -13,7 +13,6 @@ from omegaconf import OmegaConf
 from radiodiff.cli import compose, run_app, split_config_file
 from radiodiff.config import ConfigError, TrainVaeConfig, TuneSweepConfig
 from pipeline.tune import check_search_available, tune_command
-from tests.dist.conftest import train_shards  # noqa: F401  (a fixture: real shards by the Ray sharder)
 
 TINY = ["model=tiny", "data.num_workers=0", "perceptual.pretrained=false", "wandb.enabled=false",
         "train.val_batches=1", "tune.cpus_per_trial=1", "ray.num_cpus=2"]
@@ -36,7 +35,7 @@ def quiet_threads(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def grid_sweep(ray_local, train_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:  # noqa: F811
+def grid_sweep(ray_local, train_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     out_dir = tmp_path_factory.mktemp("tune-grid")
     code = sweep(out_dir, train_shards, "tune.disc_start=[0,2]", "tune.kl_weight=[1e-6,1e-2]",
                  "train.max_steps=3", "train.val_every=3")
@@ -86,7 +85,7 @@ def test_best_yaml_composes_as_a_train_vae_config(grid_sweep: tuple[Path, int], 
     assert cfg.model.autoencoder.ch == 32 and cfg.data.image_size == 64  # the tiny preset, in full
 
 
-def test_failed_trials_are_reported_and_fail_the_sweep(ray_local, train_shards: Path, tmp_path: Path,  # noqa: F811
+def test_failed_trials_are_reported_and_fail_the_sweep(ray_local, train_shards: Path, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture) -> None:
     code = sweep(tmp_path, train_shards, "tune.disc_start=[0]", "tune.kl_weight=[1e-6]", "train.max_steps=2",
                  "train.nan_steps=[1]", "train.max_bad_steps=1")
@@ -99,7 +98,7 @@ def test_failed_trials_are_reported_and_fail_the_sweep(ray_local, train_shards: 
     assert not (tmp_path / "best.yaml").exists()
 
 
-def test_multi_worker_trial_trains_on_two_ranks(ray_local, train_shards: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_multi_worker_trial_trains_on_two_ranks(ray_local, train_shards: Path, tmp_path: Path) -> None:
     code = sweep(tmp_path, train_shards, "tune.disc_start=[1]", "tune.kl_weight=[1e-6]", "train.max_steps=2",
                  "tune.workers_per_trial=2")
     assert code == 0
@@ -125,7 +124,7 @@ def test_optuna_search_names_the_missing_package(monkeypatch: pytest.MonkeyPatch
         check_search_available(TuneSweepConfig(search="optuna"))
 
 
-def test_optuna_search_with_asha_samples_within_the_ranges(ray_local, train_shards: Path,  # noqa: F811
+def test_optuna_search_with_asha_samples_within_the_ranges(ray_local, train_shards: Path,
                                                           tmp_path: Path) -> None:
     pytest.importorskip("optuna")
     code = sweep(tmp_path, train_shards, "tune.search=optuna", "tune.num_samples=2", "tune.scheduler=asha",

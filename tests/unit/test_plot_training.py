@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from radiodiff.eval.figures import FIGURE_NAMES, MetricsFileError, load_run, moving_average, normalize, write_figures
-from tests.dist.conftest import train, train_shards  # noqa: F401  (train_shards: a session fixture used here)
+from tests.dist.conftest import train
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "plot_training.py"
 MIN_SIDE_PX = 400  # the smallest figure is 10 x 5 inches at 110 dpi
@@ -45,7 +45,7 @@ def write_log(run_dir: Path, records: list[dict], config: str | None = None) -> 
 
 
 @pytest.fixture(scope="module")
-def vae_run(train_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+def vae_run(train_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real 4-step stage-1 run: GAN on after 2 updates, validation at steps 2 and 4."""
     run_dir = tmp_path_factory.mktemp("plot") / "vae"
     run = train("vae", run_dir, train_shards, "train.max_steps=4", "loss.disc_start=2", "train.val_every=2",
