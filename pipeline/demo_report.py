@@ -31,7 +31,8 @@ def write_report(out: Path, cfg: DemoConfig, manifest: dict, results: dict[str, 
         f"Synthetic RadioMapSeer: {cfg.synth.num_maps} maps x {cfg.synth.num_tx} transmitters (seed "
         f"{cfg.synth.seed}), sharded with Ray ({manifest['protocol']} protocol; samples {splits}). "
         f"Model preset `{cfg.model}`: VAE-GAN {cfg.vae_steps} steps (discriminator from step {cfg.disc_start}), "
-        f"latent diffusion {cfg.ldm_steps} steps, sampler {cfg.sampler_steps} steps, {cfg.nproc} rank(s).", "",
+        f"latent diffusion {cfg.ldm_steps} steps, sampler {cfg.sampler_steps} steps, learning rate {cfg.lr:g}, "
+        f"{cfg.nproc} rank(s).", "",
         "## Test-split metrics (per image on the [0, 1] gray scale, then averaged)", "",
         *metrics_table(results), "",
         "The baseline predicts the mean training map for every sample: a model that learned something "

@@ -147,10 +147,13 @@ class DemoConfig:
     disc_start: int = 150  # the VAE-GAN's discriminator joins halfway
     ldm_steps: int = 300
     sampler_steps: int = 5
+    # Tiny models learn in minutes at this rate (decaying to a tenth); the reference rates are for
+    # the full-size models trained for days.
+    lr: float = 1e-3
     nproc: int = 1  # training ranks (torchrun when > 1)
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "vae_steps", "ldm_steps", "sampler_steps", "nproc"):
+        for key in ("batch_size", "vae_steps", "ldm_steps", "sampler_steps", "nproc", "lr"):
             check_positive(key, getattr(self, key))
         check_choice("model", self.model, ("tiny", "reference"))
 

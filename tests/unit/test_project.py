@@ -10,7 +10,17 @@ from pathlib import Path
 import pytest
 
 from radiodiff.cli import compose, run_app
-from radiodiff.config import ConfigError, DemoConfig, ShardConfig, SynthConfig
+from radiodiff.config import (
+    ConfigError,
+    DemoConfig,
+    EvalConfig,
+    SampleConfig,
+    ShardConfig,
+    SynthConfig,
+    TrainLdmConfig,
+    TrainVaeConfig,
+    TuneConfig,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = ["radiodiff-synth", "radiodiff-shard", "radiodiff-train-vae", "radiodiff-train-ldm",
@@ -39,9 +49,18 @@ def test_every_console_script_resolves() -> None:
         assert callable(getattr(importlib.import_module(module), name))
 
 
-@pytest.mark.parametrize("name,schema", [("synth", SynthConfig), ("shard", ShardConfig), ("demo", DemoConfig)])
+REQUIRED = {"synth": ["out=/tmp/x"], "shard": ["data.root=/tmp/r", "out=/tmp/s"], "demo": [],
+            "train_vae": ["run_dir=/tmp/r", "data.shards=/tmp/s"],
+            "train_ldm": ["run_dir=/tmp/r", "data.shards=/tmp/s", "vae.checkpoint=/tmp/v"],
+            "tune": ["out_dir=/tmp/o", "data.shards=/tmp/s"], "eval": ["run_dir=/tmp/r", "out_dir=/tmp/o"],
+            "sample": ["run_dir=/tmp/r", "buildings=/tmp/b.png", "antenna=/tmp/a.png", "out=/tmp/o.png"]}
+
+
+@pytest.mark.parametrize("name,schema", [("synth", SynthConfig), ("shard", ShardConfig), ("demo", DemoConfig),
+                                         ("train_vae", TrainVaeConfig), ("train_ldm", TrainLdmConfig),
+                                         ("tune", TuneConfig), ("eval", EvalConfig), ("sample", SampleConfig)])
 def test_configs_compose_to_their_schema(name: str, schema: type) -> None:
-    required = {"synth": ["out=/tmp/x"], "shard": ["data.root=/tmp/r", "out=/tmp/s"], "demo": []}[name]
+    required = REQUIRED[name]
     cfg = compose(name, required)
     assert isinstance(cfg, schema)
 
