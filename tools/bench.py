@@ -7,7 +7,7 @@
 data:  samples/s of the shard reader (radiodiff.data.shards, 2 workers) and of a per-file PNG
        folder loader written the way the RadioUNet loader works (skimage imread of each file per
        sample, /256 scaling, numpy stacking; its DataLoader with 1 worker), on the same synthetic
-       data, alternating, printed as a ratio.
+       data, alternating, in steady state (from the first batch on), printed as a ratio.
 synth: milliseconds per simulated gain map on one core (one thread), per model.
 models: forward+backward ms per image of the stage-1 (VAE-GAN) and stage-2 (LDM) training steps per
        preset, fp32 vs bf16 autocast, channels_last off vs on, with FLOPs; see tools/bench_models.py.
@@ -63,9 +63,13 @@ class FolderLoaderDataset:
 
 
 def time_pass(make_iterable, count) -> float:
-    """Samples per second of one full pass (the iterable is built inside the timing)."""
-    start = time.perf_counter()
-    seen = sum(count(batch) for batch in make_iterable())
+    """Steady-state samples per second of one full pass: the clock starts when the first batch
+    arrives, so worker start-up (paid once by an endless training stream) is left out for both."""
+    iterator = iter(make_iterable())
+    next(iterator)
+    start, seen = time.perf_counter(), 0
+    for batch in iterator:
+        seen += count(batch)
     return seen / (time.perf_counter() - start)
 
 

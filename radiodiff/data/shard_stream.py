@@ -224,7 +224,8 @@ class ShardStream(IterableDataset):
 
     ``start_positions[j]`` is where local slot ``j`` starts and physical worker ``w`` plays local
     slot ``(w + rotation) % slots_per_rank``; the consumer side sets both before each pass.
-    Yields ``schema.decode_members`` dicts plus ``slot`` (global slot id) and ``pos``.
+    Yields ``schema.decode_members(raw=True)`` dicts (uint8 maps, finished per batch by the loader)
+    plus ``slot`` (global slot id) and ``pos``.
     """
 
     def __init__(self, cfg: DataConfig, root: str, plan: SlotPlan, *, rank: int, num_workers: int,
@@ -279,7 +280,7 @@ class ShardStream(IterableDataset):
         for i in self.plan.sample_order(shard, epoch)[skip:]:
             key, spans = index[i]
             members = {kind: data[start:end] for kind, (start, end) in spans.items()}
-            sample = decode_members(members, self.cfg, f"{url}:{key}", map_cache=map_cache)
+            sample = decode_members(members, self.cfg, f"{url}:{key}", map_cache=map_cache, raw=True)
             if sample["key"] != key:
                 raise DataFormatError(f"{url}: sample {key} has a JSON record for {sample['key']}")
             yield sample

@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from radiodiff.config import ConfigError, DataConfig
+from radiodiff.data.schema import to_values
 from radiodiff.data.shard_stream import (
     ShardInfo,
     ShardStream,
@@ -208,6 +209,8 @@ class ShardLoader:
             self._next_slot = self._advance_from(self._next_slot)
         for batch in self._data_loader():
             self._record(batch)
+            # Workers send uint8 maps (a quarter of the bytes); the values are made here, per batch.
+            batch["cond"], batch["target"] = to_values(batch.pop("cond_u8"), batch.pop("target_u8"), self.cfg)
             yield batch
         self._reset()
 
