@@ -78,7 +78,19 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, ds: DeepSpeedConfig
     params = [p for p in model.parameters() if p.requires_grad]
     config = deepspeed_config(train, ds, world_size=world_size, load_universal=load_universal)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=config)
+    if ds.precision == "bf16":
+        _buffers_to_bf16(engine.module)
     return engine
+
+
+def _buffers_to_bf16(module: torch.nn.Module) -> None:
+    """DeepSpeed's bf16 mode casts parameters only; floating buffers (BatchNorm's running
+    statistics) must follow, or normalisation layers fail on mixed dtypes. Parameters are left
+    alone: they are views into DeepSpeed's flat buffers."""
+    for submodule in module.modules():
+        for name, buffer in submodule._buffers.items():
+            if buffer is not None and buffer.is_floating_point():
+                submodule._buffers[name] = buffer.to(torch.bfloat16)
 
 
 def set_lr(engine, lr: float) -> None:
