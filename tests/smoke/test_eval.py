@@ -11,12 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from radiodiff.eval.main import evaluate_main, sample_main
 from tests.dist.conftest import BIN, environment, train
 
+REPO = Path(__file__).resolve().parents[2]
 METRICS = ("psnr", "ssim", "nmse", "rmse", "rmse_db")
 
 
@@ -173,3 +175,24 @@ def test_sample_rejects_a_wrong_size_png_naming_it(runs, synth_root: Path, tmp_p
     err = capsys.readouterr().err
     assert code == 2 and str(bad) in err and "128x128" in err
     assert not (tmp_path / "out.png").exists()
+
+
+def test_export_checkpoint_gives_strict_loadable_weights(runs: dict[str, Path], tmp_path: Path) -> None:
+    import importlib.util
+
+    from radiodiff.config import AutoencoderConfig, ConditionEncoderConfig, UNetConfig
+    from radiodiff.models.autoencoder import AutoencoderKL
+    from radiodiff.models.unet import build_unet
+
+    spec = importlib.util.spec_from_file_location("export_checkpoint", REPO / "tools" / "export_checkpoint.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main([str(runs["vae"]), str(tmp_path / "vae.pt")]) == 0
+    vae = torch.load(tmp_path / "vae.pt", weights_only=True)
+    AutoencoderKL(AutoencoderConfig(**vae["autoencoder_config"])).load_state_dict(vae["autoencoder"], strict=True)
+    assert tool.main([str(runs["ldm"]), str(tmp_path / "ldm.pt")]) == 0
+    ldm = torch.load(tmp_path / "ldm.pt", weights_only=True)
+    unet = build_unet(UNetConfig(**ldm["unet_config"]), ConditionEncoderConfig(**ldm["condition_config"]))
+    unet.load_state_dict(ldm["unet"], strict=True)
+    assert ldm["ema"] is True and ldm["step"] == vae["step"] == 3
+    assert tool.main([str(tmp_path / "missing"), str(tmp_path / "x.pt")]) == 2

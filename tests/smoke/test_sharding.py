@@ -148,3 +148,20 @@ def test_cli_shards_and_rejects_bad_config(synth_root: Path, tmp_path: Path) -> 
         capture_output=True, text=True, timeout=120,
     )
     assert bad.returncode == 2 and "on_error='ignore' is not valid" in bad.stderr
+
+
+def test_inspect_shards_verifies_and_finds_a_corrupt_shard(sharded: Path, tmp_path: Path, capsys) -> None:
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.spec_from_file_location("inspect_shards", Path(__file__).parents[2] / "tools" / "inspect_shards.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main([str(sharded), "--verify", "--show", "2"]) == 0
+    assert "all shards verified" in capsys.readouterr().out
+    copy = Path(shutil.copytree(sharded, tmp_path / "copy"))
+    victim = copy / read_manifest(copy)["splits"]["val"]["shards"][0]["path"]
+    victim.write_bytes(victim.read_bytes()[:-1024])
+    assert tool.main([str(copy), "--verify"]) == 1
+    assert "1 problem(s) found" in capsys.readouterr().out
+    assert tool.main([str(tmp_path / "nothing")]) == 2

@@ -1,0 +1,76 @@
+"""Summarise a shard set and verify it against its manifest.
+
+    python tools/inspect_shards.py <shard root or URL> [--verify] [--show N]
+
+Prints the manifest's protocol and settings, per split the maps, samples, shards and bytes, and
+the skipped source files. With --verify every shard is read and checked: size, sha256, sample count
+and member types (the same checks the training reader makes). --show N lists the first N sample
+keys of each split. Exit code 1 when verification finds a problem, 2 for an unreadable root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from radiodiff.data.schema import DataFormatError
+from radiodiff.data.shard_stream import fetch_shard, index_tar, join_url, read_manifest, split_shards
+
+
+def summary(manifest: dict) -> list[str]:
+    lines = [f"protocol {manifest['protocol']} (split seed {manifest['split_seed']}), simulation "
+             f"{manifest['simulation']}, buildings {manifest['buildings']}, cars {manifest['cars']}, "
+             f"source {manifest['source_root']}"]
+    for split, entry in manifest["splits"].items():
+        size = sum(s["bytes"] for s in entry["shards"]) / 1e6
+        lines.append(f"  {split:5s} {len(entry['maps']):4d} maps {entry['num_samples']:7d} samples "
+                     f"{len(entry['shards']):4d} shards {size:10.1f} MB")
+    if manifest["skipped"]:
+        lines.append(f"  skipped {len(manifest['skipped'])} bad source files:")
+        lines += [f"    {bad['path']}: {bad['error']}" for bad in manifest["skipped"]]
+    return lines
+
+
+def verify(root: str, manifest: dict, show: int) -> int:
+    """Read every shard; returns the number of problems found (each is printed)."""
+    problems = 0
+    for split in manifest["splits"]:
+        keys: list[str] = []
+        for shard in split_shards(manifest, split, root):
+            try:
+                samples = index_tar(fetch_shard(root, shard, verify=True), join_url(root, shard.path))
+                if len(samples) != shard.num_samples:
+                    raise DataFormatError(f"{shard.path}: {len(samples)} samples, manifest says {shard.num_samples}")
+                keys += [key for key, _ in samples]
+            except DataFormatError as err:
+                problems += 1
+                print(f"  BAD {err}")
+        duplicates = len(keys) - len(set(keys))
+        if duplicates:
+            problems += 1
+            print(f"  BAD {split}: {duplicates} duplicate sample keys")
+        print(f"  {split}: {len(keys)} samples verified" + (f"; first: {', '.join(keys[:show])}" if show else ""))
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root")
+    parser.add_argument("--verify", action="store_true")
+    parser.add_argument("--show", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        manifest = read_manifest(args.root)
+    except DataFormatError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(summary(manifest)))
+    if not (args.verify or args.show):
+        return 0
+    problems = verify(args.root, manifest, args.show)
+    print("all shards verified" if not problems else f"{problems} problem(s) found")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
