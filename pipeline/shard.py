@@ -30,6 +30,7 @@ from radiodiff.data.shard_format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    manifest_summary,
     plan_digest,
     sha256,
     shard_path,
@@ -217,14 +218,7 @@ def run_shard(cfg: ShardConfig) -> dict:
 
 
 def summarize(manifest: dict, seconds: float) -> str:
-    lines = [f"wrote shard set {manifest['protocol']} / {manifest['simulation']} in {seconds:.1f} s:"]
-    for split, entry in manifest["splits"].items():
-        size = sum(s["bytes"] for s in entry["shards"]) / 1e6
-        lines.append(f"  {split}: {entry['num_samples']} samples from {len(entry['maps'])} maps "
-                     f"in {len(entry['shards'])} shards ({size:.1f} MB)")
-    if manifest["skipped"]:
-        lines.append(f"  skipped {len(manifest['skipped'])} bad files (listed in manifest.json)")
-    return "\n".join(lines)
+    return "\n".join([f"wrote the shard set in {seconds:.1f} s:", *manifest_summary(manifest)])
 
 
 def shard_command(cfg: ShardConfig) -> int:

@@ -14,21 +14,8 @@ import argparse
 import sys
 
 from radiodiff.data.schema import DataFormatError
+from radiodiff.data.shard_format import manifest_summary
 from radiodiff.data.shard_stream import fetch_shard, index_tar, join_url, read_manifest, split_shards
-
-
-def summary(manifest: dict) -> list[str]:
-    lines = [f"protocol {manifest['protocol']} (split seed {manifest['split_seed']}), simulation "
-             f"{manifest['simulation']}, buildings {manifest['buildings']}, cars {manifest['cars']}, "
-             f"source {manifest['source_root']}"]
-    for split, entry in manifest["splits"].items():
-        size = sum(s["bytes"] for s in entry["shards"]) / 1e6
-        lines.append(f"  {split:5s} {len(entry['maps']):4d} maps {entry['num_samples']:7d} samples "
-                     f"{len(entry['shards']):4d} shards {size:10.1f} MB")
-    if manifest["skipped"]:
-        lines.append(f"  skipped {len(manifest['skipped'])} bad source files:")
-        lines += [f"    {bad['path']}: {bad['error']}" for bad in manifest["skipped"]]
-    return lines
 
 
 def verify(root: str, manifest: dict, show: int) -> int:
@@ -64,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     except DataFormatError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print("\n".join(summary(manifest)))
+    print("\n".join(manifest_summary(manifest)))
     if not (args.verify or args.show):
         return 0
     problems = verify(args.root, manifest, args.show)
