@@ -13,7 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from radiodiff.eval.figures import MetricsFileError, write_figures
+from radiodiff.eval.figures import write_figures
+from radiodiff.eval.run_log import MetricsFileError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from radiodiff.eval.figures import FIGURE_NAMES, MetricsFileError, load_run, moving_average, normalize, write_figures
+from radiodiff.eval.figures import FIGURE_NAMES, write_figures
+from radiodiff.eval.run_log import MetricsFileError, load_run, moving_average, normalize
 from tests.dist.conftest import train
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "plot_training.py"
