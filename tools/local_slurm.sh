@@ -72,15 +72,17 @@ start() {
 }
 
 stop() {
+  # The daemons remove their own pid files as they exit: read each once, tolerate its absence.
+  pids=()
   for pidfile in "$dir"/run/slurmd-*.pid "$dir/run/slurmctld.pid"; do
-    [ -f "$pidfile" ] || continue
-    kill "$(cat "$pidfile")" 2>/dev/null || true
+    pid=$(cat "$pidfile" 2>/dev/null) || continue
+    pids+=("$pid")
+    kill "$pid" 2>/dev/null || true
   done
-  for pidfile in "$dir"/run/*.pid; do
-    [ -f "$pidfile" ] || continue
-    for _ in $(seq 1 20); do kill -0 "$(cat "$pidfile")" 2>/dev/null || break; sleep 0.5; done
-    rm -f "$pidfile"
+  for pid in "${pids[@]}"; do
+    for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
   done
+  rm -f "$dir"/run/*.pid
   echo "local Slurm stopped"
 }
 
