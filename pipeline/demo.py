@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from radiodiff.config import DemoConfig
+from radiodiff.launch import console_command
 
 STAGES = 8
 
@@ -45,11 +45,8 @@ def reader_pass(cfg: DemoConfig) -> dict[str, int]:
 
 def run_command(script: str, args: list[str], nproc: int = 1) -> None:
     """Run a console script of this environment (under torchrun when nproc > 1); fail loudly."""
-    path = str(Path(sys.executable).parent / script)
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     print(f"  $ {script} {' '.join(args)}", flush=True)
-    done = subprocess.run([*launcher, path, *args])
+    done = subprocess.run([*console_command(script, nproc), *args])
     if done.returncode != 0:
         raise RuntimeError(f"{script} failed with exit code {done.returncode}")
 

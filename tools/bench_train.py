@@ -20,14 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-BIN = Path(sys.executable).parent
+from radiodiff.launch import console_command
 
-
-def _command(stage: str, nproc: int) -> list[str]:
-    script = str(BIN / f"radiodiff-train-{stage}")
-    if nproc == 1:
-        return [sys.executable, script]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
 
 
 def run_case(stage: str, run_dir: Path, shards: Path, args: argparse.Namespace, extra: list[str]) -> list[dict]:
@@ -38,7 +32,7 @@ def run_case(stage: str, run_dir: Path, shards: Path, args: argparse.Namespace, 
         overrides.append("perceptual.pretrained=false")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2)
                                                                                     // args.nproc)))}
-    done = subprocess.run(_command(stage, args.nproc) + overrides, capture_output=True, text=True, env=env)
+    done = subprocess.run(console_command(f"radiodiff-train-{stage}", args.nproc) + overrides, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{stage} run failed:\n{done.stderr[-3000:]}")
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -9,6 +9,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from radiodiff.launch import console_command
+
 
 BIN = Path(sys.executable).parent
 # Tiny, fast, deterministic: 64 px maps, no data-loader workers, metrics every step, no wandb.
@@ -30,13 +32,6 @@ class Run:
         return {m["step"]: m[key] for m in self.metrics() if key in m}
 
 
-def command(stage: str, nproc: int) -> list[str]:
-    script = str(BIN / f"radiodiff-train-{stage}")
-    if nproc == 1:
-        return [sys.executable, script]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
-
-
 def environment() -> dict[str, str]:
     return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
             "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
@@ -45,7 +40,7 @@ def environment() -> dict[str, str]:
 def train(stage: str, run_dir: Path, shards: Path, *overrides: str, nproc: int = 2, timeout_s: int = 600) -> Run:
     """Run radiodiff-train-{stage} to completion and return its exit code, output and run dir."""
     args = [f"run_dir={run_dir}", f"data.shards={shards}", *TINY, *STAGE_TINY[stage], *overrides]
-    done = subprocess.run(command(stage, nproc) + args, capture_output=True, text=True, timeout=timeout_s,
+    done = subprocess.run(console_command(f"radiodiff-train-{stage}", nproc) + args, capture_output=True, text=True, timeout=timeout_s,
                           env=environment())
     return Run(done.returncode, done.stdout + done.stderr, run_dir)
 
@@ -53,5 +48,5 @@ def train(stage: str, run_dir: Path, shards: Path, *overrides: str, nproc: int =
 def start(stage: str, run_dir: Path, shards: Path, *overrides: str, nproc: int = 2) -> subprocess.Popen:
     """Start a training run in its own process group (so that a test can signal or kill all of it)."""
     args = [f"run_dir={run_dir}", f"data.shards={shards}", *TINY, *STAGE_TINY[stage], *overrides]
-    return subprocess.Popen(command(stage, nproc) + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    return subprocess.Popen(console_command(f"radiodiff-train-{stage}", nproc) + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=environment(), start_new_session=True)

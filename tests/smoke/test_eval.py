@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,8 @@ from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from radiodiff.eval.main import evaluate_main, sample_main
-from tests.dist.conftest import BIN, environment, train
+from radiodiff.launch import console_command
+from tests.dist.conftest import environment, train
 
 REPO = Path(__file__).resolve().parents[2]
 METRICS = ("psnr", "ssim", "nmse", "rmse", "rmse_db")
@@ -35,10 +35,7 @@ def runs(train_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
 
 
 def run_eval(run_dir: Path, shards: Path, out_dir: Path, *overrides: str, nproc: int = 1) -> dict:
-    script = str(BIN / "radiodiff-eval")
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    done = subprocess.run([*launcher, script, f"run_dir={run_dir}", f"data.shards={shards}", f"out_dir={out_dir}",
+    done = subprocess.run([*console_command("radiodiff-eval", nproc), f"run_dir={run_dir}", f"data.shards={shards}", f"out_dir={out_dir}",
                            *overrides], capture_output=True, text=True, timeout=300, env=environment())
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     return json.loads((out_dir / "metrics.json").read_text())
