@@ -96,17 +96,20 @@ def plan_shards(source: RadioMapSeer, cfg: ShardConfig, previous: dict | None) -
 
 
 def _read_sample(source: RadioMapSeer, key: str, split: str) -> tuple[dict[str, bytes] | None, list[dict]]:
-    """Members of one sample, or the list of its bad files."""
+    """Members of one sample (each file read and checked once), or the list of its bad files."""
     sample = SampleId.from_key(key)
+    paths = source.paths(sample)
+    members: dict[str, bytes] = {}
     bad = []
-    for member, path in source.paths(sample).items():
+    for member, path in paths.items():
         try:
-            decode_png(path.read_bytes(), str(path))
+            members[member] = path.read_bytes()
+            image = decode_png(members[member], str(path))
+            if member == "tx.png":  # the record holds the transmitter position read from it
+                members["json"] = source.record(sample, split, image)
         except (OSError, DataFormatError) as err:
             bad.append({"key": key, "path": str(path), "error": str(err)})
-    if bad:
-        return None, bad
-    return source.read_members(sample, split), []
+    return (None if bad else members), bad
 
 
 def build_shard(task: ShardTask, cfg: ShardConfig, process_local: bool) -> ShardResult:

@@ -204,17 +204,21 @@ class RadioMapSeer:
             shown = "\n  ".join(sorted(set(missing))[:10])
             raise DataFormatError(f"{len(set(missing))} RadioMapSeer files are missing, e.g.:\n  {shown}")
 
-    def read_members(self, sample: SampleId, split: str) -> dict[str, bytes]:
-        """The raw members of a sample, as a shard stores them: source PNG bytes and a JSON record."""
-        members = {name: path.read_bytes() for name, path in self.paths(sample).items()}
-        tx_map = decode_png(members["tx.png"], str(self.paths(sample)["tx.png"]))
+    def record(self, sample: SampleId, split: str, tx_map: np.ndarray) -> bytes:
+        """The sample's JSON member; the transmitter position is read from its decoded antenna map."""
         row, col = (int(v) for v in np.unravel_index(int(np.argmax(tx_map)), tx_map.shape))
         if tx_map[row, col] != 255:
             raise DataFormatError(f"{self.paths(sample)['tx.png']}: no transmitter pixel (255) found")
-        members["json"] = encode_json({
+        return encode_json({
             "map": sample.map, "tx": sample.tx, "split": split, "simulation": self.cfg.simulation,
             "buildings": self.cfg.buildings, "tx_row": row, "tx_col": col,
         })
+
+    def read_members(self, sample: SampleId, split: str) -> dict[str, bytes]:
+        """The raw members of a sample, as a shard stores them: source PNG bytes and a JSON record."""
+        paths = self.paths(sample)
+        members = {name: path.read_bytes() for name, path in paths.items()}
+        members["json"] = self.record(sample, split, decode_png(members["tx.png"], str(paths["tx.png"])))
         return members
 
 
