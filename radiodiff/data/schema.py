@@ -201,10 +201,10 @@ def decode_members(
         arrays[name] = decode_png(data, where[name])
         if cached:
             map_cache[data] = arrays[name]
-    cond, target = stack_maps(arrays["buildings.png"], arrays["tx.png"], arrays["gain.png"],
-                              arrays.get("cars.png"), cfg)
+    maps = (arrays["buildings.png"], arrays["tx.png"], arrays["gain.png"], arrays.get("cars.png"))
     sample = {"key": f"{record['map']}_{record['tx']}", "map": int(record["map"]), "tx": int(record["tx"])}
     if raw:
+        cond, target = stack_maps(*maps, cfg)
         return {**sample, "cond_u8": torch.from_numpy(cond), "target_u8": torch.from_numpy(target)}
-    cond_values, target_values = to_values(torch.from_numpy(cond)[None], torch.from_numpy(target)[None], cfg)
-    return {**sample, "cond": cond_values[0], "target": target_values[0]}
+    cond, target = to_tensors(*maps, cfg)
+    return {**sample, "cond": cond, "target": target}
