@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from omegaconf import OmegaConf
 
 from radiodiff.config import ConfigError, DataConfig, TrainLdmConfig, TrainVaeConfig
 from radiodiff.models.autoencoder import AutoencoderKL
 from radiodiff.models.unet import build_unet
 from radiodiff.train import checkpoint
 from radiodiff.train.ema import EMA
-from radiodiff.train.stages import AUTOENCODER_WEIGHTS, load_frozen_vae
+from radiodiff.train.stages import load_frozen_vae
 
 UNET_WEIGHTS = Path("unet") / "mp_rank_00_model_states.pt"  # DeepSpeed's model file of engine "unet"
 # Data options the trained model depends on: evaluating with other values would feed it other inputs.
@@ -52,9 +51,6 @@ def open_run(run_dir: str | Path) -> TrainedRun:
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run_dir={run_dir}: no such directory")
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"run_dir={run_dir}: {config_path} is missing (not a training run directory)")
     steps = checkpoint.committed_steps(run_dir)
     if not steps:
         raise FileNotFoundError(f"run_dir={run_dir}: no committed checkpoint under {run_dir / checkpoint.CHECKPOINTS}")
@@ -66,8 +62,7 @@ def open_run(run_dir: str | Path) -> TrainedRun:
         raise ValueError(f"{folder / 'meta.json'}: unknown stage {stage!r}; expected 'vae' or 'ldm'")
     if int(meta.get("zero_stage", 0)) > 2:
         raise ValueError(f"{folder}: saved at ZeRO stage {meta['zero_stage']}; evaluation reads ZeRO 0-2 checkpoints")
-    merged = OmegaConf.merge(OmegaConf.structured(schemas[stage]), OmegaConf.load(config_path))
-    return TrainedRun(run_dir, stage, step, folder, OmegaConf.to_object(merged))
+    return TrainedRun(run_dir, stage, step, folder, checkpoint.read_run_config(run_dir, schemas[stage]))
 
 
 def merge_data(run_data: DataConfig, given: DataConfig, keys: set[str]) -> DataConfig:
@@ -106,12 +101,7 @@ def _load_unet(run: TrainedRun, device: torch.device, use_ema: Optional[bool]) -
 def load_models(run: TrainedRun, device: torch.device, *, use_ema: Optional[bool] = None) -> LoadedModels:
     """The run's models in eval mode on ``device``: the autoencoder, plus the U-Net for an LDM run."""
     if run.stage == "vae":
-        weights = run.checkpoint / f"{AUTOENCODER_WEIGHTS}.pt"
-        if not weights.is_file():
-            raise FileNotFoundError(f"{run.checkpoint}: the autoencoder weights {weights} are missing")
-        vae = AutoencoderKL(run.config.model.autoencoder)
-        vae.load_state_dict(checkpoint.load_extra(run.checkpoint, AUTOENCODER_WEIGHTS), strict=True)
-        return LoadedModels(vae.requires_grad_(False).eval().to(device))
+        return LoadedModels(load_frozen_vae(str(run.checkpoint), device)[0])
     cfg = run.config
     vae, vae_cfg, _ = load_frozen_vae(cfg.vae.checkpoint, device)
     unet, ema = _load_unet(run, device, use_ema)

@@ -137,6 +137,16 @@ def find_resume(run_dir: Path) -> Path | None:
     return broadcast_object(steps[-1][1] if steps else None)
 
 
+def read_run_config(run_dir: Path, schema: type) -> Any:
+    """A run directory's resolved ``config.yaml`` as its schema dataclass (validated)."""
+    from omegaconf import OmegaConf
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {run_dir} is not a training run directory")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(path)))
+
+
 def read_meta(folder: Path) -> dict:
     return json.loads((folder / "meta.json").read_text())
 

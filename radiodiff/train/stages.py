@@ -6,7 +6,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from radiodiff.config import AutoencoderConfig, ConfigError, TrainLdmConfig, TrainVaeConfig
 from radiodiff.data.shards import ShardLoader
@@ -96,15 +95,11 @@ def load_frozen_vae(path: str, device: torch.device) -> tuple[AutoencoderKL, Aut
     from radiodiff.config import TrainVaeConfig
 
     folder = checkpoint.resolve_checkpoint(path)
-    run_config = folder.parent.parent / "config.yaml"
-    if not run_config.is_file():
-        raise FileNotFoundError(f"vae.checkpoint={path}: the VAE run's config {run_config} is missing")
-    schema = OmegaConf.structured(TrainVaeConfig)
-    vae_cfg = OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(run_config)))
+    vae_cfg = checkpoint.read_run_config(folder.parent.parent, TrainVaeConfig)
     autoencoder = AutoencoderKL(vae_cfg.model.autoencoder)
     weights = folder / f"{AUTOENCODER_WEIGHTS}.pt"
     if not weights.is_file():
-        raise FileNotFoundError(f"vae.checkpoint={path}: {weights} is missing")
+        raise FileNotFoundError(f"{path}: the autoencoder weights {weights} are missing")
     autoencoder.load_state_dict(checkpoint.load_extra(folder, AUTOENCODER_WEIGHTS), strict=True)
     autoencoder.requires_grad_(False).eval().to(device)
     return autoencoder, vae_cfg.model.autoencoder, folder
