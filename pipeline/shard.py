@@ -26,16 +26,8 @@ import numpy as np
 from radiodiff.config import SPLITS, ShardConfig
 from radiodiff.data.radiomapseer import RadioMapSeer
 from radiodiff.data.schema import DataFormatError, SampleId, decode_png
-from radiodiff.data.shard_format import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    MANIFEST_NAME,
-    manifest_summary,
-    plan_digest,
-    sha256,
-    shard_path,
-    write_tar,
-)
+from radiodiff.data.manifest import MANIFEST_NAME, build_manifest, manifest_summary, plan_digest
+from radiodiff.data.shard_format import sha256, shard_path, write_tar
 
 # Filesystems that live inside one process: Ray workers cannot see the driver's, so tasks hand
 # their tar bytes back and the driver writes them.
@@ -178,16 +170,11 @@ def run_tasks(tasks: list[ShardTask], cfg: ShardConfig, process_local: bool) -> 
     return results  # type: ignore[return-value]
 
 
-def build_manifest(cfg: ShardConfig, source: RadioMapSeer, results: list[ShardResult]) -> dict:
-    splits: dict[str, dict] = {}
-    for r in results:
-        entry = splits.setdefault(r.split, {"num_samples": 0, "maps": source.splits[r.split], "shards": []})
-        entry["num_samples"] += r.num_samples
-        entry["shards"].append({"path": r.path, "num_samples": r.num_samples, "bytes": r.bytes,
-                                "sha256": r.sha256, "plan": r.plan})
-    return {"format": FORMAT_NAME, "version": FORMAT_VERSION, **source_settings(cfg),
-            "source_root": str(source.layout.root), "order_seed": cfg.order_seed, "splits": splits,
-            "skipped": [bad for r in results for bad in r.bad]}
+def manifest_of(cfg: ShardConfig, source: RadioMapSeer, results: list[ShardResult]) -> dict:
+    entries = [(r.split, {"path": r.path, "num_samples": r.num_samples, "bytes": r.bytes, "sha256": r.sha256,
+                          "plan": r.plan}) for r in results]
+    return build_manifest(source_settings(cfg), source_root=str(source.layout.root), order_seed=cfg.order_seed,
+                          split_maps=source.splits, shards=entries, skipped=[bad for r in results for bad in r.bad])
 
 
 def run_shard(cfg: ShardConfig) -> dict:
@@ -213,7 +200,7 @@ def run_shard(cfg: ShardConfig) -> dict:
             r.data = None
     kept = sum(r.status == "kept" for r in results)
     print(f"shards: {len(results) - kept} written, {kept} kept (checksum matched)")
-    manifest = build_manifest(cfg, source, results)
+    manifest = manifest_of(cfg, source, results)
     write_atomically(fs, manifest_path, json.dumps(manifest, indent=1).encode())
     if fs.exists(previous_path):
         fs.rm(previous_path)

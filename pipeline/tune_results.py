@@ -12,6 +12,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from radiodiff.config import TrainVaeConfig
+from radiodiff.runs.layout import METRICS_FILE
 from pipeline.tune_trial import TrialFailed
 
 RESULTS_NAME = "results.csv"
@@ -46,7 +47,7 @@ def error_message(error: BaseException) -> str:
 
 def last_logged_step(run_dir: Path) -> int:
     """The last step in a run directory's metrics.jsonl (0 if nothing was logged)."""
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_FILE
     if not path.is_file():
         return 0
     steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()]

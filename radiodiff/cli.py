@@ -85,13 +85,3 @@ def run_app(config_name: str, command: Callable[[Any], int | None], argv: list[s
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     return int(code or 0)
-
-
-def not_available(capability: str) -> Callable[[], int]:
-    """A console script whose capability has not landed yet: says so, exits 2."""
-
-    def main() -> int:
-        print(f"error: {capability} is not available in this version yet", file=sys.stderr)
-        return EXIT_USAGE
-
-    return main

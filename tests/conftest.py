@@ -51,10 +51,21 @@ def ray_local():
 @pytest.fixture(scope="session")
 def train_shards(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Shards of the session's synthetic RadioMapSeer, written by the real Ray sharder."""
-    from pipeline.shard import run_shard
-    from radiodiff.config import DataConfig, RayConfig, ShardConfig
+    from pipeline.synthetic_shards import shard_folder
 
-    out = tmp_path_factory.mktemp("train-shards")
-    run_shard(ShardConfig(data=DataConfig(root=str(synth_root)), out=str(out), min_shards_per_split=4,
-                          ray=RayConfig(num_cpus=2)))
-    return out
+    return shard_folder(synth_root, tmp_path_factory.mktemp("train-shards"))
+
+
+@pytest.fixture(scope="session")
+def world_of_one():
+    """A real one-process group, once per session: DeepSpeed keeps its group for the process's life."""
+    from radiodiff import dist
+
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    saved = {key: os.environ.pop(key) for key in keys if key in os.environ}
+    info = dist.setup()  # sets the keys for a world of one
+    yield info
+    dist.teardown()
+    for key in keys:  # later tests start their own processes from this environment
+        os.environ.pop(key, None)
+    os.environ.update(saved)

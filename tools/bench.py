@@ -28,19 +28,6 @@ from pathlib import Path
 import numpy as np
 
 
-def make_dataset(workdir: Path, maps: int, tx: int) -> tuple[Path, Path]:
-    """A synthetic RadioMapSeer (DPM only) and its shards."""
-    from pipeline.shard import run_shard
-    from radiodiff.config import DataConfig, RayConfig, ShardConfig, SynthConfig
-    from radiodiff.data.synth_main import run_synth
-
-    root, shards = workdir / "radiomapseer", workdir / "shards"
-    run_synth(SynthConfig(out=str(root), num_maps=maps, num_tx=tx, simulations=["DPM"], missing_versions=0))
-    run_shard(ShardConfig(data=DataConfig(root=str(root)), out=str(shards), min_shards_per_split=4,
-                          ray=RayConfig(num_cpus=2)))
-    return root, shards
-
-
 class FolderLoaderDataset:
     """Per-file loading as the RadioUNet loader does it: three imread calls per sample."""
 
@@ -79,10 +66,11 @@ def bench_data(args: argparse.Namespace) -> None:
 
     from radiodiff.config import DataConfig
     from radiodiff.data.radiomapseer import RadioMapSeer
+    from pipeline.synthetic_shards import synthetic_shards
     from radiodiff.data.shards import ShardLoader
 
     with tempfile.TemporaryDirectory() as tmp:
-        root, shards = make_dataset(Path(tmp), args.maps, args.tx)
+        root, shards = synthetic_shards(Path(tmp), num_maps=args.maps, num_tx=args.tx)
         cfg = DataConfig(root=str(root), shards=str(shards), num_workers=2)
         samples = [(s.map, s.tx) for s in RadioMapSeer(cfg).sample_ids("train")]
         folder = FolderLoaderDataset(root, samples)
@@ -140,10 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     synth = sub.add_parser("synth", help="time per simulated gain map")
     synth.add_argument("--maps", type=int, default=4)
     synth.add_argument("--tx", type=int, default=16)
-    tools = str(Path(__file__).resolve().parent)  # the sibling benchmark modules live here
-    if tools not in sys.path:
-        sys.path.insert(0, tools)
-    import bench_models
+    import bench_models  # siblings: a script's own folder is on its import path
     import bench_train
 
     models = sub.add_parser("models", help="fwd+bwd time per image of the two training steps")

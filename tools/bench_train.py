@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -47,12 +46,11 @@ def rates(metrics: list[dict], images_per_step: int) -> tuple[float, float]:
 
 
 def bench_train(args: argparse.Namespace) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench import make_dataset  # the data benchmark's synthetic set and shards
+    from pipeline.synthetic_shards import synthetic_shards
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        _, shards = make_dataset(work, args.maps, args.tx)
+        _, shards = synthetic_shards(work, num_maps=args.maps, num_tx=args.tx)
         vae_dir = work / "vae-for-ldm"
         run_case("vae", vae_dir, shards, argparse.Namespace(**{**vars(args), "steps": 1, "nproc": 1}), [])
         rows = []

@@ -24,7 +24,7 @@ import torch
 
 
 def export(run_dir: str, out: Path, use_ema: bool) -> dict:
-    from radiodiff.eval.runs import load_models, open_run
+    from radiodiff.runs import load_models, open_run
 
     run = open_run(run_dir)
     models = load_models(run, torch.device("cpu"), use_ema=use_ema if run.stage == "ldm" else None)

@@ -20,8 +20,7 @@ from scipy.optimize import least_squares
 
 from radiodiff.data.propagation import CEIL_DB, FLOOR_DB, PropagationParams, dpm_db, gray_to_db, ray_features
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sim_fidelity import load_real_samples  # noqa: E402  (sibling script)
+from sim_fidelity import load_real_samples  # noqa: E402  (a sibling: a script's own folder is on its import path)
 
 FITTED = ("ref_db", "exponent", "wall_db", "metre_db", "metre_sat_m", "diffraction_db", "excess_db",
           "excess_lin_db", "edge_floor_weight", "roof_scale", "roof_offset_db", "path_softness")

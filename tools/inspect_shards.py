@@ -14,8 +14,8 @@ import argparse
 import sys
 
 from radiodiff.data.schema import DataFormatError
-from radiodiff.data.shard_format import manifest_summary
-from radiodiff.data.shard_stream import fetch_shard, index_tar, join_url, read_manifest, split_shards
+from radiodiff.data.manifest import join_url, manifest_summary, read_manifest, split_shards
+from radiodiff.data.shard_stream import fetch_shard, index_tar
 
 
 def verify(root: str, manifest: dict, show: int) -> int:

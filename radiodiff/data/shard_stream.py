@@ -18,22 +18,17 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import posixpath
 import tarfile
-from dataclasses import dataclass
 from typing import Iterator, Optional
 
-import fsspec
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from radiodiff.config import DataConfig
+from radiodiff.data.manifest import ShardInfo, join_url, read_bytes
 from radiodiff.data.schema import MEMBERS, DataFormatError, decode_members
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "radiodiff-shards"
-MANIFEST_VERSION = 1
 REQUIRED_MEMBERS = ("buildings.png", "tx.png", "gain.png", "json")
 # Tags keep the two RNG streams apart: SeedSequence pads short entropy with zeros, so without
 # them (seed, e) and (seed, e, 0) would seed the same generator.
@@ -42,56 +37,6 @@ _SAMPLE_ORDER_TAG = 0x534D
 
 # One sample inside a shard's bytes: key and {member type: (start, end)} byte spans.
 TarIndex = list[tuple[str, dict[str, tuple[int, int]]]]
-
-
-def join_url(root: str, relative: str) -> str:
-    return root.rstrip("/") + "/" + relative.lstrip("/")
-
-
-def _read_bytes(url: str, what: str) -> bytes:
-    try:
-        with fsspec.open(url, "rb") as stream:
-            return stream.read()
-    except FileNotFoundError as err:
-        raise DataFormatError(f"{url}: {what} not found") from err
-    except OSError as err:
-        raise DataFormatError(f"{url}: cannot read {what} ({type(err).__name__}: {err})") from err
-
-
-def _check_split_entry(entry: object, where: str) -> None:
-    if not isinstance(entry, dict) or not isinstance(entry.get("shards"), list):
-        raise DataFormatError(f"{where}: expected an object with a 'shards' list")
-    for i, shard in enumerate(entry["shards"]):
-        ok = (isinstance(shard, dict) and isinstance(shard.get("path"), str) and shard["path"]
-              and not shard["path"].startswith("/") and ".." not in shard["path"].split("/")
-              and isinstance(shard.get("num_samples"), int) and shard["num_samples"] >= 0)
-        if not ok:
-            raise DataFormatError(
-                f"{where}.shards[{i}]: expected {{'path': relative path, 'num_samples': int >= 0, ...}}, "
-                f"found {shard!r}"
-            )
-
-
-def read_manifest(root: str) -> dict:
-    """Read and check ``{root}/manifest.json``; raises DataFormatError naming the URL."""
-    url = join_url(root, MANIFEST_NAME)
-    raw = _read_bytes(url, "shard manifest (data.shards must be the folder or URL holding it)")
-    try:
-        manifest = json.loads(raw.decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataFormatError(f"{url}: shard manifest is not valid JSON ({err})") from err
-    found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-    if found != MANIFEST_FORMAT:
-        raise DataFormatError(f"{url}: not a radiodiff shard manifest (format {found!r}, expected "
-                              f"{MANIFEST_FORMAT!r})")
-    if manifest.get("version") != MANIFEST_VERSION:
-        raise DataFormatError(f"{url}: manifest version {manifest.get('version')!r} is not supported "
-                              f"(this reader reads version {MANIFEST_VERSION})")
-    if not isinstance(manifest.get("splits"), dict):
-        raise DataFormatError(f"{url}: manifest lacks the 'splits' object")
-    for name, entry in manifest["splits"].items():
-        _check_split_entry(entry, f"{url}: splits.{name}")
-    return manifest
 
 
 def index_tar(data: bytes, where: str) -> TarIndex:
@@ -138,28 +83,10 @@ def iter_tar(data: bytes, where: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, {kind: data[start:end] for kind, (start, end) in spans.items()}
 
 
-@dataclass(frozen=True)
-class ShardInfo:
-    index: int  # position in the manifest's shard list of the split (seeds the sample order)
-    path: str  # relative to the root
-    num_samples: int
-    sha256: Optional[str] = None
-    num_bytes: Optional[int] = None
-
-
-def split_shards(manifest: dict, split: str, root: str) -> list[ShardInfo]:
-    splits = manifest["splits"]
-    if split not in splits:
-        raise DataFormatError(f"{join_url(root, MANIFEST_NAME)}: no split {split!r}; the shards "
-                              f"hold {', '.join(sorted(splits)) or 'no splits'}")
-    return [ShardInfo(i, s["path"], s["num_samples"], s.get("sha256"), s.get("bytes"))
-            for i, s in enumerate(splits[split]["shards"])]
-
-
 def fetch_shard(root: str, shard: ShardInfo, *, verify: bool = True) -> bytes:
     """Read one whole shard; with ``verify`` its size and sha256 are checked against the manifest."""
     url = join_url(root, shard.path)
-    data = _read_bytes(url, "shard")
+    data = read_bytes(url, "shard")
     if verify and shard.num_bytes is not None and len(data) != shard.num_bytes:
         raise DataFormatError(f"{url}: shard has {len(data)} bytes, the manifest says {shard.num_bytes}")
     if verify and shard.sha256 and hashlib.sha256(data).hexdigest() != shard.sha256:

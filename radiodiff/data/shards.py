@@ -25,8 +25,6 @@ slot that is next in line.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any, Iterator, Optional
 
 import fsspec.utils
@@ -35,19 +33,11 @@ from torch.utils.data import DataLoader
 
 from radiodiff.config import ConfigError, DataConfig
 from radiodiff.data.schema import to_values
-from radiodiff.data.shard_stream import (
-    ShardInfo,
-    ShardStream,
-    SlotPlan,
-    fetch_shard,
-    index_tar,
-    iter_tar,
-    read_manifest,
-    split_shards,
-)
+from radiodiff.data.manifest import check_manifest_options, manifest_identity, read_manifest, split_shards
+from radiodiff.data.shard_stream import ShardStream, SlotPlan, fetch_shard, index_tar, iter_tar
 
 __all__ = ["ShardLoader", "ShardStateError", "ShardStream", "SlotPlan", "fetch_shard", "index_tar",
-           "iter_tar", "manifest_identity", "read_manifest", "remap_positions"]
+           "iter_tar", "read_manifest", "remap_positions"]
 
 STATE_FORMAT = "radiodiff-shard-loader"
 STATE_VERSION = 1
@@ -55,12 +45,6 @@ STATE_VERSION = 1
 
 class ShardStateError(ValueError):
     """A saved loader state does not fit the loader it is restored into; the message says why."""
-
-
-def manifest_identity(shards: list[ShardInfo]) -> str:
-    """A hash of a split's shard list: a state is only valid for the shards it was taken on."""
-    listing = [[s.path, s.num_samples, s.sha256] for s in shards]
-    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 
 
 def remap_positions(state: dict, *, world_size: int, num_workers: int) -> list[int]:
@@ -83,16 +67,6 @@ def check_slot_count(num_shards: int, num_slots: int, *, world_size: int, num_wo
             f"max(num_workers, 1)={max(num_workers, 1)} needs at least {num_slots} (one per data-loader "
             f"slot); re-shard with min_shards_per_split >= {num_slots}, or lower data.num_workers"
         )
-
-
-def check_manifest_options(manifest: dict, cfg: DataConfig) -> None:
-    """The shards must hold what the config asks for: the gain simulation and, if used, cars."""
-    where = f"{cfg.shards}/manifest.json"
-    if manifest.get("simulation", cfg.simulation) != cfg.simulation:
-        raise ConfigError(f"data.simulation={cfg.simulation} but {where} holds simulation "
-                          f"{manifest['simulation']}; set data.simulation or re-shard")
-    if cfg.cars_input and manifest.get("cars") is False:
-        raise ConfigError(f"data.cars_input=true but {where} was written without cars maps")
 
 
 class ShardLoader:

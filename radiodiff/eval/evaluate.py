@@ -30,11 +30,12 @@ from tqdm import tqdm
 
 from radiodiff.config import DataConfig, EvalConfig
 from radiodiff.data.schema import NATIVE_SIZE, DataFormatError
-from radiodiff.data.shards import ShardLoader, read_manifest
-from radiodiff.eval.metrics import all_metrics, to_unit
-from radiodiff.eval.predict import Predict, generator_seed, make_predictor, to_model_size
-from radiodiff.eval.runs import TrainedRun, load_models
-from radiodiff.train.dist import DistInfo, broadcast_object
+from radiodiff.data.manifest import read_manifest
+from radiodiff.data.shards import ShardLoader
+from radiodiff.dist import DistInfo, broadcast_object
+from radiodiff.metrics import all_metrics
+from radiodiff.runs import TrainedRun, load_models
+from radiodiff.runs.predict import Predict, make_predictor, predict_native, sampler_generator, to_unit_scale
 
 METRICS = ("psnr", "ssim", "nmse", "rmse", "rmse_db")
 GRID_COLUMNS = ("buildings", "transmitter", "ground truth", "prediction", "absolute error")
@@ -46,10 +47,6 @@ class RankResult:
     rows: list[dict] = field(default_factory=list)
     grid: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (key, (5, 256, 256) uint8)
     seconds: float = 0.0  # model time (prediction only)
-
-
-def to_unit_scale(x: torch.Tensor, data: DataConfig) -> torch.Tensor:
-    return to_unit(x) if data.value_range == "symmetric" else x.float().clamp(0.0, 1.0)
 
 
 def check_split(data: DataConfig, split: str) -> dict:
@@ -113,10 +110,8 @@ def evaluate_rank(cfg: EvalConfig, predict: Predict, baseline_map: torch.Tensor,
         if cap is not None:
             batch = {k: v[: cap - len(result.rows)] for k, v in batch.items()}
         cond, target = batch["cond"], batch["target"]  # (B, 3, 256, 256), (B, 1, 256, 256)
-        gt = to_unit_scale(target, cfg.data)
-        model_cond, model_target = to_model_size(cond, target, cfg.data)
         started = time.perf_counter()
-        pred = predict(model_cond.to(dist.device), model_target.to(dist.device)).cpu()
+        pred, gt = predict_native(predict, cond, target, cfg.data, dist.device)
         result.seconds += time.perf_counter() - started  # .cpu() waits for the device
         base = baseline_map.expand_as(gt)
         result.rows += sample_rows(batch, all_metrics(pred, gt), all_metrics(base, gt))
@@ -190,7 +185,7 @@ def evaluate(cfg: EvalConfig, run: TrainedRun, dist: DistInfo) -> dict | None:
     baseline = mean_train_map(native, cfg.baseline_max_samples, cfg.batch_size) if dist.is_main else None
     baseline = broadcast_object(baseline)
     models = load_models(run, dist.device, use_ema=cfg.use_ema)
-    generator = torch.Generator(dist.device).manual_seed(generator_seed(cfg.seed, dist.rank))
+    generator = sampler_generator(cfg.seed, dist.rank, dist.device)
     predict = make_predictor(models, cfg.data, steps=cfg.sampler.steps, generator=generator)
     results = gather(evaluate_rank(cfg, predict, baseline, dist), dist)
     if not dist.is_main:

@@ -13,9 +13,9 @@ from dataclasses import replace
 from radiodiff.cli import run_app
 from radiodiff.config import EvalConfig
 from radiodiff.eval.evaluate import evaluate
-from radiodiff.eval.runs import merge_data, open_run
 from radiodiff.eval.sample import run_sample
-from radiodiff.train.dist import print0, setup, teardown
+from radiodiff.dist import print0, setup, teardown
+from radiodiff.runs import merge_data, open_run
 
 DATA_OVERRIDE = re.compile(r"^\+{0,2}data\.(\w+)=")
 

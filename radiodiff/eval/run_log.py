@@ -15,8 +15,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.yaml"
+from radiodiff.runs.layout import CONFIG_FILE, METRICS_FILE
+
 
 
 class MetricsFileError(ValueError):

@@ -18,8 +18,8 @@ from PIL import Image
 from radiodiff.config import ConfigError, DataConfig, SampleConfig
 from radiodiff.data.radiomapseer import Layout
 from radiodiff.data.schema import NATIVE_SIZE, decode_png, to_tensors
-from radiodiff.eval.predict import Predict, default_device, generator_seed, make_predictor
-from radiodiff.eval.runs import load_models, open_run
+from radiodiff.runs import load_models, open_run
+from radiodiff.runs.predict import Predict, default_device, make_predictor, sampler_generator
 
 ANTENNA = re.compile(r"^(\d+)_(\d+)\.png$")
 
@@ -113,7 +113,7 @@ def run_sample(cfg: SampleConfig) -> int:
     device = default_device()
     models = load_models(run, device, use_ema=cfg.use_ema)
     data = run.config.data
-    generator = torch.Generator(device).manual_seed(generator_seed(cfg.seed, 0))
+    generator = sampler_generator(cfg.seed, 0, device)
     predict = make_predictor(models, data, steps=cfg.sampler.steps, generator=generator)
     if cfg.input_dir is not None:
         count = sample_folder(cfg, predict, data, device)

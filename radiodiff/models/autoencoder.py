@@ -226,9 +226,5 @@ class VaeGanGenerator(nn.Module):
         return self.autoencoder.state_dict()
 
 
-def build_autoencoder(cfg: AutoencoderConfig) -> AutoencoderKL:
-    return AutoencoderKL(cfg)
-
-
 def build_vae_gan_generator(cfg: AutoencoderConfig, loss_cfg: VaeGanLossConfig) -> VaeGanGenerator:
     return VaeGanGenerator(AutoencoderKL(cfg), learn_logvar=loss_cfg.learn_logvar, logvar_init=loss_cfg.logvar_init)

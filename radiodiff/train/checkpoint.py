@@ -1,13 +1,7 @@
-"""Checkpoints: collective DeepSpeed saves, our per-rank state, and a commit marker.
+"""Writing checkpoints: collective DeepSpeed saves, our per-rank state, and a commit marker.
 
-Layout of ``{run_dir}/checkpoints/step_XXXXXXXX/``::
-
-    {engine}/...        one folder per DeepSpeed engine (its own save_checkpoint; collective)
-    rank_00000.pt ...   per-rank state: RNG states, data-reader position (loads with weights_only)
-    {name}.pt           rank-0 extras (the EMA weights, the bare autoencoder for stage 2)
-    meta.json           step, world_size, zero_stage, wandb run id, counters
-    COMMITTED           written last, after a barrier: only then is the checkpoint valid
-
+The layout and every file name are defined in ``radiodiff/runs/layout.py`` (which also reads
+them); this module writes a checkpoint, commits it, prunes old ones, and restores the engines.
 A folder without COMMITTED (a save that was killed) is ignored and replaced.
 """
 
@@ -16,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import subprocess
 import sys
@@ -26,41 +19,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from radiodiff.train.dist import DistInfo, barrier, broadcast_object
-
-CHECKPOINTS = "checkpoints"
-COMMITTED = "COMMITTED"
-STEP_PATTERN = re.compile(r"^step_(\d{8})$")
-
-
-def step_dir(run_dir: Path, step: int) -> Path:
-    return run_dir / CHECKPOINTS / f"step_{step:08d}"
-
-
-def is_committed(folder: Path) -> bool:
-    return (folder / COMMITTED).is_file() and (folder / "meta.json").is_file()
-
-
-def committed_steps(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every committed checkpoint, oldest first."""
-    root = run_dir / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_PATTERN.match(p.name))]
-    return sorted((step, p) for step, p in found if is_committed(p))
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run directory meaning its newest committed checkpoint."""
-    path = Path(path)
-    if is_committed(path):
-        return path
-    steps = committed_steps(path)
-    if steps:
-        return steps[-1][1]
-    if (path / "meta.json").is_file():
-        raise FileNotFoundError(f"checkpoint {path} is not committed (no {COMMITTED} file): it was not completely saved")
-    raise FileNotFoundError(f"{path} is neither a committed checkpoint folder nor a run directory holding one")
+from radiodiff.dist import DistInfo, barrier, broadcast_object
+from radiodiff.runs.layout import (
+    CHECKPOINTS,
+    COMMITTED,
+    META_FILE,
+    STEP_PATTERN,
+    committed_steps,
+    extra_file,
+    is_committed,
+    rank_file,
+    read_meta,
+    step_dir,
+)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -104,13 +75,13 @@ def save(run_dir: Path, step: int, engines: dict[str, Any], *, rank_state: dict,
     barrier()
     for name, engine in engines.items():
         engine.save_checkpoint(str(folder), tag=name)  # collective: every rank writes its shard
-    torch.save(rank_state, folder / f"rank_{dist.rank:05d}.pt")
+    torch.save(rank_state, rank_file(folder, dist.rank))
     if dist.is_main:
         for name, value in extras.items():
-            torch.save(value, folder / f"{name}.pt")
+            torch.save(value, extra_file(folder, name))
     barrier()  # every rank's files are complete before the commit
     if dist.is_main:
-        _write_atomic(folder / "meta.json", json.dumps(meta, indent=1).encode())
+        _write_atomic(folder / META_FILE, json.dumps(meta, indent=1).encode())
         _write_atomic(folder / COMMITTED, f"{step}\n".encode())
         prune(run_dir, keep_last)
     barrier()
@@ -137,18 +108,8 @@ def find_resume(run_dir: Path) -> Path | None:
     return broadcast_object(steps[-1][1] if steps else None)
 
 
-def read_run_config(run_dir: Path, schema: type) -> Any:
-    """A run directory's resolved ``config.yaml`` as its schema dataclass (validated)."""
-    from omegaconf import OmegaConf
-
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: {run_dir} is not a training run directory")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(path)))
 
 
-def read_meta(folder: Path) -> dict:
-    return json.loads((folder / "meta.json").read_text())
 
 
 def to_universal(folder: Path, name: str, dist: DistInfo) -> str:
@@ -186,9 +147,6 @@ def load(folder: Path, engines: dict[str, Any], dist: DistInfo) -> tuple[dict, d
                                          load_lr_scheduler_states=False)
         if path is None:
             raise FileNotFoundError(f"DeepSpeed could not load engine {name!r} from {folder / tag}")
-    rank_state = torch.load(folder / f"rank_{dist.rank:05d}.pt", weights_only=True) if same_world else None
+    rank_state = torch.load(rank_file(folder, dist.rank), weights_only=True) if same_world else None
     return meta, rank_state
 
-
-def load_extra(folder: Path, name: str) -> Any:
-    return torch.load(folder / f"{name}.pt", weights_only=True, map_location="cpu")

@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from radiodiff.config import WandbConfig
-
-METRICS = "metrics.jsonl"
+from radiodiff.runs.layout import METRICS_FILE
 
 
 def new_run_id() -> str:
@@ -43,7 +42,7 @@ class RunLogger(NullLogger):
     """Appends one JSON object per logged step and mirrors it to wandb."""
 
     def __init__(self, run_dir: Path, cfg: WandbConfig, *, run_id: str, config: dict[str, Any], resume_step: int) -> None:
-        self.path = run_dir / METRICS
+        self.path = run_dir / METRICS_FILE
         truncate_metrics(self.path, resume_step)
         self.wandb = None
         if cfg.enabled and cfg.mode != "disabled":

@@ -9,15 +9,16 @@ counts bad updates (skipped exactly, see ``steps.guarded_update``) and aborts af
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
 from radiodiff.config import DeepSpeedConfig, TrainConfig
+from radiodiff.runs.layout import load_extra
 from radiodiff.train import checkpoint
-from radiodiff.train.dist import DistInfo, all_reduce_max, all_reduce_mean, print0
+from radiodiff.dist import DistInfo, all_reduce_max, all_reduce_mean, print0
 from radiodiff.train.engines import lr_at, set_lr
 from radiodiff.train.preemption import EXIT_PREEMPTED, PreemptionFlag, requeue_slurm_job
 from radiodiff.train.steps import StepContext
@@ -41,20 +42,35 @@ class Stage:
     step_fn: Callable[[Any, dict, StepContext], dict[str, torch.Tensor]]
     validate: Callable[[int], dict[str, float]] | None = None  # step -> metrics (all ranks call it)
     after_update: Callable[[int], None] = lambda step: None  # e.g. the EMA update
-    extras: Callable[[], dict[str, Any]] = dict  # rank-0 files saved with each checkpoint
-    extra_state: Callable[[], dict] = dict  # per-rank state saved with each checkpoint
-    restore: Callable[[Path], None] = lambda folder: None  # reload what extras() saved
+    # Objects with state_dict()/load_state_dict() saved as rank-0 files ({name}.pt) with each
+    # checkpoint and restored from it on resume (the EMA).
+    state: dict[str, Any] = field(default_factory=dict)
+    exports: Callable[[], dict[str, Any]] = dict  # rank-0 files written with each checkpoint, never read back
+
+    def checkpoint_files(self) -> dict[str, Any]:
+        return {**{name: obj.state_dict() for name, obj in self.state.items()}, **self.exports()}
+
+    def restore(self, folder: Path) -> None:
+        for name, obj in self.state.items():
+            obj.load_state_dict(load_extra(folder, name))
 
 
 @dataclass
 class RunState:
-    """Counters that survive a resume (saved in meta.json)."""
+    """Counters that survive a resume (saved in meta.json, next to the checkpoint's own facts)."""
 
     step: int = 0
     skipped_steps: int = 0
     bad_in_a_row: int = 0
     wandb_run_id: str = ""
     resumed_from: list[int] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for f in fields(self):
+            setattr(self, f.name, type(getattr(self, f.name))(state[f.name]))
 
 
 @dataclass
@@ -65,17 +81,16 @@ class LoopConfig:
     stage_name: str
 
 
-def _meta(state: RunState, loop: LoopConfig, dist: DistInfo) -> dict:
-    return {"step": state.step, "world_size": dist.world_size, "zero_stage": loop.deepspeed.zero_stage,
-            "precision": loop.deepspeed.precision, "stage": loop.stage_name, "wandb_run_id": state.wandb_run_id,
-            "skipped_steps": state.skipped_steps, "bad_in_a_row": state.bad_in_a_row,
-            "resumed_from": state.resumed_from, "time": time.time()}
+def checkpoint_meta(state: RunState, loop: LoopConfig, dist: DistInfo) -> dict:
+    """meta.json: the run state plus what the checkpoint was saved with."""
+    return {**state.state_dict(), "world_size": dist.world_size, "zero_stage": loop.deepspeed.zero_stage,
+            "precision": loop.deepspeed.precision, "stage": loop.stage_name, "time": time.time()}
 
 
 def save_checkpoint(stage: Stage, state: RunState, loop: LoopConfig, dist: DistInfo, loader: Any) -> Path:
-    rank_state = {"rng": checkpoint.rng_state(), "loader": loader.state_dict(), **stage.extra_state()}
+    rank_state = {"rng": checkpoint.rng_state(), "loader": loader.state_dict()}
     return checkpoint.save(loop.run_dir, state.step, stage.engines, rank_state=rank_state,
-                           meta=_meta(state, loop, dist), extras=stage.extras(), dist=dist,
+                           meta=checkpoint_meta(state, loop, dist), extras=stage.checkpoint_files(), dist=dist,
                            keep_last=loop.train.keep_last)
 
 

@@ -19,8 +19,9 @@ from omegaconf import OmegaConf
 from radiodiff.cli import run_app
 from radiodiff.config import TrainLdmConfig, TrainVaeConfig
 from radiodiff.data.shards import ShardLoader
+from radiodiff.runs.layout import CONFIG_FILE, read_meta
 from radiodiff.train import checkpoint
-from radiodiff.train.dist import DistInfo, print0, setup, teardown
+from radiodiff.dist import DistInfo, print0, setup, teardown
 from radiodiff.train.logger import NullLogger, RunLogger, new_run_id
 from radiodiff.train.loop import LoopConfig, NonFiniteLossError, OnLog, RunState, Stage, train
 from radiodiff.train.preemption import PreemptionFlag
@@ -47,8 +48,9 @@ def resume(stage: Stage, cfg: TrainConfigs, dist: DistInfo, folder: Path | None)
         return RunState(wandb_run_id=new_run_id()), make_loader(cfg, dist, cfg.seed)
     meta, rank_state = checkpoint.load(folder, stage.engines, dist)
     stage.restore(folder)
-    state = RunState(step=meta["step"], skipped_steps=meta["skipped_steps"], bad_in_a_row=meta["bad_in_a_row"],
-                     wandb_run_id=meta["wandb_run_id"], resumed_from=[*meta["resumed_from"], meta["step"]])
+    state = RunState()
+    state.load_state_dict(meta)
+    state.resumed_from.append(state.step)
     if rank_state is not None:
         checkpoint.set_rng_state(rank_state["rng"])
         loader = make_loader(cfg, dist, cfg.seed)
@@ -71,9 +73,9 @@ def run_training(cfg: TrainConfigs, build_stage: Callable[..., Stage], name: str
         run_dir = Path(cfg.run_dir)
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+            (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         folder = checkpoint.find_resume(run_dir)
-        other_world = folder is not None and checkpoint.read_meta(folder)["world_size"] != dist.world_size
+        other_world = folder is not None and read_meta(folder)["world_size"] != dist.world_size
         seed_all(cfg.seed)  # identical initial weights on every rank
         stage = build_stage(cfg, dist, load_universal=other_world)
         state, loader = resume(stage, cfg, dist, folder)

@@ -2,27 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
-from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
-from radiodiff.config import AutoencoderConfig, ConfigError, TrainLdmConfig, TrainVaeConfig
+from radiodiff.config import ConfigError, DataConfig, TrainLdmConfig, TrainVaeConfig
+from radiodiff.data.manifest import read_manifest
+from radiodiff.data.schema import NATIVE_SIZE
 from radiodiff.data.shards import ShardLoader
-from radiodiff.diffusion.sampler import sample
-from radiodiff.eval.metrics import all_metrics, to_unit
+from radiodiff.dist import DistInfo, all_reduce_sum, print0
 from radiodiff.losses.perceptual import LPIPSLoss
-from radiodiff.models.autoencoder import AutoencoderKL, build_vae_gan_generator
+from radiodiff.models.autoencoder import build_vae_gan_generator
 from radiodiff.models.discriminator import build_discriminator
+from radiodiff.models.ema import EMA
 from radiodiff.models.unet import build_unet
-from radiodiff.train import checkpoint
-from radiodiff.train.dist import DistInfo, all_reduce_mean
-from radiodiff.train.ema import EMA
+from radiodiff.runs import FrozenVae, LoadedModels, latent_scale, load_frozen_vae
+from radiodiff.runs.layout import AUTOENCODER_WEIGHTS, EMA_STATE, UNET_ENGINE
+from radiodiff.runs.predict import Predict, make_predictor, sampler_generator, score_batch
 from radiodiff.train.engines import build_engine
 from radiodiff.train.loop import Stage
-from radiodiff.train.steps import LdmModels, VaeGanModels, encode_latents, ldm_step, vae_gan_step
+from radiodiff.train.steps import LdmModels, VaeGanModels, ldm_step, vae_gan_step
 
-AUTOENCODER_WEIGHTS = "autoencoder_weights"  # the bare autoencoder, exported with each VAE checkpoint
+VAL_METRICS = ("psnr", "ssim", "nmse", "rmse")
+# Data options that change what the frozen VAE sees: stage 2 must use the VAE run's values.
+VAE_DATA_KEYS = ("value_range", "threshold", "image_size", "cars_input")
 
 
 def _check_zero_stage(stage: int, what: str) -> None:
@@ -32,31 +37,35 @@ def _check_zero_stage(stage: int, what: str) -> None:
         raise ConfigError(f"deepspeed.zero_stage={stage}: {what} trains on ZeRO stages 0-2")
 
 
-def _validation_batches(cfg, dist: DistInfo, batch_size: int, limit: int):
-    """Up to ``limit`` batches of this rank's share of the validation split (or None if there is none)."""
-    loader = ShardLoader(cfg, "val", batch_size=batch_size, rank=dist.rank, world_size=dist.world_size,
-                         epochs=1, shuffle=False, num_workers=0)
+def _has_val_split(data: DataConfig) -> bool:
+    return "val" in read_manifest(data.shards)["splits"]
+
+
+def _native_val_batches(data: DataConfig, dist: DistInfo, batch_size: int, limit: int) -> Iterator[dict]:
+    """Up to ``limit`` native-size batches of this rank's share of the validation split (maybe none)."""
+    loader = ShardLoader(replace(data, image_size=NATIVE_SIZE), "val", batch_size=batch_size, rank=dist.rank,
+                         world_size=dist.world_size, epochs=1, shuffle=False, num_workers=0)
     for i, batch in enumerate(loader):
         if i >= limit:
             break
         yield batch
 
 
-def _autocast(precision: str, dist: DistInfo) -> torch.autocast:
-    return torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=precision != "fp32")
+def validate_with(predict: Predict, data: DataConfig, dist: DistInfo, batch_size: int, limit: int) -> dict[str, float]:
+    """Mean validation metrics over all ranks, scored as radiodiff-eval scores them.
 
-
-def _has_val_split(cfg) -> bool:
-    from radiodiff.data.shard_stream import read_manifest
-
-    return "val" in read_manifest(cfg.shards)["splits"]
-
-
-def _mean_metrics(values: list[dict[str, torch.Tensor]], prefix: str, dist: DistInfo) -> dict[str, float]:
-    if not values:
+    Every rank enters the one all-reduce of (sums, count), with zeros where it has no data (a split
+    with fewer shards than ranks), so no rank can skip a collective that the others enter.
+    """
+    sums = torch.zeros(len(VAL_METRICS) + 1, dtype=torch.float64)  # the metrics' sums, then the count
+    for batch in _native_val_batches(data, dist, batch_size, limit):
+        values = score_batch(predict, batch["cond"], batch["target"], data, dist.device)
+        sums += torch.tensor([float(values[m].double().sum()) for m in VAL_METRICS] + [len(batch["key"])],
+                             dtype=torch.float64)
+    totals = all_reduce_sum(sums, dist.device)
+    if totals[-1] == 0:
         return {}
-    means = {f"{prefix}/{k}": torch.cat([v[k] for v in values]).mean() for k in ("psnr", "ssim", "nmse", "rmse")}
-    return all_reduce_mean(means, dist.device)
+    return {f"val/{m}": float(totals[i] / totals[-1]) for i, m in enumerate(VAL_METRICS)}
 
 
 def build_vae_stage(cfg: TrainVaeConfig, dist: DistInfo, *, load_universal: bool = False) -> Stage:
@@ -71,68 +80,62 @@ def build_vae_stage(cfg: TrainVaeConfig, dist: DistInfo, *, load_universal: bool
         perceptual = LPIPSLoss(cfg.perceptual).to(dist.device)
     models = VaeGanModels(engines["autoencoder"], engines["discriminator"], perceptual, cfg.loss)
     autoencoder = engines["autoencoder"].module.autoencoder
-    has_val = _has_val_split(cfg.data)
+    predict = make_predictor(LoadedModels(autoencoder), cfg.data, steps=1, generator=torch.Generator(),
+                             precision=cfg.deepspeed.precision)
 
     def validate(step: int) -> dict[str, float]:
-        if not has_val:
-            return {}
-        values = []
-        with torch.no_grad(), _autocast(cfg.deepspeed.precision, dist):
-            for batch in _validation_batches(cfg.data, dist, cfg.train.micro_batch, cfg.train.val_batches):
-                x = batch["target"].to(dist.device)
-                recon, _ = autoencoder(x, sample_posterior=False)
-                values.append(all_metrics(to_unit(recon), to_unit(x)))
-        return _mean_metrics(values, "val", dist)
+        return validate_with(predict, cfg.data, dist, cfg.train.micro_batch, cfg.train.val_batches)
 
-    def extras() -> dict:
+    def exports() -> dict:
         return {AUTOENCODER_WEIGHTS: {k: v.detach().float().cpu() for k, v in autoencoder.state_dict().items()}}
 
-    return Stage("vae", "ae/loss", models, engines, vae_gan_step, validate=validate, extras=extras)
+    return Stage("vae", "ae/loss", models, engines, vae_gan_step,
+                 validate=validate if _has_val_split(cfg.data) else None, exports=exports)
 
 
-def load_frozen_vae(path: str, device: torch.device) -> tuple[AutoencoderKL, AutoencoderConfig, Path]:
-    """The autoencoder of a VAE run (its newest committed checkpoint) or of one checkpoint folder."""
-    from radiodiff.config import TrainVaeConfig
+def check_vae_data(data: DataConfig, vae: FrozenVae, where: str) -> None:
+    """Stage 2 must feed the frozen VAE what it was trained on; another simulation only warns."""
+    for key in VAE_DATA_KEYS:
+        mine, theirs = getattr(data, key), getattr(vae.data, key)
+        if mine != theirs:
+            raise ConfigError(f"data.{key}={mine!r} but the VAE ({where}) was trained with {theirs!r}; "
+                              f"set data.{key}={theirs!r} or train a VAE for it")
+    if data.simulation != vae.data.simulation:
+        print0(f"warning: data.simulation={data.simulation} but the VAE ({where}) was trained on "
+               f"{vae.data.simulation}; its latents may fit these maps less well")
 
-    folder = checkpoint.resolve_checkpoint(path)
-    vae_cfg = checkpoint.read_run_config(folder.parent.parent, TrainVaeConfig)
-    autoencoder = AutoencoderKL(vae_cfg.model.autoencoder)
-    weights = folder / f"{AUTOENCODER_WEIGHTS}.pt"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{path}: the autoencoder weights {weights} are missing")
-    autoencoder.load_state_dict(checkpoint.load_extra(folder, AUTOENCODER_WEIGHTS), strict=True)
-    autoencoder.requires_grad_(False).eval().to(device)
-    return autoencoder, vae_cfg.model.autoencoder, folder
+
+def _ldm_validation(cfg: TrainLdmConfig, dist: DistInfo, vae: FrozenVae, engine, ema: EMA,
+                    scale: float) -> Callable[[int], dict[str, float]]:
+    """Samples with the EMA weights once the EMA averages (logged as ``val/ema``), else the raw ones."""
+    unet = engine.module
+    models = LoadedModels(vae.model, unet, scale, cfg.diffusion.eps)
+
+    def validate(step: int) -> dict[str, float]:
+        generator = sampler_generator(cfg.seed, dist.rank, dist.device)  # the same noise at every validation
+        predict = make_predictor(models, cfg.data, steps=cfg.sampler.steps, generator=generator,
+                                 precision=cfg.deepspeed.precision)
+        use_ema = ema.started
+        with ema.swapped_into(unet) if use_ema else contextlib.nullcontext():
+            metrics = validate_with(predict, cfg.data, dist, cfg.train.micro_batch, cfg.train.val_batches)
+        return {**metrics, "val/ema": float(use_ema)} if metrics else metrics
+
+    return validate
 
 
 def build_ldm_stage(cfg: TrainLdmConfig, dist: DistInfo, *, load_universal: bool = False) -> Stage:
     _check_zero_stage(cfg.deepspeed.zero_stage, "the latent diffusion model (with its EMA)")
-    vae, vae_cfg, _ = load_frozen_vae(cfg.vae.checkpoint, dist.device)
-    latent = cfg.data.image_size // vae_cfg.downsample_factor
+    vae = load_frozen_vae(cfg.vae.checkpoint, dist.device)
+    check_vae_data(cfg.data, vae, cfg.vae.checkpoint)
+    latent = cfg.data.image_size // vae.config.downsample_factor
     if latent != cfg.model.unet.latent_size:
         raise ConfigError(f"model.unet.latent_size={cfg.model.unet.latent_size} but data.image_size="
-                          f"{cfg.data.image_size} / the VAE's factor {vae_cfg.downsample_factor} gives {latent}")
-    scale = cfg.diffusion.scale_factor or vae_cfg.scaling_factor
+                          f"{cfg.data.image_size} / the VAE's factor {vae.config.downsample_factor} gives {latent}")
+    scale = latent_scale(cfg.diffusion, vae.config)
     engine = build_engine(build_unet(cfg.model.unet, cfg.model.condition), cfg.train, cfg.deepspeed,
                           world_size=dist.world_size, load_universal=load_universal)
     ema = EMA(engine.module, cfg.ema)
-    models = LdmModels(engine, vae, scale, replace(cfg.diffusion, scale_factor=scale))
-
-    def validate(step: int) -> dict[str, float]:
-        values = []
-        generator = torch.Generator(dist.device).manual_seed(cfg.seed * 1000003 + dist.rank)
-        unet = engine.module
-        with torch.no_grad(), _autocast(cfg.deepspeed.precision, dist):
-            for batch in _validation_batches(cfg.data, dist, cfg.train.micro_batch, cfg.train.val_batches):
-                x, cond = batch["target"].to(dist.device), batch["cond"].to(dist.device)
-                z0 = encode_latents(vae, x, 1.0)
-                z = sample(lambda z_t, t: unet(z_t, t, cond), tuple(z0.shape), steps=cfg.sampler.steps,
-                           eps=cfg.diffusion.eps, generator=generator)
-                pred = vae.decode(z / scale)
-                values.append(all_metrics(to_unit(pred), to_unit(x)))
-        return _mean_metrics(values, "val", dist)
-
-    return Stage("ldm", "loss", models, {"unet": engine}, ldm_step, validate=validate if _has_val_split(cfg.data) else None,
-                 after_update=lambda step: ema.update(engine.module, step),
-                 extras=lambda: {"ema": ema.state_dict()},
-                 restore=lambda folder: ema.load_state_dict(checkpoint.load_extra(folder, "ema")))
+    models = LdmModels(engine, vae.model, scale, replace(cfg.diffusion, scale_factor=scale))
+    validate = _ldm_validation(cfg, dist, vae, engine, ema, scale) if _has_val_split(cfg.data) else None
+    return Stage("ldm", "loss", models, {UNET_ENGINE: engine}, ldm_step, validate=validate,
+                 after_update=lambda step: ema.update(engine.module, step), state={EMA_STATE: ema})

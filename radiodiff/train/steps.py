@@ -24,8 +24,9 @@ from radiodiff.config import DiffusionConfig, VaeGanLossConfig
 from radiodiff.diffusion.loss import constant_sde_loss
 from radiodiff.diffusion.process import forward_sample, sample_time, targets
 from radiodiff.losses import vae_gan
+from radiodiff.dist import all_reduce_max
 from radiodiff.models.autoencoder import DiagonalGaussian
-from radiodiff.train.dist import all_reduce_max
+from radiodiff.precision import autocast
 from radiodiff.train.engines import skipped_update
 
 
@@ -40,8 +41,7 @@ class StepContext:
     window_bad: dict[str, bool] = field(default_factory=dict)  # engine name -> a bad micro-batch this update
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        enabled = self.precision != "fp32"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+        return autocast(self.device, self.precision)
 
     def inputs(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.to(self.device, non_blocking=True)
@@ -163,7 +163,9 @@ def ldm_step(models: LdmModels, batch: dict, ctx: StepContext) -> dict[str, torc
     z_t = forward_sample(z0, t, noise)
     c_target, eps_target = targets(z0, noise)
     with ctx.autocast():
-        c_hat, eps_hat = models.engine(ctx.inputs(z_t), ctx.inputs(t), ctx.inputs(cond))
+        # t stays fp32 (also with bf16 parameters): z_t was built with the fp32 t, and the time
+        # embedding must see the same time.
+        c_hat, eps_hat = models.engine(ctx.inputs(z_t), t, ctx.inputs(cond))
     loss, terms = constant_sde_loss(c_hat.float(), eps_hat.float(), c_target, eps_target, t,
                                     models.diffusion.weighting)
     bad = guarded_update(models.engine, "unet", loss, ctx)

@@ -11,7 +11,7 @@ import torch.distributed as torch_dist
 
 from radiodiff.cli import compose
 from radiodiff.data.shards import ShardLoader
-from radiodiff.train.dist import setup, teardown
+from radiodiff.dist import setup, teardown
 from radiodiff.train.main import seed_all
 from radiodiff.train.stages import build_vae_stage
 from radiodiff.train.steps import StepContext

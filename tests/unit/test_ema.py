@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from radiodiff.config import ConfigError, EMAConfig
-from radiodiff.train.ema import EMA
+from radiodiff.models.ema import EMA
 
 
 class Tiny(nn.Module):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -50,21 +49,6 @@ def test_lr_schedules_by_hand() -> None:
     assert lr_at(12345, const) == 3e-4
     horizon = TrainConfig(max_steps=4, lr=1.0, min_lr=0.0, lr_decay="cosine", lr_decay_steps=8)
     assert lr_at(2, horizon) == pytest.approx(0.5 * (1 + math.cos(math.pi * 2 / 8)))
-
-
-@pytest.fixture(scope="module")
-def world_of_one():
-    """A real one-process group (once per module: DeepSpeed keeps its group for the process's life)."""
-    from radiodiff.train import dist
-
-    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    saved = {key: os.environ.pop(key) for key in keys if key in os.environ}
-    info = dist.setup()  # sets the keys for a world of one
-    yield info
-    dist.teardown()
-    for key in keys:  # later tests start their own processes from this environment
-        os.environ.pop(key, None)
-    os.environ.update(saved)
 
 
 @pytest.mark.parametrize("zero_stage", [0, 2])

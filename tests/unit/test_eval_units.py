@@ -12,10 +12,10 @@ from radiodiff.config import ConfigError, DataConfig, SampleConfig
 from radiodiff.data.schema import to_tensors
 from radiodiff.eval.evaluate import rank_cap
 from radiodiff.eval.main import data_keys
-from radiodiff.eval.predict import to_model_size, to_native_unit
-from radiodiff.eval.runs import merge_data
+from radiodiff.runs.predict import to_model_size, to_native_unit
+from radiodiff.runs import merge_data
 from radiodiff.eval.sample import antenna_at, to_gray
-from radiodiff.train.dist import DistInfo
+from radiodiff.dist import DistInfo
 
 
 @pytest.mark.parametrize("value_range", ["symmetric", "unit"])

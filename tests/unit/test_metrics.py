@@ -7,7 +7,7 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from radiodiff.eval.metrics import all_metrics, to_unit
+from radiodiff.metrics import all_metrics, to_unit
 
 
 def maps(seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -24,6 +24,11 @@ class EMA:
         self.buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
         self.num_averaged = 0  # updates that averaged (not copied); for logging and checks
 
+    @property
+    def started(self) -> bool:
+        """Whether the EMA has averaged (before that it is a copy of the trained weights)."""
+        return self.num_averaged > 0
+
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         """Call once after optimizer step ``step`` (counting from 1 or 0, as the loop does)."""

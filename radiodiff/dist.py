@@ -74,6 +74,14 @@ def all_reduce_mean(metrics: dict[str, torch.Tensor], device: torch.device) -> d
     return dict(zip(names, stacked.tolist()))
 
 
+def all_reduce_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The element-wise sum of ``values`` over all ranks (every rank must call it), on the CPU."""
+    tensor = values.to(device)
+    if torch_dist.is_initialized():
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+    return tensor.cpu()
+
+
 def barrier() -> None:
     if torch_dist.is_initialized():
         torch_dist.barrier()

@@ -1,8 +1,8 @@
-"""Radio-map prediction from a trained run, shared by radiodiff-eval and radiodiff-sample.
+"""The one predictor of a trained run: in-training validation, radiodiff-eval and radiodiff-sample.
 
 Predictions are returned at the native 256x256 on the [0, 1] gray scale: a model that works at
 ``data.image_size`` != 256 gets its inputs resized exactly as the data readers resize them
-(``schema.to_tensors``: nearest for the condition, antialiased bilinear for the target) and its
+(``schema.resize_maps``: nearest for the condition, antialiased bilinear for the target) and its
 output resized back bilinearly, so metrics and written maps are comparable with RadioMapSeer's.
 """
 
@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from radiodiff.config import DataConfig
 from radiodiff.data.schema import NATIVE_SIZE, resize_maps
 from radiodiff.diffusion.sampler import sample
-from radiodiff.eval.metrics import to_unit
-from radiodiff.eval.runs import LoadedModels
+from radiodiff.metrics import all_metrics, to_unit
+from radiodiff.precision import autocast
+from radiodiff.runs.artifact import LoadedModels
 
 Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -27,33 +28,44 @@ def generator_seed(seed: int, rank: int) -> int:
     return seed * 1000003 + rank
 
 
+def sampler_generator(seed: int, rank: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device).manual_seed(generator_seed(seed, rank))
+
+
 def to_model_size(cond: torch.Tensor, target: torch.Tensor, data: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Native (B, 3, 256, 256) condition and (B, 1, 256, 256) target -> ``data.image_size``, exactly
     as the readers resize them (the value mapping is per pixel and precedes the resize in both)."""
     return resize_maps(cond, target, data)
 
 
+def to_unit_scale(x: torch.Tensor, data: DataConfig) -> torch.Tensor:
+    """Values in the run's ``data.value_range`` -> the [0, 1] gray scale."""
+    return to_unit(x) if data.value_range == "symmetric" else x.float().clamp(0.0, 1.0)
+
+
 def to_native_unit(x: torch.Tensor, data: DataConfig) -> torch.Tensor:
     """A model output (B, 1, s, s) in the run's value range -> (B, 1, 256, 256) in [0, 1]."""
-    unit = to_unit(x) if data.value_range == "symmetric" else x.float().clamp(0.0, 1.0)
+    unit = to_unit_scale(x, data)
     if unit.shape[-1] != NATIVE_SIZE:
         unit = F.interpolate(unit, size=(NATIVE_SIZE, NATIVE_SIZE), mode="bilinear", align_corners=False)
     return unit.clamp(0.0, 1.0)
 
 
-def make_predictor(models: LoadedModels, data: DataConfig, *, steps: int, generator: torch.Generator) -> Predict:
+def make_predictor(models: LoadedModels, data: DataConfig, *, steps: int, generator: torch.Generator,
+                   precision: str = "fp32") -> Predict:
     """``predict(cond, target)`` at model size -> (B, 1, 256, 256) in [0, 1].
 
     VAE run: the reconstruction of ``target`` from the posterior mode (deterministic). LDM run:
     ``steps`` bridge-sampler steps from ``cond`` (``target`` is unused), noise from ``generator``
-    only, decoded by the frozen VAE.
+    only, decoded by the frozen VAE. ``precision``: the networks run under bf16 autocast unless fp32.
     """
     vae = models.vae
+    device = next(vae.parameters()).device
     if models.unet is None:
         def reconstruct(cond: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
+            with torch.no_grad(), autocast(device, precision):
                 recon, _ = vae(target.float(), sample_posterior=False)
-            return to_native_unit(recon, data)
+            return to_native_unit(recon.float(), data)
 
         return reconstruct
     unet, scale, eps = models.unet, models.scale_factor, models.eps
@@ -62,12 +74,28 @@ def make_predictor(models: LoadedModels, data: DataConfig, *, steps: int, genera
     def predict(cond: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         b, _, h, w = cond.shape
         shape = (b, vae.cfg.embed_dim, h // factor, w // factor)
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, precision):
             z = sample(lambda z_t, t: unet(z_t, t, cond), shape, steps=steps, eps=eps, generator=generator)
             pred = vae.decode(z / scale)
-        return to_native_unit(pred, data)
+        return to_native_unit(pred.float(), data)
 
     return predict
+
+
+def predict_native(predict: Predict, cond: torch.Tensor, target: torch.Tensor, data: DataConfig,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Native-size (B, 3, 256, 256) condition and target in the run's value range ->
+    (prediction, ground truth), both (B, 1, 256, 256) in [0, 1] on the CPU."""
+    model_cond, model_target = to_model_size(cond, target, data)
+    pred = predict(model_cond.to(device), model_target.to(device)).cpu()
+    return pred, to_unit_scale(target, data)
+
+
+def score_batch(predict: Predict, cond: torch.Tensor, target: torch.Tensor, data: DataConfig,
+                device: torch.device) -> dict[str, torch.Tensor]:
+    """Per-image metrics (B,) of one native-size batch, as radiodiff-eval computes them."""
+    pred, gt = predict_native(predict, cond, target, data, device)
+    return all_metrics(pred, gt)
 
 
 def default_device() -> torch.device:

@@ -1,0 +1,114 @@
+"""The files of a run directory, named once, and the read-only ways to find and read them.
+
+Layout of a run directory (``train/checkpoint.py`` writes it; everything else reads it here)::
+
+    config.yaml                     the resolved config (schema: TrainVaeConfig | TrainLdmConfig)
+    metrics.jsonl                   one JSON object per logged step
+    checkpoints/step_XXXXXXXX/
+        {engine}/...                one folder per DeepSpeed engine (autoencoder, discriminator | unet)
+        rank_00000.pt ...           per-rank state: RNG states, data-reader position
+        {name}.pt                   rank-0 files: stage state (the EMA) and exports (the bare autoencoder)
+        meta.json                   the run state (step, world size, ZeRO stage, stage, wandb id, counters)
+        COMMITTED                   written last, after a barrier: only then is the checkpoint valid
+
+Every ``.pt`` file is read with ``weights_only=True``: nothing in a run directory is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+META_FILE = "meta.json"
+COMMITTED = "COMMITTED"
+STEP_PATTERN = re.compile(r"^step_(\d{8})$")
+
+AUTOENCODER_WEIGHTS = "autoencoder_weights"  # the bare autoencoder (CompVis layout), with each VAE checkpoint
+EMA_STATE = "ema"  # the U-Net's EMA, with each LDM checkpoint
+UNET_ENGINE = "unet"
+# DeepSpeed's model file of an engine: at ZeRO <= 2 it holds the full state dict under "module".
+ENGINE_MODEL_FILE = "mp_rank_00_model_states.pt"
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / CHECKPOINTS / f"step_{step:08d}"
+
+
+def rank_file(folder: Path, rank: int) -> Path:
+    return folder / f"rank_{rank:05d}.pt"
+
+
+def extra_file(folder: Path, name: str) -> Path:
+    return folder / f"{name}.pt"
+
+
+def is_committed(folder: Path) -> bool:
+    return (folder / COMMITTED).is_file() and (folder / META_FILE).is_file()
+
+
+def committed_steps(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every committed checkpoint, oldest first."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_PATTERN.match(p.name))]
+    return sorted((step, p) for step, p in found if is_committed(p))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run directory meaning its newest committed checkpoint."""
+    path = Path(path).expanduser()
+    if is_committed(path):
+        return path
+    steps = committed_steps(path)
+    if steps:
+        return steps[-1][1]
+    if (path / META_FILE).is_file():
+        raise FileNotFoundError(f"checkpoint {path} is not committed (no {COMMITTED} file): it was not completely saved")
+    raise FileNotFoundError(f"{path} is neither a committed checkpoint folder nor a run directory holding one")
+
+
+def run_dir_of(folder: Path) -> Path:
+    """The run directory a checkpoint folder belongs to."""
+    return folder.parent.parent
+
+
+def read_meta(folder: Path) -> dict:
+    path = folder / META_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read the checkpoint's meta.json ({type(err).__name__}: {err})") from err
+
+
+def read_run_config(run_dir: Path, schema: type) -> Any:
+    """A run directory's resolved ``config.yaml`` as its schema dataclass (validated)."""
+    from omegaconf import OmegaConf
+
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {run_dir} is not a training run directory")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(path)))
+
+
+def load_tensor_file(path: Path) -> Any:
+    """A ``.pt`` file of tensors and plain containers; never unpickles objects."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing")
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def load_extra(folder: Path, name: str) -> Any:
+    return load_tensor_file(extra_file(folder, name))
+
+
+def load_engine_module(folder: Path, engine: str) -> dict[str, torch.Tensor]:
+    """The full model state dict an engine saved at ZeRO <= 2."""
+    return load_tensor_file(folder / engine / ENGINE_MODEL_FILE)["module"]

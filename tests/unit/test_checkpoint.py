@@ -1,0 +1,67 @@
+"""The checkpoint writer (train/checkpoint.py) and reader (runs/layout.py) on their own, on a real
+one-process DeepSpeed engine: save, commit, prune, resolve, read back, restore."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from radiodiff.config import DeepSpeedConfig, TrainConfig
+from radiodiff.runs import layout
+from radiodiff.train import checkpoint
+from radiodiff.train.engines import build_engine
+
+
+def make_engine(seed: int):
+    torch.manual_seed(seed)
+    return build_engine(torch.nn.Linear(4, 3), TrainConfig(micro_batch=1, lr=1e-2),
+                        DeepSpeedConfig(zero_stage=1, precision="fp32"), world_size=1)
+
+
+def save(run_dir: Path, step: int, engine, info, keep_last: int = 2) -> Path:
+    return checkpoint.save(run_dir, step, {"net": engine}, rank_state={"loader": {"pos": torch.tensor(step)}},
+                           meta={"step": step, "world_size": 1, "stage": "vae"},
+                           extras={"ema": {"w": torch.full((2,), float(step))}}, dist=info, keep_last=keep_last)
+
+
+def test_save_commit_prune_resolve_and_read_back(world_of_one, tmp_path: Path) -> None:
+    engine = make_engine(0)
+    for step in (1, 2, 3):
+        folder = save(tmp_path, step, engine, world_of_one)
+        assert folder == layout.step_dir(tmp_path, step) and layout.is_committed(folder)
+    # keep_last=2: step 1 pruned; a killed save (no COMMITTED) is never resolved, and pruned next time.
+    assert [s for s, _ in layout.committed_steps(tmp_path)] == [2, 3]
+    partial = layout.step_dir(tmp_path, 4)
+    partial.mkdir()
+    (partial / layout.META_FILE).write_text(json.dumps({"step": 4}))
+    assert layout.resolve_checkpoint(tmp_path) == layout.step_dir(tmp_path, 3)
+    with pytest.raises(FileNotFoundError, match="not committed"):
+        layout.resolve_checkpoint(partial)
+    save(tmp_path, 5, engine, world_of_one)
+    assert not partial.exists() and [s for s, _ in layout.committed_steps(tmp_path)] == [3, 5]
+    newest = layout.resolve_checkpoint(tmp_path)
+    assert layout.read_meta(newest) == {"step": 5, "world_size": 1, "stage": "vae"}
+    assert torch.equal(layout.load_extra(newest, "ema")["w"], torch.full((2,), 5.0))
+    assert int(layout.load_tensor_file(layout.rank_file(newest, 0))["loader"]["pos"]) == 5
+    assert (newest / layout.COMMITTED).read_text() == "5\n"
+
+
+def test_load_restores_the_engine_and_the_rank_state(world_of_one, tmp_path: Path) -> None:
+    saved = make_engine(1)
+    folder = save(tmp_path, 7, saved, world_of_one)
+    fresh = make_engine(2)
+    assert not torch.equal(fresh.module.weight, saved.module.weight)
+    meta, rank_state = checkpoint.load(folder, {"net": fresh}, world_of_one)
+    assert meta["step"] == 7 and int(rank_state["loader"]["pos"]) == 7
+    assert torch.equal(fresh.module.weight, saved.module.weight) and torch.equal(fresh.module.bias, saved.module.bias)
+
+
+def test_unreadable_meta_names_the_file(tmp_path: Path) -> None:
+    folder = layout.step_dir(tmp_path, 1)
+    folder.mkdir(parents=True)
+    (folder / layout.META_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match=str(folder / layout.META_FILE)):
+        layout.read_meta(folder)
