@@ -29,7 +29,9 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
             )
         ray.init(address=cfg.address, log_to_driver=False)
     else:
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False)
+        # "local": a new instance of our own, even where another user's Ray runs on this machine
+        # (ray.init() without an address would join that one).
+        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False)
     nodes = [node for node in ray.nodes() if node.get("Alive")]
     cpus = sum(node.get("Resources", {}).get("CPU", 0) for node in nodes)
     print(f"Ray: {len(nodes)} node{'s' if len(nodes) != 1 else ''}, {cpus:g} CPUs", flush=True)

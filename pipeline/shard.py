@@ -7,9 +7,15 @@ and writes it under a temporary name that is renamed when complete. ``manifest.j
 last and is what makes a shard set valid: while a run changes shards, the previous manifest is
 kept aside as ``manifest.json.previous`` so that no reader trusts a half-updated set.
 
-Re-running skips shards whose plan and checksum match the previous manifest and rewrites missing
-or corrupt ones. Bad source files fail the run, naming every one (``on_error=fail``), or are
-skipped and listed in the manifest (``on_error=skip``); nothing is dropped silently.
+A shard's plan digest covers what shapes its bytes: the source settings, the source root, the
+ordered sample keys and the identity of every source file (path relative to the root, size and
+mtime_ns; no content hash, which would read the whole dataset on the driver). Re-running keeps a
+shard whose plan matches the previous manifest and whose file still has the recorded sha256 (with
+its recorded entry and skipped files), and rewrites the others: a changed source file rewrites
+exactly the shards holding it, another source root rewrites all. A re-run that changes nothing
+leaves ``manifest.json`` untouched. Bad source files fail the run, naming every one
+(``on_error=fail``), or are skipped and listed in the manifest (``on_error=skip``); nothing is
+dropped silently.
 """
 
 from __future__ import annotations
@@ -19,19 +25,22 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import fsspec
 import numpy as np
 
 from radiodiff.config import SPLITS, ShardConfig
 from radiodiff.data.radiomapseer import RadioMapSeer
-from radiodiff.data.schema import DataFormatError, SampleId, decode_png
+from radiodiff.data.schema import DataFormatError, SampleId, check_antenna, decode_png
 from radiodiff.data.manifest import MANIFEST_NAME, build_manifest, manifest_summary, plan_digest
 from radiodiff.data.shard_format import sha256, shard_path, write_tar
 
 # Filesystems that live inside one process: Ray workers cannot see the driver's, so tasks hand
-# their tar bytes back and the driver writes them.
+# their tar bytes back and the driver writes them (and checks kept shards itself).
 PROCESS_LOCAL_PROTOCOLS = {"memory"}
+LOCAL_PROTOCOLS = {"file", "local"}
 
 
 class ShardingError(DataFormatError):
@@ -43,8 +52,9 @@ class ShardTask:
     split: str
     index: int
     keys: list[str]
-    plan: str  # plan_digest of the settings and keys
-    previous_sha256: str | None  # of the same plan in the previous manifest, if any
+    plan: str  # plan_digest of the settings, source files and keys
+    previous: dict | None = None  # the previous manifest's entry of the same plan, if any
+    previous_bad: list[dict] = field(default_factory=list)  # its skipped records
 
 
 @dataclass
@@ -67,10 +77,27 @@ def source_settings(cfg: ShardConfig) -> dict:
             "buildings": data.buildings, "cars": data.cars_input, "num_tx": data.num_tx}
 
 
+def source_files(source: RadioMapSeer, keys: list[str], stats: dict[Path, list]) -> list[list]:
+    """[relative path, size, mtime_ns] of every source file of ``keys`` (None, None if missing)."""
+    files = []
+    for key in keys:
+        for path in source.paths(SampleId.from_key(key)).values():
+            if path not in stats:
+                try:
+                    info = path.stat()
+                    stats[path] = [str(path.relative_to(source.layout.root)), info.st_size, info.st_mtime_ns]
+                except OSError:
+                    stats[path] = [str(path.relative_to(source.layout.root)), None, None]
+            files.append(stats[path])
+    return files
+
+
 def plan_shards(source: RadioMapSeer, cfg: ShardConfig, previous: dict | None) -> list[ShardTask]:
     """Cut every split into shards of shuffled samples (deterministic for ``order_seed``)."""
-    settings = source_settings(cfg)
-    old = {(s["path"]): s for split in (previous or {}).get("splits", {}).values() for s in split["shards"]}
+    settings = {**source_settings(cfg), "source_root": str(source.layout.root.resolve())}
+    old = {s["path"]: s for split in (previous or {}).get("splits", {}).values() for s in split["shards"]}
+    old_bad = (previous or {}).get("skipped", [])
+    stats: dict[Path, list] = {}
     tasks = []
     for split in cfg.splits or list(source.splits):
         if split not in source.splits:
@@ -80,11 +107,24 @@ def plan_shards(source: RadioMapSeer, cfg: ShardConfig, previous: dict | None) -
         num_shards = min(len(keys), max(cfg.min_shards_per_split, math.ceil(len(keys) / cfg.samples_per_shard)))
         for index, chunk in enumerate(np.array_split(order, num_shards)):
             chunk_keys = [keys[i] for i in chunk]
-            plan = plan_digest(settings, chunk_keys)
+            plan = plan_digest({**settings, "files": source_files(source, chunk_keys, stats)}, chunk_keys)
+            task = ShardTask(split, index, chunk_keys, plan)
             prior = old.get(shard_path(split, index))
-            same = prior is not None and prior.get("plan") == plan
-            tasks.append(ShardTask(split, index, chunk_keys, plan, prior["sha256"] if same else None))
+            if prior is not None and prior.get("plan") == plan:
+                members = set(chunk_keys)
+                task.previous = prior
+                task.previous_bad = [bad for bad in old_bad if bad.get("key") in members]
+            tasks.append(task)
     return tasks
+
+
+def _bad_record(key: str, path: Path, err: Exception) -> dict:
+    """A bad source file; ``error`` says what is wrong without repeating the path."""
+    if isinstance(err, OSError):
+        error = err.strerror or type(err).__name__
+    else:
+        error = str(err).removeprefix(f"{path}: ")
+    return {"key": key, "path": str(path), "error": error}
 
 
 def _read_sample(source: RadioMapSeer, key: str, split: str) -> tuple[dict[str, bytes] | None, list[dict]]:
@@ -98,23 +138,32 @@ def _read_sample(source: RadioMapSeer, key: str, split: str) -> tuple[dict[str, 
             members[member] = path.read_bytes()
             image = decode_png(members[member], str(path))
             if member == "tx.png":  # the record holds the transmitter position read from it
+                check_antenna(image, str(path))
                 members["json"] = source.record(sample, split, image)
         except (OSError, DataFormatError) as err:
-            bad.append({"key": key, "path": str(path), "error": str(err)})
+            bad.append(_bad_record(key, path, err))
     return (None if bad else members), bad
 
 
+def kept_shard(task: ShardTask, cfg: ShardConfig) -> ShardResult | None:
+    """The previous shard of the same plan with its recorded entry, if its file is intact."""
+    if task.previous is None:
+        return None
+    fs, root = fsspec.core.url_to_fs(cfg.out)
+    target = f"{root.rstrip('/')}/{task.previous['path']}"
+    if not fs.exists(target) or sha256(fs.cat_file(target)) != task.previous["sha256"]:
+        return None
+    entry = task.previous
+    return ShardResult(task.split, task.index, entry["path"], task.plan, num_samples=entry["num_samples"],
+                       bytes=entry["bytes"], sha256=entry["sha256"], status="kept",
+                       bad=list(task.previous_bad))
+
+
 def build_shard(task: ShardTask, cfg: ShardConfig, process_local: bool) -> ShardResult:
-    """Body of one Ray task: keep an intact shard, or read, check, pack and write it."""
+    """Body of one Ray task: read, check, pack and write one shard."""
     fs, root = fsspec.core.url_to_fs(cfg.out)
     path = shard_path(task.split, task.index)
-    target = f"{root.rstrip('/')}/{path}"
     result = ShardResult(task.split, task.index, path, task.plan)
-    if task.previous_sha256 and not process_local and fs.exists(target):
-        if sha256(fs.cat_file(target)) == task.previous_sha256:
-            result.num_samples, result.bytes = len(task.keys), fs.size(target)
-            result.sha256, result.status = task.previous_sha256, "kept"
-            return result
     source = RadioMapSeer(cfg.data, only=[SampleId.from_key(k) for k in task.keys], validate=False)
     samples = []
     for key in task.keys:
@@ -130,7 +179,7 @@ def build_shard(task: ShardTask, cfg: ShardConfig, process_local: bool) -> Shard
     if process_local:
         result.data = data
     else:
-        write_atomically(fs, target, data)
+        write_atomically(fs, f"{root.rstrip('/')}/{path}", data)
     return result
 
 
@@ -151,23 +200,29 @@ def _read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict | None:
         return None  # a corrupt manifest only means nothing can be skipped
 
 
-def run_tasks(tasks: list[ShardTask], cfg: ShardConfig, process_local: bool) -> list[ShardResult]:
-    """One Ray task per shard, with a progress bar; results in plan order."""
+def run_tasks(function: Callable, tasks: list[ShardTask], cfg: ShardConfig, *args: object, desc: str) -> list:
+    """``function(task, cfg, *args)`` as one Ray task per shard (in a ``ray_session``), with a
+    progress bar; results in plan order. A task's error is raised as itself: the Ray wrapper only
+    adds the worker's traceback (chained, shown with RADIODIFF_TRACEBACK=1)."""
     import ray
     from tqdm import tqdm
 
-    from pipeline.ray_setup import ray_session
-
-    with ray_session(cfg.ray):
-        remote = ray.remote(build_shard)
-        pending = {remote.remote(task, cfg, process_local): i for i, task in enumerate(tasks)}
-        results: list[ShardResult | None] = [None] * len(tasks)
-        with tqdm(total=len(tasks), desc="shards", unit="shard", file=sys.stdout) as progress:
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
+    if not tasks:
+        return []
+    remote = ray.remote(function)
+    pending = {remote.remote(task, cfg, *args): i for i, task in enumerate(tasks)}
+    results: list = [None] * len(tasks)
+    with tqdm(total=len(tasks), desc=desc, unit="shard", file=sys.stdout) as progress:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            try:
                 results[pending.pop(done[0])] = ray.get(done[0])
-                progress.update(1)
-    return results  # type: ignore[return-value]
+            except ray.exceptions.RayTaskError as err:
+                if isinstance(err.cause, Exception):
+                    raise err.cause from err
+                raise
+            progress.update(1)
+    return results
 
 
 def manifest_of(cfg: ShardConfig, source: RadioMapSeer, results: list[ShardResult]) -> dict:
@@ -177,8 +232,54 @@ def manifest_of(cfg: ShardConfig, source: RadioMapSeer, results: list[ShardResul
                           split_maps=source.splits, shards=entries, skipped=[bad for r in results for bad in r.bad])
 
 
+def check_output(cfg: ShardConfig) -> None:
+    """Before any work: a local ``out`` must be a folder we can write in."""
+    fs, root = fsspec.core.url_to_fs(cfg.out)
+    if LOCAL_PROTOCOLS & set(np.atleast_1d(fs.protocol)):
+        from radiodiff.cli import check_output_dir
+
+        check_output_dir("out", root)
+
+
+def sharding_error(failed: list[dict]) -> ShardingError:
+    listing = "; ".join(f"{bad['path']} ({bad['error']})" for bad in failed)
+    return ShardingError(f"{len(failed)} bad source file{'s' if len(failed) != 1 else ''} "
+                         f"(on_error=skip leaves them out): {listing}")
+
+
+def build_missing(tasks: list[ShardTask], kept: list[ShardResult | None], cfg: ShardConfig,
+                  process_local: bool) -> list[ShardResult]:
+    """Build every shard that was not kept, and write the process-local ones; results in plan order."""
+    todo = [task for task, result in zip(tasks, kept) if result is None]
+    built = iter(run_tasks(build_shard, todo, cfg, process_local, desc="shards"))
+    results = [result if result is not None else next(built) for result in kept]
+    failed = [bad for r in results if r.status == "failed" for bad in r.bad]
+    if failed:
+        raise sharding_error(failed)
+    fs, root = fsspec.core.url_to_fs(cfg.out)
+    for r in results:
+        if r.data is not None:
+            write_atomically(fs, f"{root.rstrip('/')}/{r.path}", r.data)
+            r.data = None
+    return results
+
+
+def check_kept(tasks: list[ShardTask], cfg: ShardConfig, process_local: bool) -> list[ShardResult | None]:
+    """Per task, its kept previous shard or None; the files are hashed by Ray tasks."""
+    checking = [task for task in tasks if task.previous is not None]
+    if process_local:
+        checked = [kept_shard(task, cfg) for task in checking]
+    else:
+        checked = run_tasks(kept_shard, checking, cfg, desc="checking shards")
+    by_task = {id(task): result for task, result in zip(checking, checked)}
+    return [by_task.get(id(task)) for task in tasks]
+
+
 def run_shard(cfg: ShardConfig) -> dict:
     """Plan, write and commit a shard set; returns the manifest."""
+    from pipeline.ray_setup import ray_session
+
+    check_output(cfg)
     fs, root = fsspec.core.url_to_fs(cfg.out)
     root = root.rstrip("/")
     process_local = bool(PROCESS_LOCAL_PROTOCOLS & set(np.atleast_1d(fs.protocol)))
@@ -186,29 +287,39 @@ def run_shard(cfg: ShardConfig) -> dict:
     manifest_path, previous_path = f"{root}/{MANIFEST_NAME}", f"{root}/{MANIFEST_NAME}.previous"
     previous = _read_json(fs, manifest_path) or _read_json(fs, previous_path)
     tasks = plan_shards(source, cfg, previous)
-    fs.makedirs(root, exist_ok=True)
-    if fs.exists(manifest_path):
-        fs.mv(manifest_path, previous_path)  # the old set is no longer valid while we change it
-    results = run_tasks(tasks, cfg, process_local)
-    failed = [bad for r in results if r.status == "failed" for bad in r.bad]
-    if failed:
-        listing = "\n  ".join(f"{b['path']}: {b['error']}" for b in failed)
-        raise ShardingError(f"{len(failed)} bad source files (on_error=skip skips them):\n  {listing}")
-    for r in results:
-        if r.data is not None:
-            write_atomically(fs, f"{root}/{r.path}", r.data)
-            r.data = None
-    kept = sum(r.status == "kept" for r in results)
-    print(f"shards: {len(results) - kept} written, {kept} kept (checksum matched)")
+    known_bad = [bad for task in tasks if task.previous is not None for bad in task.previous_bad]
+    if known_bad and cfg.on_error == "fail":  # unchanged since they were skipped: fail before any work
+        raise sharding_error(known_bad)
+    with ray_session(cfg.ray):
+        kept = check_kept(tasks, cfg, process_local)
+        num_kept = sum(r is not None for r in kept)
+        if num_kept < len(tasks):
+            fs.makedirs(root, exist_ok=True)
+            if fs.exists(manifest_path):
+                fs.mv(manifest_path, previous_path)  # the old set is no longer valid while we change it
+        results = build_missing(tasks, kept, cfg, process_local)
+    print(f"shards: {len(results) - num_kept} written, {num_kept} kept (plan and checksum matched)")
     manifest = manifest_of(cfg, source, results)
-    write_atomically(fs, manifest_path, json.dumps(manifest, indent=1).encode())
+    encoded = json.dumps(manifest, indent=1).encode()
+    if not (fs.exists(manifest_path) and fs.cat_file(manifest_path) == encoded):
+        write_atomically(fs, manifest_path, encoded)  # an unchanged set keeps its file untouched
     if fs.exists(previous_path):
         fs.rm(previous_path)
     return manifest
 
 
 def summarize(manifest: dict, seconds: float) -> str:
-    return "\n".join([f"wrote the shard set in {seconds:.1f} s:", *manifest_summary(manifest)])
+    lines = [f"wrote the shard set in {seconds:.1f} s:", *manifest_summary(manifest)]
+    train = manifest["splits"].get("train")
+    if train is not None:
+        # The reader's rule (radiodiff.data.shard_stream): one global stream cut into micro-batches,
+        # so any number of ranks x workers works; a worker reads each shard holding one of its samples.
+        size = sum(s["bytes"] for s in train["shards"]) / 1e6
+        lines.append(f"  serves any number of ranks x data-loader workers: each worker reads at most the "
+                     f"whole train split ({size:.1f} MB) per epoch, so a rank reads up to num_workers x "
+                     f"{size:.1f} MB per epoch; on nodes with many ranks set data.cache_dir (node-local "
+                     f"disk) so that a node fetches each shard once")
+    return "\n".join(lines)
 
 
 def shard_command(cfg: ShardConfig) -> int:

@@ -43,7 +43,7 @@ def synth_copy(synth_root: Path, tmp_path: Path) -> Path:
 def ray_local():
     """One local Ray instance shared by the tests that run Ray tasks (starting Ray takes seconds)."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

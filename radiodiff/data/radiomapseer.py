@@ -22,7 +22,15 @@ import torch
 from PIL import Image
 
 from radiodiff.config import SIMULATION_TX_LIMIT, DataConfig
-from radiodiff.data.schema import NATIVE_SIZE, DataFormatError, SampleId, decode_members, decode_png, encode_json
+from radiodiff.data.schema import (
+    NATIVE_SIZE,
+    DataFormatError,
+    SampleId,
+    check_antenna,
+    decode_members,
+    decode_png,
+    encode_json,
+)
 
 FULL_MAPS = 700  # the protocols permute maps 0..699 and read file id perm[i] + 1
 # Published cut positions in the permutation of the full 700 maps: split i holds positions
@@ -206,9 +214,7 @@ class RadioMapSeer:
 
     def record(self, sample: SampleId, split: str, tx_map: np.ndarray) -> bytes:
         """The sample's JSON member; the transmitter position is read from its decoded antenna map."""
-        row, col = (int(v) for v in np.unravel_index(int(np.argmax(tx_map)), tx_map.shape))
-        if tx_map[row, col] != 255:
-            raise DataFormatError(f"{self.paths(sample)['tx.png']}: no transmitter pixel (255) found")
+        row, col = check_antenna(tx_map, str(self.paths(sample)["tx.png"]))
         return encode_json({
             "map": sample.map, "tx": sample.tx, "split": split, "simulation": self.cfg.simulation,
             "buildings": self.cfg.buildings, "tx_row": row, "tx_col": col,

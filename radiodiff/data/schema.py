@@ -74,6 +74,18 @@ def decode_png(data: bytes, where: str) -> np.ndarray:
     return array
 
 
+def check_antenna(tx: np.ndarray, where: str) -> tuple[int, int]:
+    """The (row, col) of the transmitter: the one 255 pixel of an antenna map (the sharder and
+    radiodiff-sample both read positions through this). Raises DataFormatError naming ``where``."""
+    rows, cols = np.nonzero(tx == 255)
+    if len(rows) != 1:
+        found = ", ".join(f"({r}, {c})" for r, c in zip(rows[:3].tolist(), cols[:3].tolist()))
+        more = ", ..." if len(rows) > 3 else ""
+        raise DataFormatError(f"{where}: expected exactly one transmitter pixel (value 255), found "
+                              f"{len(rows)}{f' at {found}{more}' if len(rows) else ''}")
+    return int(rows[0]), int(cols[0])
+
+
 def encode_json(record: dict) -> bytes:
     return json.dumps(record, sort_keys=True).encode()
 

@@ -10,11 +10,11 @@ import re
 import sys
 from dataclasses import replace
 
-from radiodiff.cli import run_app
+from radiodiff.cli import check_output_dir, run_app
 from radiodiff.config import EvalConfig
+from radiodiff.dist import print0, setup, teardown
 from radiodiff.eval.evaluate import evaluate
 from radiodiff.eval.sample import run_sample
-from radiodiff.dist import print0, setup, teardown
 from radiodiff.runs import merge_data, open_run
 
 DATA_OVERRIDE = re.compile(r"^\+{0,2}data\.(\w+)=")
@@ -26,6 +26,7 @@ def data_keys(args: list[str]) -> set[str]:
 
 
 def evaluate_command(cfg: EvalConfig, given_data_keys: set[str]) -> int:
+    check_output_dir("out_dir", cfg.out_dir)  # before the evaluation, not after it
     run = open_run(cfg.run_dir)
     cfg = replace(cfg, data=merge_data(run.config.data, cfg.data, given_data_keys))
     dist = setup()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -14,9 +15,14 @@ from pathlib import Path
 import fsspec
 import pytest
 
+import numpy as np
+from PIL import Image
+
+from radiodiff.cli import run_app
 from radiodiff.config import DataConfig, ShardConfig
 from radiodiff.data.radiomapseer import RadioMapSeer
-from pipeline.shard import ShardingError, run_shard
+from radiodiff.data.schema import DataFormatError
+from pipeline.shard import ShardTask, ShardingError, run_shard, run_tasks, shard_command
 
 
 def shard_cfg(root: Path, out: str, **overrides) -> ShardConfig:
@@ -104,7 +110,8 @@ def test_bad_source_files_fail_naming_every_one(synth_copy: Path, tmp_path: Path
     out = tmp_path / "shards"
     with pytest.raises(ShardingError) as error:
         run_shard(shard_cfg(synth_copy, str(out)))
-    assert str(bad_gain) in str(error.value) and str(missing) in str(error.value)
+    message = str(error.value)
+    assert "\n" not in message and message.count(str(bad_gain)) == 1 and message.count(str(missing)) == 1
     assert not (out / "manifest.json").exists()
     manifest = run_shard(shard_cfg(synth_copy, str(out), on_error="skip"))
     skipped = {entry["path"] for entry in manifest["skipped"]}
@@ -166,3 +173,146 @@ def test_inspect_shards_verifies_and_finds_a_corrupt_shard(sharded: Path, tmp_pa
     assert tool.main([str(copy), "--verify"]) == 1
     assert "1 problem(s) found" in capsys.readouterr().out
     assert tool.main([str(tmp_path / "nothing")]) == 2
+
+
+def tar_keys(out: Path, manifest: dict) -> dict[str, list[str]]:
+    """Shard path -> the sample keys its tar holds."""
+    keys = {}
+    for entry in manifest["splits"].values():
+        for shard in entry["shards"]:
+            with tarfile.open(out / shard["path"]) as tar:
+                keys[shard["path"]] = sorted({name.split(".")[0] for name in tar.getnames()})
+    return keys
+
+
+def mtimes(out: Path) -> dict[str, int]:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_unchanged_rerun_leaves_the_manifest_untouched(synth_root: Path, tmp_path: Path, ray_local) -> None:
+    out = tmp_path / "shards"
+    run_shard(shard_cfg(synth_root, str(out)))
+    manifest = out / "manifest.json"
+    before, files = manifest.read_bytes(), mtimes(out)
+    os.utime(manifest, ns=(1_000_000_000, 1_000_000_000))  # a rewrite would move it, even within a tick
+    run_shard(shard_cfg(synth_root, str(out)))
+    assert manifest.read_bytes() == before and manifest.stat().st_mtime_ns == 1_000_000_000
+    assert mtimes(out) == {**files, "manifest.json": 1_000_000_000}  # nothing written, moved aside or left
+
+
+def test_rerun_of_a_skip_set_keeps_its_entries_and_skipped_files(synth_copy: Path, tmp_path: Path,
+                                                                  ray_local) -> None:
+    bad_gain = synth_copy / "gain" / "DPM" / "2_1.png"
+    bad_gain.write_bytes(b"not a png")
+    out = tmp_path / "shards"
+    first = run_shard(shard_cfg(synth_copy, str(out), on_error="skip"))
+    before = (out / "manifest.json").read_bytes()
+    second = run_shard(shard_cfg(synth_copy, str(out), on_error="skip"))
+    assert second == first and (out / "manifest.json").read_bytes() == before
+    assert [bad["path"] for bad in second["skipped"]] == [str(bad_gain)]
+    held = tar_keys(out, second)
+    for entry in second["splits"].values():
+        assert entry["num_samples"] == sum(len(held[s["path"]]) for s in entry["shards"])
+        assert all(s["num_samples"] == len(held[s["path"]]) for s in entry["shards"])
+
+
+def test_known_bad_files_fail_a_later_on_error_fail_run_at_once(synth_copy: Path, tmp_path: Path,
+                                                                 ray_local, capsys) -> None:
+    bad_gain = synth_copy / "gain" / "DPM" / "2_1.png"
+    bad_gain.write_bytes(b"not a png")
+    out = tmp_path / "shards"
+    run_shard(shard_cfg(synth_copy, str(out), on_error="skip"))
+    files = mtimes(out)
+    capsys.readouterr()
+    argv = [f"data.root={synth_copy}", f"out={out}", "min_shards_per_split=2"]
+    assert run_app("shard", shard_command, argv) == 2
+    captured = capsys.readouterr()
+    reason = read_manifest(out)["skipped"][0]["error"]
+    expected = f"error: 1 bad source file (on_error=skip leaves them out): {bad_gain} ({reason})"
+    assert captured.err.splitlines() == [expected]
+    assert "cannot decode PNG" in captured.err and "Ray:" not in captured.out  # failed before any work
+    assert mtimes(out) == files
+
+
+def rewrite_gain(path: Path) -> None:
+    gain = np.asarray(Image.open(path)).copy()
+    gain[0, 0] = (int(gain[0, 0]) + 1) % 256
+    Image.fromarray(gain, mode="L").save(path)
+
+
+def test_a_changed_source_file_rewrites_exactly_the_shards_holding_it(synth_copy: Path, tmp_path: Path,
+                                                                      ray_local) -> None:
+    out = tmp_path / "shards"
+    first = run_shard(shard_cfg(synth_copy, str(out)))
+    holding = [path for path, keys in tar_keys(out, first).items() if "2_1" in keys]
+    files = mtimes(out)
+    rewrite_gain(synth_copy / "gain" / "DPM" / "2_1.png")  # same size is possible: mtime_ns tells
+    second = run_shard(shard_cfg(synth_copy, str(out)))
+    changed = {path for path, mtime in mtimes(out).items() if files.get(path) != mtime}
+    assert changed == {*holding, "manifest.json"}
+    with tarfile.open(out / holding[0]) as tar:
+        assert tar.extractfile("2_1.gain.png").read() == (synth_copy / "gain" / "DPM" / "2_1.png").read_bytes()
+    old = {s["path"]: s for e in first["splits"].values() for s in e["shards"]}
+    new = {s["path"]: s for e in second["splits"].values() for s in e["shards"]}
+    assert {p for p in new if new[p]["sha256"] != old[p]["sha256"]} == set(holding)
+
+
+def test_another_source_root_rewrites_every_shard(synth_root: Path, synth_copy: Path, tmp_path: Path,
+                                                  ray_local, capsys) -> None:
+    out = tmp_path / "shards"
+    run_shard(shard_cfg(synth_root, str(out)))
+    files = mtimes(out)
+    capsys.readouterr()
+    manifest = run_shard(shard_cfg(synth_copy, str(out)))  # the same files (copied with their mtimes)
+    assert "0 kept" in capsys.readouterr().out
+    assert manifest["source_root"] == str(synth_copy)
+    assert all(mtime != files[path] for path, mtime in mtimes(out).items())
+
+
+def test_antenna_with_two_transmitters_is_a_bad_source_file(synth_copy: Path, tmp_path: Path, ray_local) -> None:
+    path = synth_copy / "png" / "antennas" / "4_2.png"
+    tx = np.asarray(Image.open(path)).copy()
+    tx[0, 0] = 255  # a second transmitter pixel
+    Image.fromarray(tx, mode="L").save(path)
+    with pytest.raises(ShardingError, match=f"{path} \\(expected exactly one transmitter pixel .*found 2"):
+        run_shard(shard_cfg(synth_copy, str(tmp_path / "shards")))
+
+
+def unwritable_folder(tmp_path: Path) -> Path:
+    """A folder this process cannot create files in (root ignores permission bits: /proc/sys)."""
+    if os.geteuid() == 0:
+        return Path("/proc/sys")
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder
+
+
+def test_unwritable_out_fails_at_once_with_one_line(synth_root: Path, tmp_path: Path, capsys) -> None:
+    folder = unwritable_folder(tmp_path)
+    argv = [f"data.root={synth_root}", f"out={folder / 'shards'}", "ray.num_cpus=1"]
+    assert run_app("shard", shard_command, argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f"error: out={folder / 'shards'}: {folder} is not writable"]
+    assert "Ray:" not in captured.out and not (folder / "shards").exists()
+
+
+def test_out_that_is_a_file_fails_at_once(synth_root: Path, tmp_path: Path, capsys) -> None:
+    target = tmp_path / "shards"
+    target.write_bytes(b"keep me")
+    assert run_app("shard", shard_command, [f"data.root={synth_root}", f"out={target}"]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: out={target} is a file, not a folder"]
+    assert target.read_bytes() == b"keep me"
+
+
+def test_a_ray_task_error_is_raised_as_itself(synth_root: Path, tmp_path: Path, ray_local, capsys) -> None:
+    def failing(task: ShardTask, cfg: ShardConfig) -> None:
+        raise DataFormatError(f"{task.keys[0]}.png: corrupt")
+
+    def command(cfg: ShardConfig) -> int:
+        run_tasks(failing, [ShardTask("train", 0, ["3_1"], "plan")], cfg, desc="test")
+        return 0
+
+    argv = [f"data.root={synth_root}", f"out={tmp_path / 'shards'}"]
+    assert run_app("shard", command, argv) == 2
+    assert capsys.readouterr().err.splitlines() == ["error: 3_1.png: corrupt"]
