@@ -13,6 +13,8 @@ models: forward+backward ms per image of the stage-1 (VAE-GAN) and stage-2 (LDM)
        preset, fp32 vs bf16 autocast, channels_last off vs on, with FLOPs; see tools/bench_models.py.
 train: steps/s and images/s of radiodiff-train-vae/-ldm per precision and ZeRO stage (GPU memory on
        a GPU); see tools/bench_train.py.
+quality: PSNR/SSIM/NMSE/RMSE of the trained VAE and LDM against a resolution ceiling, the mean map, a
+       direct conv U-Net regressor and a transmitter ablation (~30 min; --quick); see tools/bench_quality.py.
 """
 
 from __future__ import annotations
@@ -93,6 +95,42 @@ def bench_data(args: argparse.Namespace) -> None:
     print(f"  shard reader (2 workers)          {shard_rate:8.1f} samples/s")
     print(f"  per-file folder loader (1 worker) {folder_rate:8.1f} samples/s")
     print(f"  ratio                             {shard_rate / folder_rate:8.2f}x")
+    print(slots_table(slot_rows(cfg, args.batch)))
+
+
+SLOT_GEOMETRIES = ((1, 0), (2, 2), (8, 2))  # (ranks, workers per rank): 1, 4 and 16 slots
+
+
+def slot_rows(cfg, batch: int) -> list[tuple]:
+    """One epoch of the train split on every rank of each geometry, the ranks one after another in
+    this process: samples/s per rank and MB read from the shard root per rank."""
+    from radiodiff.data.manifest import read_manifest
+    from radiodiff.data.shards import ShardLoader
+
+    split_mb = sum(s["bytes"] for s in read_manifest(cfg.shards)["splits"]["train"]["shards"]) / 1e6
+    rows = []
+    for ranks, workers in SLOT_GEOMETRIES:
+        rates, megabytes = [], []
+        for rank in range(ranks):
+            loader = ShardLoader(cfg, "train", batch_size=batch, rank=rank, world_size=ranks, epochs=1,
+                                 num_workers=workers)
+            start = time.perf_counter()
+            count = sum(len(b["key"]) for b in loader)
+            rates.append(count / (time.perf_counter() - start))
+            megabytes.append(loader.bytes_read / 1e6)
+        rows.append((ranks, workers, statistics.median(rates), max(megabytes), split_mb))
+    return rows
+
+
+def slots_table(rows: list[tuple]) -> str:
+    lines = ["\nreader at scale (one epoch of the train split per rank; every sample once over all ranks):",
+             "| slots | ranks x workers | samples/s per rank | MB read per rank | train split MB |",
+             "| --- | --- | --- | --- | --- |"]
+    for ranks, workers, rate, megabytes, split_mb in rows:
+        lines.append(f"| {ranks * max(workers, 1)} | {ranks} x {workers} | {rate:.0f} | {megabytes:.1f} | {split_mb:.1f} |")
+    lines.append("A rank's workers each read the shards holding their samples: at most workers x the split per epoch;")
+    lines.append("with data.cache_dir a node fetches each shard from the root once, its ranks read the local copy.")
+    return "\n".join(lines)
 
 
 def bench_synth(args: argparse.Namespace) -> None:
@@ -129,15 +167,18 @@ def main(argv: list[str] | None = None) -> int:
     synth.add_argument("--maps", type=int, default=4)
     synth.add_argument("--tx", type=int, default=16)
     import bench_models  # siblings: a script's own folder is on its import path
+    import bench_quality
     import bench_train
 
     models = sub.add_parser("models", help="fwd+bwd time per image of the two training steps")
     bench_models.add_arguments(models)
     training = sub.add_parser("train", help="steps/s and images/s of the training commands")
     bench_train.add_arguments(training)
+    quality = sub.add_parser("quality", help="model quality against references, on a synthetic set")
+    bench_quality.add_arguments(quality)
     args = parser.parse_args(argv)
     commands = {"data": bench_data, "synth": bench_synth, "models": bench_models.bench_models,
-                "train": bench_train.bench_train}
+                "train": bench_train.bench_train, "quality": bench_quality.bench_quality}
     commands[args.what](args)
     return 0
 

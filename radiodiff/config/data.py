@@ -35,6 +35,9 @@ class DataConfig:
     value_range: str = "symmetric"  # unit: [0,1]; symmetric: [-1,1] (RadioDiff)
     num_workers: int = 2  # data-loader worker processes per rank
     shuffle: bool = True
+    # A node-local folder (e.g. /tmp or local NVMe): shards are read through {cache_dir}/{sha256}.tar,
+    # so the ranks of a node fetch each shard from data.shards once; None reads from data.shards only.
+    cache_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
         check_choice("data.protocol", self.protocol, PROTOCOLS)
@@ -44,6 +47,8 @@ class DataConfig:
         check_positive("data.num_tx", self.num_tx)
         check_positive("data.image_size", self.image_size)
         check_positive("data.num_workers", self.num_workers, allow_zero=True)
+        if self.cache_dir is not None and (not self.cache_dir or "://" in self.cache_dir):
+            raise ConfigError(f"data.cache_dir={self.cache_dir!r} must be a local folder path (or null)")
         if self.threshold is not None and not 0.0 <= self.threshold < 1.0:
             raise ConfigError(f"data.threshold={self.threshold} must be in [0, 1)")
         limit = SIMULATION_TX_LIMIT.get(self.simulation)
@@ -98,7 +103,7 @@ class ShardConfig:
     splits: Optional[list[str]] = None  # None: every split of the protocol
     # ~50 KB per real sample, so 4000 samples make ~200 MB shards.
     samples_per_shard: int = 4000
-    min_shards_per_split: int = 8  # so that small sets still split across ranks x workers
+    min_shards_per_split: int = 8  # sharding parallelism (a Ray task per shard); the reader needs no minimum
     order_seed: int = 0  # samples are shuffled across shards with this seed
     on_error: str = "fail"  # fail | skip (bad files are listed in the manifest)
     ray: RayConfig = field(default_factory=RayConfig)

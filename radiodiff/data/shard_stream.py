@@ -1,213 +1,207 @@
-"""Worker side of the shard reader: manifest, tar parsing, shard plan and the per-slot sample stream.
+"""Worker side of the shard reader: the global sample stream, one rank's micro-batches, decoding.
 
-A shard root (a folder or any fsspec URL) holds ``manifest.json`` and ``{split}/{split}-000000.tar``
-... written by ``radiodiff-shard``. Each tar holds, per sample ``{map}_{tx}``, the adjacent members
-``{key}.buildings.png``, ``{key}.tx.png``, ``{key}.gain.png``, optionally ``{key}.cars.png``, and
-``{key}.json``. Only those member types are accepted; nothing is ever unpickled.
+The stream. In epoch ``e`` a split's non-empty shards are permuted with an RNG seeded from
+``(seed, e)`` (when shuffling), each shard's samples with an RNG seeded from ``(seed, e, shard
+index)``, and the shards' samples concatenated; the epochs are concatenated into ONE continuous
+stream of positions 0, 1, 2, ... (position ``p`` lies in epoch ``p // N``, N the split's sample
+count). It is endless for training; with ``epochs=E`` it ends at ``E * N``. It depends on the seed,
+the epoch and the manifest only: never on the world size, the worker count or the batch size.
 
-Slots. Every (rank, data-loader worker) pair is a *slot*: ``num_slots = world_size * max(num_workers, 1)``
-and the global slot id is ``rank * max(num_workers, 1) + worker``. In epoch ``e`` the split's shards
-are permuted with an RNG seeded from ``(seed, e)`` and slot ``s`` reads ``perm[s::num_slots]``, one
-shard at a time, fully into memory, its samples permuted with an RNG seeded from
-``(seed, e, shard index)``. A slot's *position* counts the samples it has produced since the start,
-across epochs; :meth:`SlotPlan.locate` turns a position into (epoch, shard, offset) from the
-manifest's per-shard sample counts alone, which is what makes a resume cheap and exact.
+Chunks. Rank ``r`` of ``W`` with micro batch ``m``, started (or restored) at position ``start``,
+gets as its k-th micro-batch the positions ``start + (k*W + r)*m`` up to ``+ m``. So global batch
+``s`` of an update with grad_accum ``A`` is positions ``[start + s*A*W*m, start + (s+1)*A*W*m)``,
+and each rank's micro-batches within it are fixed slices of it.
+
+Remainder rule. Chunks tile the stream without gaps or overlaps and ignore shard and epoch
+boundaries: a micro-batch may straddle a shard boundary, or an epoch boundary (it then holds the
+last samples of epoch e and the first of e+1). So within each epoch every sample is delivered
+exactly once across all ranks and nothing is dropped; no epoch is padded. A finite stream ends
+mid-chunk: its last chunks are partial or absent, so a rank may get fewer samples or none at all
+(callers reduce sums and counts); ``drop_last`` drops the partial micro-batches instead.
+
+Workers. With ``n > 0`` data-loader workers, worker ``w`` builds (reads, decodes, collates) the
+micro-batches ``k = w, w+n, w+2n, ...``; a DataLoader with ``batch_size=None`` cycles its workers
+in order, so it hands them out as ``k = 0, 1, 2, ...``. ``num_workers=0`` does the same in the main
+process. A worker keeps its last two shards in memory (bytes and tar index; a micro-batch may
+straddle two) and fetches the next shard it will need in a background thread, so that a rank does
+not stall at shard boundaries. A worker reads every shard that holds one of its samples, once per
+epoch: at most the whole split per epoch (the whole split when shards are larger than the stride
+``n * W * m``). Shard files, caching and byte counts: ``shard_source``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import posixpath
-import tarfile
+import itertools
 from typing import Iterator, Optional
 
 import numpy as np
+import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from radiodiff.config import DataConfig
-from radiodiff.data.manifest import ShardInfo, join_url, read_bytes
-from radiodiff.data.schema import MEMBERS, DataFormatError, decode_members
+from radiodiff.data.manifest import ShardInfo
+from radiodiff.data.schema import DataFormatError, decode_members
+from radiodiff.data.shard_source import (
+    LoadedShard,
+    ShardReader,
+    ShardSource,
+    fetch_shard,
+    index_tar,
+    iter_tar,
+)
 
-REQUIRED_MEMBERS = ("buildings.png", "tx.png", "gain.png", "json")
+__all__ = ["ShardStream", "StreamPlan", "chunk_count", "fetch_shard", "index_tar", "iter_tar"]
+
 # Tags keep the two RNG streams apart: SeedSequence pads short entropy with zeros, so without
 # them (seed, e) and (seed, e, 0) would seed the same generator.
 _SHARD_ORDER_TAG = 0x5348
 _SAMPLE_ORDER_TAG = 0x534D
-
-# One sample inside a shard's bytes: key and {member type: (start, end)} byte spans.
-TarIndex = list[tuple[str, dict[str, tuple[int, int]]]]
+_PLAN_CACHE = 8  # epochs (and shard x epoch sample orders) whose permutations a plan keeps
 
 
-def index_tar(data: bytes, where: str) -> TarIndex:
-    """Parse a shard held in memory into per-sample byte spans, checking every member."""
-    index: TarIndex = []
-    seen: set[str] = set()
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as archive:
-            for info in archive:
-                key, kind = _check_member(info, len(data), where)
-                if not index or index[-1][0] != key:
-                    if key in seen:
-                        raise DataFormatError(f"{where}: members of sample {key} are not adjacent")
-                    seen.add(key)
-                    index.append((key, {}))
-                spans = index[-1][1]
-                if kind in spans:
-                    raise DataFormatError(f"{where}: member {info.name} appears twice")
-                spans[kind] = (info.offset_data, info.offset_data + info.size)
-    except (tarfile.TarError, EOFError) as err:
-        raise DataFormatError(f"{where}: not a readable tar file ({type(err).__name__}: {err})") from err
-    for key, spans in index:
-        missing = [kind for kind in REQUIRED_MEMBERS if kind not in spans]
-        if missing:
-            raise DataFormatError(f"{where}: sample {key} lacks member(s) {', '.join(missing)}")
-    return index
+class StreamPlan:
+    """The global sample stream of a split: where each position lies; reads no data."""
 
-
-def _check_member(info: tarfile.TarInfo, size: int, where: str) -> tuple[str, str]:
-    if not info.isreg():
-        raise DataFormatError(f"{where}: member {info.name!r} is not a regular file")
-    key, _, kind = posixpath.basename(info.name).partition(".")
-    if not key or kind not in MEMBERS:
-        raise DataFormatError(f"{where}: member {info.name!r} is not an accepted member type; "
-                              f"allowed: {', '.join(MEMBERS)}")
-    if info.offset_data + info.size > size:
-        raise DataFormatError(f"{where}: member {info.name!r} is truncated")
-    return key, kind
-
-
-def iter_tar(data: bytes, where: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Samples of a shard held in memory: (key, {member type: bytes}), in tar order."""
-    for key, spans in index_tar(data, where):
-        yield key, {kind: data[start:end] for kind, (start, end) in spans.items()}
-
-
-def fetch_shard(root: str, shard: ShardInfo, *, verify: bool = True) -> bytes:
-    """Read one whole shard; with ``verify`` its size and sha256 are checked against the manifest."""
-    url = join_url(root, shard.path)
-    data = read_bytes(url, "shard")
-    if verify and shard.num_bytes is not None and len(data) != shard.num_bytes:
-        raise DataFormatError(f"{url}: shard has {len(data)} bytes, the manifest says {shard.num_bytes}")
-    if verify and shard.sha256 and hashlib.sha256(data).hexdigest() != shard.sha256:
-        raise DataFormatError(f"{url}: shard sha256 does not match the manifest (corrupt or replaced)")
-    return data
-
-
-class SlotPlan:
-    """Which shards each slot reads in each epoch, and where a slot position lies; reads no data."""
-
-    def __init__(self, shards: list[ShardInfo], *, num_slots: int, seed: int, shuffle: bool,
-                 epochs: Optional[int]) -> None:
-        # Empty shards contribute nothing and would leave a slot with nothing to read.
+    def __init__(self, shards: list[ShardInfo], *, seed: int, shuffle: bool, epochs: Optional[int]) -> None:
+        # Empty shards contribute nothing to the stream.
         self.shards = [s for s in shards if s.num_samples > 0]
-        self.num_slots = num_slots
         self.seed = seed
         self.shuffle = shuffle
-        self.epochs = epochs
-        self._sizes: dict[tuple[int, int], int] = {}
+        self.epoch_size = sum(s.num_samples for s in self.shards)
+        self.end: Optional[int] = None if epochs is None else epochs * self.epoch_size
+        self._orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._sample_orders: dict[tuple[int, int], np.ndarray] = {}
 
-    def shards_of(self, slot: int, epoch: int) -> list[ShardInfo]:
-        order = np.arange(len(self.shards))
-        if self.shuffle:
-            order = np.random.default_rng([_SHARD_ORDER_TAG, self.seed, epoch]).permutation(order)
-        return [self.shards[i] for i in order[slot::self.num_slots]]
+    def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Indices into ``self.shards`` in the order of ``epoch``, and where each starts in the epoch."""
+        if epoch not in self._orders:
+            if len(self._orders) >= _PLAN_CACHE:
+                self._orders.clear()
+            order = np.arange(len(self.shards))
+            if self.shuffle:
+                order = np.random.default_rng([_SHARD_ORDER_TAG, self.seed, epoch]).permutation(order)
+            sizes = [self.shards[i].num_samples for i in order]
+            self._orders[epoch] = order, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        return self._orders[epoch]
 
-    def slot_size(self, slot: int, epoch: int) -> int:
-        """Samples slot ``slot`` produces in epoch ``epoch``."""
-        if (slot, epoch) not in self._sizes:
-            self._sizes[slot, epoch] = sum(s.num_samples for s in self.shards_of(slot, epoch))
-        return self._sizes[slot, epoch]
+    def segments(self, lo: int, hi: int) -> Iterator[tuple[int, ShardInfo, int, int, int]]:
+        """Positions ``[lo, hi)`` cut at shard boundaries: (epoch, shard, first offset, end offset,
+        stream position where that shard's run ends)."""
+        assert self.epoch_size > 0 and 0 <= lo <= hi
+        while lo < hi:
+            epoch, within = divmod(lo, self.epoch_size)
+            order, starts = self.epoch_order(epoch)
+            t = int(np.searchsorted(starts, within, side="right")) - 1
+            first = within - int(starts[t])
+            run_end = epoch * self.epoch_size + int(starts[t + 1])
+            stop = min(hi, run_end)
+            yield epoch, self.shards[order[t]], first, first + stop - lo, run_end
+            lo = stop
 
-    def slot_total(self, slot: int) -> Optional[int]:
-        """Samples a slot produces over all epochs; None for an endless stream."""
-        if self.epochs is None:
-            return None
-        return sum(self.slot_size(slot, e) for e in range(self.epochs))
-
-    def locate(self, slot: int, pos: int) -> Optional[tuple[int, int, int]]:
-        """Position -> (epoch, shard number within the slot's epoch, sample offset); None past the end."""
-        epoch = 0
-        while self.epochs is None or epoch < self.epochs:
-            size = self.slot_size(slot, epoch)
-            if pos < size:
-                for k, shard in enumerate(self.shards_of(slot, epoch)):
-                    if pos < shard.num_samples:
-                        return epoch, k, pos
-                    pos -= shard.num_samples
-            pos -= size
-            epoch += 1
-        return None
+    def shard_at(self, position: int) -> ShardInfo:
+        return next(self.segments(position, position + 1))[1]
 
     def sample_order(self, shard: ShardInfo, epoch: int) -> np.ndarray:
+        """Tar indices of ``shard``'s samples in the order of ``epoch``."""
         if not self.shuffle:
             return np.arange(shard.num_samples)
-        rng = np.random.default_rng([_SAMPLE_ORDER_TAG, self.seed, epoch, shard.index])
-        return rng.permutation(shard.num_samples)
+        if (shard.index, epoch) not in self._sample_orders:
+            if len(self._sample_orders) >= _PLAN_CACHE:
+                self._sample_orders.clear()
+            rng = np.random.default_rng([_SAMPLE_ORDER_TAG, self.seed, epoch, shard.index])
+            self._sample_orders[shard.index, epoch] = rng.permutation(shard.num_samples)
+        return self._sample_orders[shard.index, epoch]
+
+
+def chunk_count(end: int, start: int, *, rank: int, world_size: int, micro_batch: int,
+                drop_last: bool) -> int:
+    """Micro-batches rank ``rank`` gets from stream position ``start`` to ``end`` (see module docstring)."""
+    room = end - start - rank * micro_batch - (micro_batch - 1 if drop_last else 0)
+    return max(0, -(-room // (world_size * micro_batch)))
 
 
 class ShardStream(IterableDataset):
-    """The samples of one rank's slots; each data-loader worker (or the main process) plays one slot.
+    """One rank's micro-batches from stream position ``start`` on (set by the loader before each pass).
 
-    ``start_positions[j]`` is where local slot ``j`` starts and physical worker ``w`` plays local
-    slot ``(w + rotation) % slots_per_rank``; the consumer side sets both before each pass.
-    Yields ``schema.decode_members(raw=True)`` dicts (uint8 maps, finished per batch by the loader)
-    plus ``slot`` (global slot id) and ``pos``.
+    Yields collated batches: ``key`` list[str] (B), ``cond_u8`` uint8 (B, 3, H, W), ``target_u8``
+    uint8 (B, 1, H, W) (``schema.to_values`` finishes them per batch), ``map``, ``tx``, ``pos`` int64
+    (B,) (``pos``: stream positions), and ``io_bytes`` int64 (2,): the bytes this worker read from the
+    shard root and from the cache since its previous batch.
     """
 
-    def __init__(self, cfg: DataConfig, root: str, plan: SlotPlan, *, rank: int, num_workers: int,
-                 verify: bool = True) -> None:
+    def __init__(self, cfg: DataConfig, plan: StreamPlan, source: ShardSource, *, rank: int,
+                 world_size: int, micro_batch: int, drop_last: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
-        self.root = root
         self.plan = plan
+        self.source = source
         self.rank = rank
-        self.num_workers = num_workers
-        self.slots_per_rank = max(num_workers, 1)
-        self.verify = verify
-        self.start_positions = [0] * self.slots_per_rank
-        self.rotation = 0
+        self.world_size = world_size
+        self.micro_batch = micro_batch
+        self.drop_last = drop_last
+        self.start = 0
+
+    def chunk(self, k: int) -> tuple[int, int]:
+        """Stream positions [lo, hi) of this rank's k-th micro-batch; lo == hi when there is none."""
+        lo = self.start + (k * self.world_size + self.rank) * self.micro_batch
+        hi = lo + self.micro_batch
+        if self.plan.end is not None:
+            lo, hi = min(lo, self.plan.end), min(hi, self.plan.end)
+        if self.drop_last and hi - lo < self.micro_batch:
+            return lo, lo
+        return lo, hi
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        if workers != self.slots_per_rank:
-            raise RuntimeError(f"ShardStream built for {self.num_workers} workers runs in a loader "
-                               f"with {workers}; build the DataLoader through ShardLoader")
-        local = (worker + self.rotation) % self.slots_per_rank
-        slot = self.rank * self.slots_per_rank + local
-        return self.iter_slot(slot, self.start_positions[local])
+        reader = ShardReader(self.source)  # per pass: the shards this worker holds in memory
+        reported = (0, 0)
+        for k in itertools.count(worker, workers):
+            lo, hi = self.chunk(k)
+            if lo == hi:
+                return
+            batch = self._batch(reader, lo, hi, worker, workers)
+            counts = (reader.source_bytes, reader.cache_bytes)
+            batch["io_bytes"] = torch.tensor([counts[0] - reported[0], counts[1] - reported[1]])
+            reported = counts
+            yield batch
 
-    def iter_slot(self, slot: int, start: int) -> Iterator[dict]:
-        located = self.plan.locate(slot, start)
-        if located is None:
-            return
-        epoch, first_shard, offset = located
-        pos = start
-        while self.plan.epochs is None or epoch < self.plan.epochs:
-            for shard in self.plan.shards_of(slot, epoch)[first_shard:]:
-                for sample in self._read_shard(shard, epoch, offset):
-                    sample["slot"] = slot
-                    sample["pos"] = pos
-                    pos += 1
-                    yield sample
-                offset = 0
-            first_shard = 0
-            epoch += 1
+    def next_shard_after(self, after: int, worker: int, workers: int) -> Optional[ShardInfo]:
+        """The shard holding worker ``worker`` of ``workers``'s first sample at stream position >=
+        ``after``: the one to prefetch when its current shard run ends at ``after``; None past the end."""
+        stride = workers * self.world_size * self.micro_batch
+        first = self.chunk(worker)[0]
+        # The first of this worker's chunks (first + j*stride, of length m) reaching past ``after``.
+        j = max(0, -(-(after - self.micro_batch + 1 - first) // stride))
+        position = max(after, first + j * stride)
+        if self.plan.end is not None and position >= self.plan.end:
+            return None
+        return self.plan.shard_at(position)
 
-    def _read_shard(self, shard: ShardInfo, epoch: int, skip: int) -> Iterator[dict]:
-        url = join_url(self.root, shard.path)
-        data = fetch_shard(self.root, shard, verify=self.verify)
-        index = index_tar(data, url)
-        if len(index) != shard.num_samples:
-            raise DataFormatError(f"{url}: shard holds {len(index)} samples, the manifest says "
-                                  f"{shard.num_samples}")
-        map_cache: dict[bytes, np.ndarray] = {}  # a shard holds a few samples of each of its maps
-        # Skipping happens on the index, so a resume mid-shard decodes no skipped sample.
-        for i in self.plan.sample_order(shard, epoch)[skip:]:
-            key, spans = index[i]
-            members = {kind: data[start:end] for kind, (start, end) in spans.items()}
-            sample = decode_members(members, self.cfg, f"{url}:{key}", map_cache=map_cache, raw=True)
-            if sample["key"] != key:
-                raise DataFormatError(f"{url}: sample {key} has a JSON record for {sample['key']}")
-            yield sample
+    def _batch(self, reader: ShardReader, lo: int, hi: int, worker: int, workers: int) -> dict:
+        samples = []
+        for epoch, shard, first, stop, run_end in self.plan.segments(lo, hi):
+            loaded = reader.get(shard)
+            if reader.planned_after != run_end:  # once per shard run: fetch the next one meanwhile
+                reader.planned_after = run_end
+                upcoming = self.next_shard_after(run_end, worker, workers)
+                if upcoming is not None:
+                    reader.prefetch(upcoming)
+            order = self.plan.sample_order(shard, epoch)
+            samples += [self._decode(loaded, int(i)) for i in order[first:stop]]
+        return {
+            "key": [s["key"] for s in samples],
+            "cond_u8": torch.stack([s["cond_u8"] for s in samples]),  # (B, 3, H, W)
+            "target_u8": torch.stack([s["target_u8"] for s in samples]),  # (B, 1, H, W)
+            "map": torch.tensor([s["map"] for s in samples], dtype=torch.int64),
+            "tx": torch.tensor([s["tx"] for s in samples], dtype=torch.int64),
+            "pos": torch.arange(lo, hi, dtype=torch.int64),
+        }
+
+    def _decode(self, loaded: LoadedShard, i: int) -> dict:
+        key, spans = loaded.index[i]
+        members = {kind: loaded.data[start:end] for kind, (start, end) in spans.items()}
+        sample = decode_members(members, self.cfg, f"{loaded.where}:{key}", map_cache=loaded.map_cache, raw=True)
+        if sample["key"] != key:
+            raise DataFormatError(f"{loaded.where}: sample {key} has a JSON record for {sample['key']}")
+        return sample

@@ -1,24 +1,28 @@
-"""The streaming shard reader for training and evaluation, with exact resumable state.
+"""The streaming shard reader for training and evaluation, with exact, elastic resumable state.
 
-``ShardLoader`` wraps a ``torch.utils.data.DataLoader`` over a :class:`ShardStream`. Each worker
-process plays one *slot* (see ``shard_stream``) and batches within itself with the default collate,
-so a batch is::
+``ShardLoader`` wraps a ``torch.utils.data.DataLoader`` (``batch_size=None``) over a
+:class:`ShardStream`: the split is one global sample stream and rank ``r`` of ``W`` gets, as its
+k-th micro-batch of ``m`` samples, the positions ``start + (k*W + r)*m ...`` (``shard_stream``
+explains the stream, the remainder rule and the workers). A batch is::
 
     key    list[str] (B)
     cond   float32 (B, 3, H, W)
     target float32 (B, 1, H, W)
-    map, tx, slot, pos   int64 (B,)
+    map, tx, pos   int64 (B,)      pos: the samples' stream positions
 
-Training streams (``epochs=None``) never end: every slot goes on epoch after epoch. With
-``epochs=1`` every sample of the split is served exactly once over all ranks and slots (evaluation);
-then a rank may get no samples at all when the split has fewer shards than slots.
+Training streams (``epochs=None``) never end. With ``epochs=1`` every sample of the split is served
+exactly once over all ranks (evaluation); the last chunks are partial or absent, so a rank may get
+fewer samples or none at all for any split size and any number of ranks x workers.
 
-State. The loader tracks, from the batches it handed to the training loop (not what workers have
-prefetched), each local slot's position and the slot the round-robin serves next. ``state_dict()``
-is plain JSON; ``load_state_dict()`` restores it in O(1) data read, because a position maps to
-(epoch, shard, offset) through the manifest's per-shard sample counts. A DataLoader always serves
-worker 0 first, so on restore the worker -> slot assignment is rotated to make worker 0 play the
-slot that is next in line.
+State. ``state_dict()`` (plain JSON) holds the split, the manifest identity, the seed, shuffle,
+epochs and ``position``: the stream position of the next global sample not yet consumed, counted
+from the batches handed to the caller (not what workers prefetched). After the caller consumed k
+micro-batches on every rank, ``position = start + k*W*m``, the same on every rank. Since the stream
+does not depend on the geometry, ``load_state_dict()`` works at any world size, worker count and
+micro batch: rank ``r'`` of ``W'`` continues at ``position + (k'*W' + r')*m'``.
+
+Bytes. ``bytes_read`` counts the bytes this loader's workers read from the shard root,
+``cache_bytes_read`` those read from ``data.cache_dir`` (see ``shard_source``).
 
 ``memory://`` roots live in one process only, so they work with ``num_workers=0`` only.
 """
@@ -32,51 +36,38 @@ import torch
 from torch.utils.data import DataLoader
 
 from radiodiff.config import ConfigError, DataConfig
+from radiodiff.data.manifest import (
+    check_manifest_options,
+    manifest_identity,
+    read_manifest,
+    split_shards,
+)
 from radiodiff.data.schema import to_values
-from radiodiff.data.manifest import check_manifest_options, manifest_identity, read_manifest, split_shards
-from radiodiff.data.shard_stream import ShardStream, SlotPlan, fetch_shard, index_tar, iter_tar
+from radiodiff.data.shard_source import ShardSource, fetch_shard, index_tar, iter_tar
+from radiodiff.data.shard_stream import ShardStream, StreamPlan, chunk_count
 
-__all__ = ["ShardLoader", "ShardStateError", "ShardStream", "SlotPlan", "fetch_shard", "index_tar",
-           "iter_tar", "read_manifest", "remap_positions"]
+__all__ = ["ShardLoader", "ShardStateError", "ShardStream", "StreamPlan", "fetch_shard", "index_tar",
+           "iter_tar", "read_manifest"]
 
 STATE_FORMAT = "radiodiff-shard-loader"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: per-slot positions, tied to the world size and worker count
+_CHECKED = ("split", "manifest", "seed", "shuffle", "epochs")
 
 
 class ShardStateError(ValueError):
     """A saved loader state does not fit the loader it is restored into; the message says why."""
 
 
-def remap_positions(state: dict, *, world_size: int, num_workers: int) -> list[int]:
-    """Positions of a state saved at another world size or worker count, for this geometry.
-
-    The hook for resharding on a world-size change; not supported yet, so it always raises.
-    """
-    raise ShardStateError(
-        f"the data-loader state was saved with world_size={state['world_size']} x "
-        f"num_workers={state['num_workers']}; resuming with world_size={world_size} x "
-        f"num_workers={num_workers} is not supported: keep the data-loader geometry of the run"
-    )
-
-
-def check_slot_count(num_shards: int, num_slots: int, *, world_size: int, num_workers: int,
-                     where: str) -> None:
-    if num_shards < num_slots:
-        raise ConfigError(
-            f"{where} has {num_shards} non-empty shards, but world_size={world_size} x "
-            f"max(num_workers, 1)={max(num_workers, 1)} needs at least {num_slots} (one per data-loader "
-            f"slot); re-shard with min_shards_per_split >= {num_slots}, or lower data.num_workers"
-        )
-
-
 class ShardLoader:
-    """Batches of one rank's share of a split, read from ``cfg.shards``; see the module docstring.
+    """Micro-batches of one rank's share of a split, read from ``cfg.shards``; see the module docstring.
 
-    Uses ``cfg.shards`` (root URL), ``cfg.shuffle`` and ``cfg.num_workers`` unless overridden here,
-    and the value options through ``schema.decode_members``. ``rank``/``world_size`` come from the
-    caller (no torch.distributed calls here); ``seed`` (>= 0) seeds shard and sample order;
-    ``epochs=None`` streams forever (training), ``epochs=1`` is one exact pass (evaluation, usually
-    with ``shuffle=False``); ``verify`` checks each shard's size and sha256 against the manifest.
+    Uses ``cfg.shards`` (root URL), ``cfg.shuffle``, ``cfg.num_workers`` (unless overridden here) and
+    ``cfg.cache_dir``, and the value options through ``schema.decode_members``. ``batch_size`` is
+    the micro batch; ``rank``/``world_size`` come from the caller (no torch.distributed calls here);
+    ``seed`` (>= 0) seeds shard and sample order; ``epochs=None`` streams forever (training),
+    ``epochs=1`` is one exact pass (evaluation, usually with ``shuffle=False``); ``drop_last`` drops
+    partial micro-batches at the end of a finite stream; ``verify`` checks each shard's size and
+    sha256 against the manifest.
     """
 
     def __init__(self, cfg: DataConfig, split: str, *, batch_size: int, rank: int = 0,
@@ -92,139 +83,103 @@ class ShardLoader:
             raise ConfigError(f"batch_size={batch_size} and epochs={epochs} must be > 0, seed={seed} >= 0")
         if num_workers is not None and num_workers < 0:
             raise ConfigError(f"num_workers={num_workers} must be >= 0")
-        self.cfg = cfg
-        self.root = cfg.shards
-        self.split = split
-        self.batch_size = batch_size
-        self.rank, self.world_size, self.seed, self.epochs = rank, world_size, seed, epochs
+        self.cfg, self.root, self.split = cfg, cfg.shards, split
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.epochs, self.drop_last = seed, epochs, drop_last
         self.shuffle = cfg.shuffle if shuffle is None else shuffle
         self.num_workers = cfg.num_workers if num_workers is None else num_workers
-        self.slots_per_rank = max(self.num_workers, 1)
-        self.drop_last, self.pin_memory, self.prefetch_factor = drop_last, pin_memory, prefetch_factor
+        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         if self.num_workers > 0 and fsspec.utils.get_protocol(self.root) == "memory":
             raise ConfigError(f"data.shards={self.root}: a memory:// filesystem exists only in this "
                               f"process, so worker processes cannot read it; use num_workers=0")
-        self.manifest = read_manifest(self.root)
-        check_manifest_options(self.manifest, cfg)
-        shards = split_shards(self.manifest, split, self.root)
+        manifest = read_manifest(self.root)
+        check_manifest_options(manifest, cfg)
+        shards = split_shards(manifest, split, self.root)
         self.identity = manifest_identity(shards)
-        num_slots = world_size * self.slots_per_rank
-        self.plan = SlotPlan(shards, num_slots=num_slots, seed=seed, shuffle=self.shuffle, epochs=epochs)
-        if epochs is None:
-            check_slot_count(len(self.plan.shards), num_slots, world_size=world_size,
-                             num_workers=self.num_workers, where=f"split {split!r} of {self.root}")
-        self.dataset = ShardStream(cfg, self.root, self.plan, rank=rank, num_workers=self.num_workers,
-                                   verify=verify)
-        self._positions = [0] * self.slots_per_rank
-        self._next_slot = 0
+        self.plan = StreamPlan(shards, seed=seed, shuffle=self.shuffle, epochs=epochs)
+        if epochs is None and self.plan.epoch_size == 0:
+            raise ConfigError(f"split {split!r} of {self.root} holds no samples; a training stream needs some")
+        self.dataset = ShardStream(cfg, self.plan, ShardSource(self.root, verify, cfg.cache_dir), rank=rank,
+                                   world_size=world_size, micro_batch=batch_size, drop_last=drop_last)
+        self._start = 0  # stream position the current pass of micro-batches started at
+        self._consumed = 0  # micro-batches handed to the caller since
+        self.bytes_read = 0
+        self.cache_bytes_read = 0
 
-    # --- slots of this rank -------------------------------------------------------------------
+    @property
+    def position(self) -> int:
+        """Stream position of the next global sample not yet consumed (all ranks agree on it)."""
+        return self._start + self._consumed * self.world_size * self.batch_size
 
-    def _global_slot(self, local: int) -> int:
-        return self.rank * self.slots_per_rank + local
-
-    def _is_live(self, local: int) -> bool:
-        """Whether local slot ``local`` still has a batch to give (always, for endless streams)."""
-        total = self.plan.slot_total(self._global_slot(local))
-        if total is None:
-            return True
-        remaining = total - self._positions[local]
-        return remaining >= (self.batch_size if self.drop_last else 1)
-
-    def _advance_from(self, local: int) -> int:
-        # The DataLoader serves its workers round-robin and drops a worker once it is exhausted,
-        # so after slot ``local`` comes the next slot in cyclic order that still has a batch.
-        for step in range(1, self.slots_per_rank + 1):
-            candidate = (local + step) % self.slots_per_rank
-            if self._is_live(candidate):
-                return candidate
-        return 0
+    def _chunks_from(self, start: int) -> int:
+        assert self.plan.end is not None
+        return chunk_count(self.plan.end, start, rank=self.rank, world_size=self.world_size,
+                           micro_batch=self.batch_size, drop_last=self.drop_last)
 
     def __len__(self) -> int:
-        """Batches in one pass of a finite loader (this rank)."""
-        if self.epochs is None:
+        """Micro-batches this rank gets in one whole pass of a finite loader."""
+        if self.plan.end is None:
             raise TypeError("an endless training ShardLoader (epochs=None) has no length")
-        count = 0
-        for local in range(self.slots_per_rank):
-            total = self.plan.slot_total(self._global_slot(local)) or 0
-            count += total // self.batch_size if self.drop_last else -(-total // self.batch_size)
-        return count
-
-    # --- iteration ----------------------------------------------------------------------------
-
-    def _record(self, batch: dict) -> None:
-        local = int(batch["slot"][0]) - self.rank * self.slots_per_rank
-        # Our invariant: a batch comes from one worker, and workers are served in the cyclic
-        # order predicted above; otherwise the saved state would not resume exactly.
-        assert local == self._next_slot, f"batch from slot {local}, expected {self._next_slot}"
-        assert bool((batch["slot"] == batch["slot"][0]).all())
-        self._positions[local] = int(batch["pos"][-1]) + 1
-        self._next_slot = self._advance_from(local)
+        return self._chunks_from(0)
 
     def _data_loader(self) -> DataLoader:
-        self.dataset.start_positions = list(self._positions)
-        self.dataset.rotation = self._next_slot
         extra: dict[str, Any] = {}
         if self.num_workers > 0 and self.prefetch_factor is not None:
             extra["prefetch_factor"] = self.prefetch_factor
-        # Workers are not persistent: each pass pickles the dataset with the positions above, which
+        # Workers are not persistent: each pass pickles the dataset with its start position, which
         # persistent workers would not see.
         # Its own generator: a DataLoader iterator otherwise draws its base seed from torch's global
         # RNG, so a resumed run would consume one more draw than the uninterrupted one.
-        return DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                          drop_last=self.drop_last, pin_memory=self.pin_memory,
-                          persistent_workers=False, generator=torch.Generator().manual_seed(self.seed), **extra)
+        return DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, persistent_workers=False,
+                          generator=torch.Generator().manual_seed(self.seed), **extra)
 
     def __iter__(self) -> Iterator[dict]:
-        """Batches from the current state on; a finite loader starts a new pass once it finished one."""
-        if not any(self._is_live(j) for j in range(self.slots_per_rank)):
-            self._reset()
-        elif not self._is_live(self._next_slot):
-            self._next_slot = self._advance_from(self._next_slot)
+        """Micro-batches from the current position on; a finite loader that finished starts over."""
+        if self.plan.end is not None and self._chunks_from(self.position) == 0:
+            self._start, self._consumed = 0, 0
+        self._start, self._consumed = self.position, 0
+        self.dataset.start = self._start
         for batch in self._data_loader():
-            self._record(batch)
+            source_bytes, cache_bytes = batch.pop("io_bytes").tolist()
+            self.bytes_read += source_bytes
+            self.cache_bytes_read += cache_bytes
+            self._consumed += 1
             # Workers send uint8 maps (a quarter of the bytes); the values are made here, per batch.
             batch["cond"], batch["target"] = to_values(batch.pop("cond_u8"), batch.pop("target_u8"), self.cfg)
             yield batch
-        self._reset()
-
-    def _reset(self) -> None:
-        self._positions = [0] * self.slots_per_rank
-        self._next_slot = 0
+        self._start, self._consumed = 0, 0
 
     # --- state --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """The position after the last batch handed out; JSON-serialisable."""
+        """The stream position after the micro-batches handed out; JSON-serialisable.
+
+        ``world_size`` and ``micro_batch`` are recorded for information only.
+        """
         return {"format": STATE_FORMAT, "version": STATE_VERSION, "split": self.split,
-                "rank": self.rank, "world_size": self.world_size, "num_workers": self.num_workers,
-                "seed": self.seed, "shuffle": self.shuffle, "epochs": self.epochs,
-                "manifest": self.identity, "positions": list(self._positions),
-                "next_slot": self._next_slot}
+                "manifest": self.identity, "seed": self.seed, "shuffle": self.shuffle,
+                "epochs": self.epochs, "position": self.position, "world_size": self.world_size,
+                "micro_batch": self.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where the loader that saved ``state`` stopped (takes effect at ``iter``)."""
+        """Continue the global stream where the loaders that saved ``state`` stopped, at any world
+        size, worker count and micro batch (takes effect at the next ``iter``)."""
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ShardStateError(f"not a ShardLoader state (format {state.get('format')!r})"
                                   if isinstance(state, dict) else "a ShardLoader state must be a dict")
         if state.get("version") != STATE_VERSION:
-            raise ShardStateError(f"ShardLoader state version {state.get('version')!r} is not supported")
-        missing = [name for name in self.state_dict() if name not in state]
+            raise ShardStateError(f"ShardLoader state version {state.get('version')!r} is not supported "
+                                  f"(this reader restores version {STATE_VERSION})")
+        missing = [name for name in (*_CHECKED, "position") if name not in state]
         if missing:
             raise ShardStateError(f"ShardLoader state lacks {', '.join(missing)}")
-        for name in ("split", "seed", "shuffle", "epochs", "rank", "manifest"):
+        for name in _CHECKED:
             mine = self.identity if name == "manifest" else getattr(self, name)
-            if state.get(name) != mine:
-                raise ShardStateError(f"the data-loader state was saved with {name}={state.get(name)!r}"
-                                      f" but this loader has {name}={mine!r} (shards {self.root})")
-        same = (state["world_size"] == self.world_size
-                and max(state["num_workers"], 1) == self.slots_per_rank)
-        positions = state["positions"] if same else remap_positions(
-            state, world_size=self.world_size, num_workers=self.num_workers)
-        next_slot = state["next_slot"]
-        valid = (len(positions) == self.slots_per_rank and 0 <= next_slot < self.slots_per_rank
-                 and all(isinstance(p, int) and p >= 0 for p in positions))
-        if not valid:
-            raise ShardStateError(f"invalid ShardLoader positions {positions!r} / next_slot {next_slot!r}")
-        self._positions = list(positions)
-        self._next_slot = next_slot
+            if state[name] != mine:
+                raise ShardStateError(f"the data-loader state was saved with {name}={state[name]!r} but "
+                                      f"this loader has {name}={mine!r} (split {self.split!r} of {self.root})")
+        position = state["position"]
+        if not isinstance(position, int) or isinstance(position, bool) or position < 0:
+            raise ShardStateError(f"invalid ShardLoader position {position!r}; expected an int >= 0")
+        self._start, self._consumed = position, 0

@@ -1,8 +1,10 @@
-"""The streaming shard reader: format checks, slot coverage, shuffling, decoding and exact resume."""
+"""The streaming shard reader: format checks, the global stream, exactly-once coverage at any number
+of ranks x workers, elastic resume, the cache folder and byte counts."""
 
 from __future__ import annotations
 
 import gc
+import hashlib
 import io
 import itertools
 import json
@@ -16,11 +18,14 @@ from PIL import Image
 
 from radiodiff.config import ConfigError, DataConfig
 from radiodiff.data.schema import DataFormatError, decode_members
+from radiodiff.data.shard_source import ShardReader, ShardSource
 from radiodiff.data.shards import ShardLoader, ShardStateError, iter_tar, read_manifest
 from tests.shard_fixtures import make_sample, make_tar, write_bytes, write_shards
 
-TRAIN_SHARDS = [3, 4, 2, 3, 5, 3, 4, 2]  # 26 samples, uneven so that slots differ in size
+TRAIN_SHARDS = [3, 4, 2, 3, 5, 3, 4, 2]  # 26 samples, uneven so that micro-batches straddle shards
 VAL_SHARDS = [2, 3, 2]
+TEST_SHARDS = [5, 6]
+TRAIN_SIZE = sum(TRAIN_SHARDS)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,7 +41,7 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict, dict]:
     root = str(tmp_path_factory.mktemp("shards"))
-    manifest, members = write_shards(root, {"train": TRAIN_SHARDS, "val": VAL_SHARDS})
+    manifest, members = write_shards(root, {"train": TRAIN_SHARDS, "val": VAL_SHARDS, "test": TEST_SHARDS})
     return root, manifest, members
 
 
@@ -45,10 +50,11 @@ def root(written: tuple[str, dict, dict]) -> str:
     return written[0]
 
 
-def loader(root: str, split: str = "train", *, num_workers: int = 0, **kwargs) -> ShardLoader:
+def loader(root: str, split: str = "train", *, num_workers: int = 0, cache_dir: str | None = None,
+           **kwargs) -> ShardLoader:
     options = {k: kwargs.pop(k) for k in ("value_range", "threshold", "image_size", "cars_input",
                                           "simulation") if k in kwargs}
-    cfg = DataConfig(shards=root, num_workers=num_workers, **options)
+    cfg = DataConfig(shards=root, num_workers=num_workers, cache_dir=cache_dir, **options)
     kwargs.setdefault("batch_size", 3)
     return ShardLoader(cfg, split, **kwargs)
 
@@ -61,8 +67,37 @@ def keys(batches: list[dict]) -> list[str]:
     return [key for batch in batches for key in batch["key"]]
 
 
-def split_keys(manifest_members: dict, split_sizes: list[int], offset: int = 0) -> list[str]:
-    return list(manifest_members)[offset:offset + sum(split_sizes)]
+def split_keys(members: dict, split: str) -> list[str]:
+    """The split's keys in manifest order (the fixture numbers samples across splits in this order)."""
+    sizes = {"train": TRAIN_SHARDS, "val": VAL_SHARDS, "test": TEST_SHARDS}
+    offset = 0
+    for name, shard_sizes in sizes.items():
+        if name == split:
+            return list(members)[offset:offset + sum(shard_sizes)]
+        offset += sum(shard_sizes)
+    raise KeyError(split)
+
+
+def shard_of_key(manifest: dict, members: dict, split: str) -> dict[str, int]:
+    found, keys_in_order = {}, iter(split_keys(members, split))
+    for i, shard in enumerate(manifest["splits"][split]["shards"]):
+        found.update({next(keys_in_order): i for _ in range(shard["num_samples"])})
+    return found
+
+
+def run_ranks(root: str, split: str, geometry: tuple[int, int, int], num_batches: int,
+              state: dict | None = None, **kwargs) -> tuple[list[dict], list[ShardLoader]]:
+    """``num_batches`` micro-batches (or fewer, when finite) of every rank of a (world size, micro
+    batch, workers) geometry, in global order: micro-batch k of rank 0, ..., of rank W-1, then k+1."""
+    world_size, micro_batch, num_workers = geometry
+    loaders = [loader(root, split, rank=r, world_size=world_size, batch_size=micro_batch,
+                      num_workers=num_workers, **kwargs) for r in range(world_size)]
+    for rank_loader in loaders:
+        if state is not None:
+            rank_loader.load_state_dict(state)
+    per_rank = [take(rank_loader, num_batches) for rank_loader in loaders]
+    ordered = [batches[k] for k in range(num_batches) for batches in per_rank if k < len(batches)]
+    return ordered, loaders
 
 
 # --- manifest and tar format ------------------------------------------------------------------
@@ -93,7 +128,7 @@ def test_fixture_shards_read_with_plain_webdataset(written) -> None:
     root, manifest, members = written
     urls = [f"{root}/{s['path']}" for s in manifest["splits"]["val"]["shards"]]
     samples = list(webdataset.WebDataset(urls, shardshuffle=False, empty_check=False))
-    assert [s["__key__"] for s in samples] == split_keys(members, VAL_SHARDS, offset=sum(TRAIN_SHARDS))
+    assert [s["__key__"] for s in samples] == split_keys(members, "val")
     assert all(s["gain.png"] == members[s["__key__"]]["gain.png"] for s in samples)
 
 
@@ -163,81 +198,95 @@ def test_corrupt_tar_is_rejected() -> None:
         list(iter_tar(data[: len(data) // 2], "cut.tar"))
 
 
-# --- slots, coverage, shuffling ---------------------------------------------------------------
+# --- the global stream ------------------------------------------------------------------------
 
 
-def _first_epoch_keys(root: str, world_size: int, num_workers: int, batch_size: int) -> list[str]:
-    """Keys every slot serves in its first epoch, over all ranks of an endless stream."""
-    found = []
-    for rank in range(world_size):
-        rank_loader = loader(root, num_workers=num_workers, batch_size=batch_size, rank=rank,
-                             world_size=world_size)
-        plan, per_rank = rank_loader.plan, max(num_workers, 1)
-        slots = [rank * per_rank + j for j in range(per_rank)]
-        num_batches = per_rank * max(-(-plan.slot_size(s, 0) // batch_size) for s in slots)
-        for batch in take(rank_loader, num_batches):
-            found += [k for k, s, p in zip(batch["key"], batch["slot"], batch["pos"])
-                      if p < plan.slot_size(int(s), 0)]
-    return found
-
-
-@pytest.mark.parametrize("world_size, num_workers", [(1, 0), (2, 2)])
-def test_an_epoch_over_all_ranks_covers_the_split_once(written, world_size: int, num_workers: int) -> None:
+def test_without_shuffle_the_stream_is_the_manifest_order_epoch_after_epoch(written) -> None:
     root, _, members = written
-    found = _first_epoch_keys(root, world_size, num_workers, batch_size=2)
-    assert sorted(found) == sorted(split_keys(members, TRAIN_SHARDS))
+    batches = take(loader(root, shuffle=False, batch_size=5), 11)  # 55 samples; 26 per epoch
+    in_order = split_keys(members, "train")
+    assert keys(batches) == (in_order * 3)[:55]
+    assert [p for b in batches for p in b["pos"].tolist()] == list(range(55))
+    assert batches[5]["key"] == in_order[25:] + in_order[:4]  # a micro-batch straddles the epoch boundary
 
 
-@pytest.mark.parametrize("world_size, num_workers", [(2, 2), (3, 2)])
-def test_finite_pass_serves_every_sample_once(written, world_size: int, num_workers: int) -> None:
+def _shuffled_stream(root: str, seed: int) -> list[str]:
+    return keys(take(loader(root, seed=seed, batch_size=6), 13))  # 78 samples: 3 epochs
+
+
+def test_shuffled_epochs_permute_shards_and_their_samples_by_seed_and_epoch(written) -> None:
+    root, manifest, members = written
+    stream = _shuffled_stream(root, seed=0)
+    epochs = [stream[e * TRAIN_SIZE:(e + 1) * TRAIN_SIZE] for e in range(3)]
+    shard = shard_of_key(manifest, members, "train")
+    for epoch in epochs:
+        assert sorted(epoch) == sorted(split_keys(members, "train"))
+        runs = [i for i, _ in itertools.groupby(shard[key] for key in epoch)]
+        assert sorted(runs) == list(range(len(TRAIN_SHARDS)))  # each shard one contiguous run
+    assert len({tuple(epoch) for epoch in epochs}) == 3
+    in_order = split_keys(members, "train")
+    assert any(in_order.index(a) > in_order.index(b) for a, b in zip(epochs[0], epochs[0][1:])
+               if shard[a] == shard[b])  # samples are shuffled within shards too
+    assert _shuffled_stream(root, seed=0) == stream
+    assert _shuffled_stream(root, seed=1)[:TRAIN_SIZE] != epochs[0]
+
+
+@pytest.mark.parametrize("world_size", [1, 3, 8])
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("micro_batch", [1, 3])
+def test_one_pass_serves_every_sample_once(written, world_size: int, num_workers: int, micro_batch: int) -> None:
     root, _, members = written
-    found = []
+    size, found = sum(TEST_SHARDS), []
     for rank in range(world_size):
-        rank_loader = loader(root, num_workers=num_workers, rank=rank, world_size=world_size, epochs=1)
+        rank_loader = loader(root, "test", rank=rank, world_size=world_size, batch_size=micro_batch,
+                             num_workers=num_workers, epochs=1)
         batches = list(rank_loader)
         assert len(batches) == len(rank_loader)
+        for k, batch in enumerate(batches):  # rank r's k-th micro-batch: positions (k*W + r)*m ...
+            first = (k * world_size + rank) * micro_batch
+            assert batch["pos"].tolist() == list(range(first, min(first + micro_batch, size)))
         found += keys(batches)
-    assert sorted(found) == sorted(split_keys(members, TRAIN_SHARDS))
+    assert sorted(found) == sorted(split_keys(members, "test"))
+
+
+def test_drop_last_drops_only_the_partial_micro_batch(written) -> None:
+    root = written[0]
+    ranks = [loader(root, "val", rank=r, world_size=2, batch_size=2, epochs=1, drop_last=True) for r in range(2)]
+    batches = [list(rank_loader) for rank_loader in ranks]
+    assert [len(b) for b in batches] == [len(r) for r in ranks] == [2, 1]  # positions 0-1, 4-5 | 2-3; 6 dropped
+    assert sorted(keys(batches[0] + batches[1])) == sorted(keys(list(loader(root, "val", epochs=1)))[:6])
+
+
+@pytest.mark.parametrize("geometry", [(2, 2, 0), (4, 1, 0), (1, 4, 2), (2, 2, 2), (4, 1, 2)])
+def test_global_order_does_not_depend_on_ranks_workers_or_micro_batch(root: str, geometry) -> None:
+    reference, _ = run_ranks(root, "train", (1, 4, 0), 10, seed=3)  # 40 samples, over an epoch boundary
+    world_size, micro_batch, _ = geometry
+    batches, _ = run_ranks(root, "train", geometry, 40 // (world_size * micro_batch), seed=3)
+    assert keys(batches) == keys(reference)
+    assert [p for b in batches for p in b["pos"].tolist()] == list(range(40))
+
+
+def test_eight_ranks_with_two_workers_on_three_shards(written) -> None:
+    root, _, members = written
+    batches, _ = run_ranks(root, "val", (8, 1, 2), 3)  # 24 samples of a 7-sample, 3-shard split
+    stream = keys(batches)
+    assert stream == keys(take(loader(root, "val", batch_size=8), 3))
+    for epoch in range(3):
+        assert sorted(stream[7 * epoch:7 * epoch + 7]) == sorted(split_keys(members, "val"))
+
+
+def test_empty_shards_are_skipped_and_an_empty_training_split_is_refused(tmp_path) -> None:
+    _, members = write_shards(str(tmp_path), {"train": [2, 0, 3], "val": [0]})
+    assert sorted(keys(list(loader(str(tmp_path), epochs=1, batch_size=2)))) == sorted(members)
+    assert list(loader(str(tmp_path), "val", epochs=1)) == []
+    with pytest.raises(ConfigError, match="split 'val' of .* holds no samples"):
+        loader(str(tmp_path), "val")
 
 
 def test_file_url_root_works_with_workers(written) -> None:
     root, _, members = written
     found = keys(list(loader(f"file://{root}", "val", num_workers=2, epochs=1)))
-    assert sorted(found) == sorted(split_keys(members, VAL_SHARDS, offset=sum(TRAIN_SHARDS)))
-
-
-def test_finite_pass_with_fewer_shards_than_slots(written) -> None:
-    root, _, members = written
-    found = [k for rank in range(2) for k in keys(list(loader(
-        root, "val", num_workers=2, rank=rank, world_size=2, epochs=1)))]
-    assert sorted(found) == sorted(split_keys(members, VAL_SHARDS, offset=sum(TRAIN_SHARDS)))
-
-
-def test_too_few_shards_for_ranks_times_workers(root: str) -> None:
-    with pytest.raises(ConfigError, match=r"has 3 non-empty shards.*world_size=2 x max\(num_workers, 1\)=2 "
-                                          r"needs at least 4.*min_shards_per_split >= 4"):
-        loader(root, "val", num_workers=2, world_size=2)
-
-
-def _epochs_of_one_slot(root: str, seed: int, shuffle: bool = True) -> list[list[str]]:
-    batches = take(loader(root, seed=seed, shuffle=shuffle, batch_size=13), 4)  # 26 samples per epoch
-    flat = keys(batches)
-    return [flat[:26], flat[26:]]
-
-
-def test_shuffling_depends_on_epoch_and_seed_only(written) -> None:
-    root, _, members = written
-    first = _epochs_of_one_slot(root, seed=0)
-    assert first == _epochs_of_one_slot(root, seed=0)
-    assert sorted(first[0]) == sorted(first[1]) == sorted(split_keys(members, TRAIN_SHARDS))
-    assert first[0] != first[1]
-    assert _epochs_of_one_slot(root, seed=1)[0] != first[0]
-
-
-def test_without_shuffle_the_order_is_the_manifest_order(written) -> None:
-    root, _, members = written
-    in_order = split_keys(members, TRAIN_SHARDS)
-    assert _epochs_of_one_slot(root, seed=3, shuffle=False) == [in_order, in_order]
+    assert sorted(found) == sorted(split_keys(members, "val"))
 
 
 # --- decoding ---------------------------------------------------------------------------------
@@ -270,70 +319,152 @@ def test_manifest_options_must_match_the_config(root: str) -> None:
         loader(root, cars_input=True)
 
 
-# --- exact resume -----------------------------------------------------------------------------
+# --- state and resume -------------------------------------------------------------------------
 
 
-def _stop_points(rank_loader: ShardLoader, batches: list[dict]) -> tuple[int, int]:
-    """A stop with a slot mid-shard in epoch 0, and one with a slot mid-shard after an epoch boundary."""
-    positions: dict[int, int] = {}
-    mid_shard = after_epoch = None
-    for stop, batch in enumerate(batches[:-1], start=1):
-        positions[int(batch["slot"][0])] = int(batch["pos"][-1]) + 1
-        located = [rank_loader.plan.locate(s, p) for s, p in positions.items()]
-        if mid_shard is None and any(e == 0 and off > 0 for e, _, off in located):
-            mid_shard = stop
-        if after_epoch is None and any(e >= 1 and off > 0 for e, _, off in located):
-            after_epoch = stop
-    assert mid_shard is not None and after_epoch is not None, "the data does not reach both cases"
-    return mid_shard, after_epoch
+@pytest.mark.parametrize("geometry", [(4, 2, 0), (4, 2, 2), (2, 2, 2), (6, 1, 0), (6, 2, 2)])
+def test_resume_continues_the_global_stream_at_any_geometry(root: str, geometry) -> None:
+    uninterrupted, _ = run_ranks(root, "train", (4, 2, 0), 9, seed=5)  # 72 samples, 2 epoch boundaries
+    _, stopped = run_ranks(root, "train", (4, 2, 0), 3, seed=5)  # 3 micro-batches on every rank
+    states = [json.loads(json.dumps(rank_loader.state_dict())) for rank_loader in stopped]
+    assert all(state == states[0] for state in states) and states[0]["position"] == 24
+    world_size, micro_batch, _ = geometry
+    tail, _ = run_ranks(root, "train", geometry, 48 // (world_size * micro_batch), state=states[0], seed=5)
+    assert keys(tail) == keys(uninterrupted)[24:]
+    assert [p for b in tail for p in b["pos"].tolist()] == list(range(24, 72))
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_stop_and_restore_continues_exactly(root: str, world_size: int, num_workers: int) -> None:
-    num_batches = 14 if num_workers else 10
-    for rank in range(world_size):
-        def build() -> ShardLoader:
-            return loader(root, num_workers=num_workers, rank=rank, world_size=world_size, seed=5)
-        first_loader = build()
-        uninterrupted = take(first_loader, num_batches)
-        for stop in _stop_points(first_loader, uninterrupted):
-            stopped = build()
-            head = take(stopped, stop)
-            state = json.loads(json.dumps(stopped.state_dict()))
-            restored = build()
-            restored.load_state_dict(state)
-            tail = take(restored, num_batches - stop)
-            assert keys(head) + keys(tail) == keys(uninterrupted), (rank, stop)
-            assert [b["pos"].tolist() for b in head + tail] == [b["pos"].tolist() for b in uninterrupted]
+def test_a_restored_loader_reports_the_position_it_continues_from(root: str) -> None:
+    first = loader(root, rank=1, world_size=2, batch_size=2)
+    take(first, 3)
+    assert first.state_dict()["position"] == 12
+    second = loader(root, rank=0, world_size=3, batch_size=1)
+    second.load_state_dict(first.state_dict())
+    assert second.state_dict()["position"] == 12
+    take(second, 2)
+    assert second.state_dict()["position"] == 18
 
 
-def test_finite_stop_and_restore_after_a_slot_ran_out(written) -> None:
+def test_finite_stop_and_restore_and_a_finished_pass_starts_over(written) -> None:
     root, _, members = written
-    # Slots of 2 workers over 7 val samples; batch 2: one slot runs out before the other.
     full_loader = loader(root, "val", num_workers=2, batch_size=2, epochs=1)
     full = keys(list(full_loader))
-    assert sorted(full) == sorted(split_keys(members, VAL_SHARDS, offset=sum(TRAIN_SHARDS)))
-    assert keys(list(full_loader)) == full  # a finished pass starts over
+    assert sorted(full) == sorted(split_keys(members, "val"))
+    assert keys(list(full_loader)) == full
     for stop in range(1, len(full_loader)):
-        stopped = loader(root, "val", num_workers=2, batch_size=2, epochs=1)
+        stopped = loader(root, "val", batch_size=2, epochs=1)
         head = take(stopped, stop)
         restored = loader(root, "val", num_workers=2, batch_size=2, epochs=1)
         restored.load_state_dict(json.loads(json.dumps(stopped.state_dict())))
         assert keys(head) + keys(list(restored)) == full, stop
 
 
-def test_restore_with_another_geometry_or_data_is_refused(tmp_path, root: str) -> None:
+def test_state_is_plain_json_and_refused_for_other_data(tmp_path, root: str) -> None:
     saved = loader(root, world_size=2, batch_size=2)
     take(saved, 2)
     state = saved.state_dict()
-    with pytest.raises(ShardStateError, match="world_size=2 x num_workers=0.*world_size=1 x num_workers=0"):
-        loader(root, batch_size=2).load_state_dict(state)
+    assert json.loads(json.dumps(state)) == state
+    assert set(state) >= {"split", "manifest", "seed", "shuffle", "epochs", "position"}
     with pytest.raises(ShardStateError, match="seed=0 but this loader has seed=1"):
-        loader(root, world_size=2, batch_size=2, seed=1).load_state_dict(state)
+        loader(root, batch_size=2, seed=1).load_state_dict(state)
+    with pytest.raises(ShardStateError, match="shuffle=True but this loader has shuffle=False"):
+        loader(root, batch_size=2, shuffle=False).load_state_dict(state)
+    with pytest.raises(ShardStateError, match="split='train' but this loader has split='val'"):
+        loader(root, "val", batch_size=2).load_state_dict(state)
     write_shards(str(tmp_path), {"train": [2, 2]}, seed=9)
     with pytest.raises(ShardStateError, match="saved with manifest="):
-        loader(str(tmp_path), world_size=2, batch_size=2).load_state_dict(state)
+        loader(str(tmp_path), batch_size=2).load_state_dict(state)
+    with pytest.raises(ShardStateError, match="version 1 is not supported"):
+        loader(root).load_state_dict({**state, "version": 1})
+    with pytest.raises(ShardStateError, match="invalid ShardLoader position -3"):
+        loader(root).load_state_dict({**state, "position": -3})
+
+
+# --- bytes read and the cache folder ----------------------------------------------------------
+
+
+def _split_bytes(manifest: dict, split: str) -> int:
+    return sum(s["bytes"] for s in manifest["splits"][split]["shards"])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_one_pass_on_one_rank_reads_the_split_once_per_worker(written, num_workers: int) -> None:
+    root, manifest, _ = written
+    rank_loader = loader(root, num_workers=num_workers, batch_size=1, epochs=1)
+    assert len(list(rank_loader)) == TRAIN_SIZE
+    # Every shard holds >= 2 samples, so with micro batch 1 each worker has a sample in each.
+    assert rank_loader.bytes_read == _split_bytes(manifest, "train") * max(num_workers, 1)
+    assert rank_loader.cache_bytes_read == 0
+
+
+@pytest.mark.parametrize("geometry", [(1, 1, 1), (2, 3, 2), (3, 2, 2), (1, 4, 3)])
+def test_prefetch_picks_the_next_shard_the_worker_reads(root: str, geometry) -> None:
+    world_size, micro_batch, workers = geometry
+    for rank in range(world_size):
+        stream = loader(root, rank=rank, world_size=world_size, batch_size=micro_batch, seed=2).dataset
+        stream.start = 5
+        for worker in range(workers):
+            # Independently: this worker's positions, listed chunk by chunk.
+            mine = [stream.start + (k * world_size + rank) * micro_batch + i
+                    for k in range(worker, 120, workers) for i in range(micro_batch)]
+            for after in range(0, 3 * TRAIN_SIZE, 2):
+                expected = stream.plan.shard_at(next(p for p in mine if p >= after))
+                assert stream.next_shard_after(after, worker, workers) == expected, (rank, worker, after)
+
+
+def test_a_prefetched_shard_is_read_once_and_its_error_surfaces_when_needed(tmp_path) -> None:
+    manifest, _ = write_shards(str(tmp_path), {"train": [2, 2]})
+    shards = loader(str(tmp_path)).plan.shards
+    reader = ShardReader(ShardSource(str(tmp_path)))
+    reader.prefetch(shards[0])
+    assert [key for key, _ in reader.get(shards[0]).index] == ["0_0", "0_1"]
+    reader.prefetch(shards[0])
+    reader.get(shards[0])
+    assert reader.source_bytes == manifest["splits"]["train"]["shards"][0]["bytes"]
+    (tmp_path / "train" / "train-000001.tar").unlink()
+    reader.prefetch(shards[1])  # fails in the background thread, silently
+    with pytest.raises(DataFormatError, match=f"{tmp_path}/train/train-000001.tar: shard not found"):
+        reader.get(shards[1])
+
+
+def test_cache_dir_fetches_each_shard_once(tmp_path, written) -> None:
+    root, manifest, members = written
+    cache, total = tmp_path / "cache", _split_bytes(manifest, "val")
+    first = loader(root, "val", batch_size=2, epochs=1, cache_dir=str(cache))
+    assert sorted(keys(list(first))) == sorted(split_keys(members, "val"))
+    assert (first.bytes_read, first.cache_bytes_read) == (total, 0)
+    shas = sorted(s["sha256"] for s in manifest["splits"]["val"]["shards"])
+    assert sorted(p.name for p in cache.iterdir()) == [f"{sha}.tar" for sha in shas]  # no temporary left
+    second = loader(root, "val", num_workers=2, batch_size=1, epochs=1, cache_dir=str(cache))
+    assert sorted(keys(list(second))) == sorted(split_keys(members, "val"))
+    assert (second.bytes_read, second.cache_bytes_read) == (0, 2 * total)  # two workers, from the cache
+
+
+def test_a_corrupt_cached_shard_is_detected_and_fetched_again(tmp_path, written) -> None:
+    root, manifest, members = written
+    cache = tmp_path / "cache"
+    list(loader(root, "val", epochs=1, cache_dir=str(cache)))
+    shard = manifest["splits"]["val"]["shards"][1]
+    cached = cache / f"{shard['sha256']}.tar"
+    data = cached.read_bytes()
+    cached.write_bytes(data[:600] + bytes([data[600] ^ 0xFF]) + data[601:])  # same size, one byte off
+    again = loader(root, "val", epochs=1, cache_dir=str(cache))
+    with pytest.warns(RuntimeWarning, match=f"{cached}: cached shard does not match the sha256"):
+        assert sorted(keys(list(again))) == sorted(split_keys(members, "val"))
+    assert again.bytes_read == shard["bytes"]
+    assert hashlib.sha256(cached.read_bytes()).hexdigest() == shard["sha256"]
+    cached.write_bytes(data[:100])  # a stale partial file: its size differs, so it is refetched
+    third = loader(root, "val", epochs=1, cache_dir=str(cache))
+    list(third)
+    assert third.bytes_read == shard["bytes"] and cached.read_bytes() == data
+    cached.write_bytes(data[:600] + bytes([data[600] ^ 0xFF]) + data[601:])
+    with pytest.raises(DataFormatError, match=str(cached)):  # unverified, the bad copy is used and named
+        list(loader(root, "val", epochs=1, cache_dir=str(cache), verify=False, shuffle=False))
+
+
+def test_cache_dir_must_be_a_local_folder() -> None:
+    with pytest.raises(ConfigError, match="data.cache_dir='s3://bucket/cache' must be a local folder"):
+        DataConfig(cache_dir="s3://bucket/cache")
 
 
 # --- shard files ------------------------------------------------------------------------------
