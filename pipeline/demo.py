@@ -53,7 +53,8 @@ def run_command(script: str, args: list[str], nproc: int = 1) -> None:
 
 def train_args(cfg: DemoConfig, run_dir: Path, steps: int) -> list[str]:
     return [f"run_dir={run_dir}", f"data.shards={cfg.shard.out}", f"model={cfg.model}", f"train.max_steps={steps}",
-            f"train.micro_batch={cfg.batch_size}", f"train.lr={cfg.lr}", f"train.min_lr={cfg.lr / 10}",
+            f"train.global_batch={cfg.batch_size}", f"train.micro_batch={max(1, cfg.batch_size // cfg.nproc)}",
+            f"train.lr={cfg.lr}", f"train.min_lr={cfg.lr / 10}",
             f"train.log_every={max(1, steps // 10)}",
             f"train.ckpt_every={steps}", f"train.val_every={max(1, steps // 3)}", "data.num_workers=0",
             "wandb.mode=offline"]

@@ -11,11 +11,9 @@ def shard_folder(root: Path, out: Path, *, min_shards_per_split: int = 4, num_cp
     from pipeline.shard import run_shard
     from radiodiff.config import DataConfig, RayConfig, ShardConfig
 
-    cfg = ShardConfig(data=DataConfig(root=str(root)), out=str(out), min_shards_per_split=min_shards_per_split,
-                      ray=RayConfig(num_cpus=num_cpus))
-    if samples_per_shard is not None:
-        cfg.samples_per_shard = samples_per_shard
-    run_shard(cfg)
+    sizes = {} if samples_per_shard is None else {"samples_per_shard": samples_per_shard}
+    run_shard(ShardConfig(data=DataConfig(root=str(root)), out=str(out), min_shards_per_split=min_shards_per_split,
+                          ray=RayConfig(num_cpus=num_cpus), **sizes))
     return out
 
 

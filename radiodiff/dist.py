@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as torch_dist
@@ -33,10 +34,28 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def setup() -> DistInfo:
-    """Join (or, single-process, create) the default process group through DeepSpeed."""
+class LaunchError(ValueError):
+    """The process was started in a way that cannot form the intended process group."""
+
+
+def check_launch(env: dict[str, str]) -> None:
+    """Refuse plain ``srun`` (no torchrun): every task would believe it is rank 0 of 1 and all of
+    them would write the same run directory."""
+    tasks = int(env.get("SLURM_NTASKS", "1") or 1)
+    if tasks > 1 and "RANK" not in env:
+        raise LaunchError(f"SLURM_NTASKS={tasks} but RANK is not set: this task was started by srun without "
+                          "torchrun; launch with slurm/train_*.sh (srun + torchrun), or torchrun directly")
+
+
+def setup(timeout_minutes: float = 60.0) -> DistInfo:
+    """Join (or, single-process, create) the default process group through DeepSpeed.
+
+    ``timeout_minutes``: how long a collective waits (a universal-checkpoint conversion or a slow
+    shared filesystem keeps the other ranks in a barrier meanwhile).
+    """
     import deepspeed
 
+    check_launch(dict(os.environ))
     if "RANK" not in os.environ:  # not launched by torchrun: a world of one
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
@@ -47,7 +66,7 @@ def setup() -> DistInfo:
     else:
         device = torch.device("cpu")
     if not torch_dist.is_initialized():
-        deepspeed.init_distributed(dist_init_required=True)
+        deepspeed.init_distributed(dist_init_required=True, timeout=timedelta(minutes=timeout_minutes))
     return DistInfo(torch_dist.get_rank(), torch_dist.get_world_size(), local_rank, device)
 
 
@@ -94,6 +113,10 @@ def broadcast_object(value: object, src: int = 0) -> object:
     holder = [value]
     torch_dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def is_main_process() -> bool:
+    return not torch_dist.is_initialized() or torch_dist.get_rank() == 0
 
 
 def print0(*args: object) -> None:

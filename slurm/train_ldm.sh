@@ -6,7 +6,8 @@
 #     vae.checkpoint=/runs/vae
 #   sbatch -N 2 --time=04:00:00 --cpus-per-task=32 slurm/train_ldm.sh run_dir=/runs/ldm data.shards=... \
 #     vae.checkpoint=/runs/vae deepspeed.zero_stage=2 train.micro_batch=8
-# Resources are sbatch options (override them on the command line; no GPUs are requested here, so the
+# Resources: whole nodes (--exclusive, all their memory with --mem=0) and 32 CPUs for the task that runs
+# torchrun: 8 ranks x (1 + data.num_workers=2 loader workers) plus headroom. Resources are sbatch options (override them on the command line; no GPUs are requested here, so the
 # script also runs on CPU-only clusters); "$@" are radiodiff-train-ldm overrides. Launch settings are
 # environment variables read by slurm/torchrun.sh (RADIODIFF_NPROC_PER_NODE, RADIODIFF_MASTER_ADDR,
 # RADIODIFF_MASTER_PORT).
@@ -16,7 +17,9 @@
 #SBATCH --job-name=radiodiff-ldm
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
-#SBATCH --cpus-per-task=16
+#SBATCH --exclusive
+#SBATCH --mem=0
+#SBATCH --cpus-per-task=32
 #SBATCH --time=24:00:00
 #SBATCH --signal=USR1@300
 #SBATCH --requeue

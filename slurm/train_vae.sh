@@ -4,7 +4,8 @@
 #   sbatch -N 4 --gpus-per-node=8 slurm/train_vae.sh run_dir=/runs/vae data.shards=/data/shards/dpm
 #   sbatch -N 2 --time=04:00:00 --cpus-per-task=32 slurm/train_vae.sh run_dir=/runs/vae data.shards=... \
 #     deepspeed.zero_stage=2 train.micro_batch=8
-# Resources are sbatch options (override them on the command line; no GPUs are requested here, so the
+# Resources: whole nodes (--exclusive, all their memory with --mem=0) and 32 CPUs for the task that runs
+# torchrun: 8 ranks x (1 + data.num_workers=2 loader workers) plus headroom. Resources are sbatch options (override them on the command line; no GPUs are requested here, so the
 # script also runs on CPU-only clusters); "$@" are radiodiff-train-vae overrides. Launch settings are
 # environment variables read by slurm/torchrun.sh (RADIODIFF_NPROC_PER_NODE, RADIODIFF_MASTER_ADDR,
 # RADIODIFF_MASTER_PORT).
@@ -14,7 +15,9 @@
 #SBATCH --job-name=radiodiff-vae
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
-#SBATCH --cpus-per-task=16
+#SBATCH --exclusive
+#SBATCH --mem=0
+#SBATCH --cpus-per-task=32
 #SBATCH --time=24:00:00
 #SBATCH --signal=USR1@300
 #SBATCH --requeue

@@ -26,7 +26,7 @@ from radiodiff.launch import console_command
 def run_case(stage: str, run_dir: Path, shards: Path, args: argparse.Namespace, extra: list[str]) -> list[dict]:
     overrides = [f"run_dir={run_dir}", f"data.shards={shards}", f"model={args.preset}", "wandb.enabled=false",
                  "train.log_every=1", f"train.max_steps={args.steps}", f"train.ckpt_every={args.steps}",
-                 f"train.micro_batch={args.batch}", "data.num_workers=0", *extra]
+                 f"train.global_batch={args.batch * args.nproc}", f"train.micro_batch={args.batch}", "data.num_workers=0", *extra]
     if stage == "vae":
         overrides.append("perceptual.pretrained=false")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2)
@@ -62,17 +62,24 @@ def bench_train(args: argparse.Namespace) -> None:
                         extra.append(f"vae.checkpoint={vae_dir}")
                     metrics = run_case(stage, work / f"{stage}-{precision}-{zero}", shards, args, extra)
                     steps_per_s, images_per_s = rates(metrics, args.batch * args.nproc)
-                    memory = metrics[-1].get("gpu_max_memory_gb")
-                    rows.append((stage, precision, zero, steps_per_s, images_per_s, memory))
+                    last = metrics[-1]
+                    rows.append((stage, precision, zero, steps_per_s, images_per_s, last.get("perf/peak_memory_gb"),
+                                 last.get("perf/tflops_rank"), last.get("perf/mfu")))
     print(f"\ntraining benchmark: preset {args.preset}, {args.nproc} rank(s), micro batch {args.batch}, "
           f"{args.steps} steps (first excluded), {os.cpu_count()} cores")
-    print(f"{'stage':6s} {'precision':9s} {'zero':>4s} {'steps/s':>8s} {'images/s':>9s} {'GPU GiB':>8s}")
-    for stage, precision, zero, sps, ips, memory in rows:
-        print(f"{stage:6s} {precision:9s} {zero:>4s} {sps:8.3f} {ips:9.2f} {memory if memory else '-':>8}")
+    print(f"{'stage':6s} {'precision':9s} {'zero':>4s} {'steps/s':>8s} {'images/s':>9s} {'GPU GiB':>8s} "
+          f"{'TFLOP/s':>8s} {'MFU':>6s}")
+    for stage, precision, zero, sps, ips, memory, tflops, mfu in rows:
+        print(f"{stage:6s} {precision:9s} {zero:>4s} {sps:8.3f} {ips:9.2f} {_cell(memory, '.1f'):>8s} "
+              f"{_cell(tflops, '.3g'):>8s} {_cell(mfu, '.1%'):>6s}")
     base = {(r[0], r[2]): r[3] for r in rows if r[1] == "fp32"}
     for stage, precision, zero, sps, *_ in rows:
         if precision != "fp32" and (stage, zero) in base:
             print(f"  {stage} ZeRO {zero}: {precision} over fp32 {sps / base[(stage, zero)]:.2f}x")
+
+
+def _cell(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

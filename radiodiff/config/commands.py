@@ -8,9 +8,17 @@ from typing import Optional
 from omegaconf import MISSING
 
 from radiodiff.config.base import ConfigError, check_choice, check_positive
-from radiodiff.config.data import SPLITS, DataConfig, RayConfig, ShardConfig, SynthConfig
+from radiodiff.config.data import (
+    SPLITS,
+    DataConfig,
+    RayConfig,
+    ShardConfig,
+    SynthConfig,
+)
 from radiodiff.config.models import SamplerConfig
 from radiodiff.config.train import ModelConfig, TrainLdmConfig, TrainVaeConfig
+
+INFERENCE_PRECISIONS = ("auto", "autocast", "fp32")
 
 
 @dataclass
@@ -29,6 +37,8 @@ class EvalConfig:
     baseline_max_samples: Optional[int] = 2000  # train samples averaged into the mean-map baseline
     seed: int = 0  # the sampler's noise; rank r draws from seed * 1000003 + r
     num_grid: int = 4  # rows of the PNG grid
+    # Networks under bf16 autocast (autocast) or in fp32; auto: autocast on GPUs, fp32 on CPUs.
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         check_choice("split", self.split, SPLITS)
@@ -37,6 +47,7 @@ class EvalConfig:
         check_positive("baseline_max_samples", self.baseline_max_samples)
         check_positive("seed", self.seed, allow_zero=True)
         check_positive("num_grid", self.num_grid, allow_zero=True)
+        check_choice("precision", self.precision, INFERENCE_PRECISIONS)
 
 
 @dataclass
@@ -57,8 +68,10 @@ class SampleConfig:
     mask_buildings: bool = True  # building pixels -> 0, as in the dataset's gain maps
     batch_size: int = 8  # folder mode
     seed: int = 0
+    precision: str = "auto"  # autocast | fp32 | auto (autocast on GPUs, fp32 on CPUs)
 
     def __post_init__(self) -> None:
+        check_choice("precision", self.precision, INFERENCE_PRECISIONS)
         single = [self.buildings, self.out]
         folder = [self.input_dir, self.out_dir]
         if any(v is not None for v in folder):

@@ -30,8 +30,10 @@ class TrainConfig:
     """The optimisation loop shared by both stages (a step = one optimizer update)."""
 
     max_steps: int = 150000
-    micro_batch: int = 2  # per rank
-    grad_accum: int = 1  # micro-batches per update
+    # Maps per optimizer update, whatever the number of ranks: the optimisation is defined by it.
+    # Accumulation is derived: global_batch / (micro_batch x world_size) micro-batches per update.
+    global_batch: int = 2
+    micro_batch: int = 2  # maps per rank per forward pass
     lr: float = 5e-6
     min_lr: float = 5e-7  # absolute floor the schedule decays to
     warmup_steps: int = 0
@@ -53,13 +55,19 @@ class TrainConfig:
     # only on nan_rank when it is >= 0).
     nan_steps: list[int] = field(default_factory=list)
     nan_rank: int = -1
+    fail_save_steps: list[int] = field(default_factory=list)  # checkpoint saves that fail with ENOSPC (drills)
     requeue_on_preempt: bool = True  # under Slurm, rank 0 requeues the job after saving
+    peak_tflops: Optional[float] = None  # the device's peak for MFU; None: from the GPU's name
+    # On CUDA, TF32 and cuDNN autotuning are on; True turns both off for bitwise-reproducible work.
+    deterministic: bool = False
+    # The run directory's lock is taken over when its owner's heartbeat is older than this (a killed job).
+    lock_stale_s: float = 300.0
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "micro_batch", "grad_accum", "ckpt_every", "log_every", "keep_last",
+        for key in ("max_steps", "global_batch", "micro_batch", "ckpt_every", "log_every", "keep_last",
                     "max_bad_steps", "val_batches"):
             check_positive(f"train.{key}", getattr(self, key))
-        for key in ("lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "val_every"):
+        for key in ("lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "val_every", "lock_stale_s"):
             check_positive(f"train.{key}", getattr(self, key), allow_zero=True)
         check_choice("train.lr_decay", self.lr_decay, LR_DECAYS)
         check_positive("train.lr_decay_steps", self.lr_decay_steps)
@@ -68,15 +76,50 @@ class TrainConfig:
         if len(self.betas) != 2 or not all(0.0 <= b <= 1.0 for b in self.betas):
             raise ConfigError(f"train.betas={self.betas} must be two values in [0, 1]")
 
+    def grad_accum(self, world_size: int) -> int:
+        """Micro-batches per update on ``world_size`` ranks; a one-line error says what works."""
+        per_pass = self.micro_batch * world_size
+        if self.global_batch % per_pass == 0:
+            return self.global_batch // per_pass
+        where = f"train.global_batch={self.global_batch} with train.micro_batch={self.micro_batch} on {world_size} rank(s)"
+        fits = [m for m in range(1, self.global_batch // world_size + 1) if self.global_batch % (m * world_size) == 0]
+        if fits:
+            raise ConfigError(f"{where}: the global batch must be a multiple of micro_batch x world_size = "
+                              f"{per_pass}; on {world_size} rank(s) use train.micro_batch in {fits}")
+        raise ConfigError(f"{where}: the global batch is smaller than the number of ranks; a wider batch is your "
+                          f"explicit choice: set train.global_batch to a multiple of {world_size} (and scale "
+                          "train.lr with it, see the README), or use fewer ranks")
+
 
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = 2  # 0-3
     precision: str = "autocast"  # autocast: bf16 compute, fp32 master weights; bf16: bf16 weights; fp32
+    # Gradient reduction buckets (elements). DeepSpeed's 5e8 default is several GB per engine for
+    # models of 55M (VAE) and 216M (LDM) parameters; 5e7 (200 MB of fp32) keeps a few buckets in
+    # flight per backward, which is what overlapping needs.
+    reduce_bucket_size: int = 50_000_000
+    allgather_bucket_size: int = 50_000_000
+    overlap_comm: Optional[bool] = None  # reduce during the backward; None: on GPUs only
+    contiguous_gradients: bool = True  # copy gradients into one buffer as they are reduced
 
     def __post_init__(self) -> None:
         check_choice("deepspeed.zero_stage", self.zero_stage, (0, 1, 2, 3))
         check_choice("deepspeed.precision", self.precision, PRECISIONS)
+        check_positive("deepspeed.reduce_bucket_size", self.reduce_bucket_size)
+        check_positive("deepspeed.allgather_bucket_size", self.allgather_bucket_size)
+
+
+@dataclass
+class DistConfig:
+    """The process group."""
+
+    # Collectives wait this long before failing: a universal-checkpoint conversion of the reference
+    # model on rank 0 or a save to a slow shared filesystem keeps the other ranks in a barrier.
+    timeout_minutes: float = 60.0
+
+    def __post_init__(self) -> None:
+        check_positive("dist.timeout_minutes", self.timeout_minutes)
 
 
 @dataclass
@@ -112,6 +155,7 @@ class TrainVaeConfig:
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -133,7 +177,8 @@ class TrainLdmConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        max_steps=50000, lr=5e-5, min_lr=5e-6, lr_decay="poly", betas=[0.9, 0.999], weight_decay=1e-4,
+        max_steps=50000, global_batch=128, micro_batch=16, lr=5e-5, min_lr=5e-6, lr_decay="poly", betas=[0.9, 0.999], weight_decay=1e-4,
         grad_clip=1.0))
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)

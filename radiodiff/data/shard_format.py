@@ -15,6 +15,7 @@ from typing import Iterable
 
 from radiodiff.data.schema import MEMBERS
 
+
 def shard_path(split: str, index: int) -> str:
     """Path of a shard relative to the shard root."""
     return f"{split}/{split}-{index:06d}.tar"

@@ -29,13 +29,20 @@ from PIL import Image
 from tqdm import tqdm
 
 from radiodiff.config import DataConfig, EvalConfig
-from radiodiff.data.schema import NATIVE_SIZE, DataFormatError
 from radiodiff.data.manifest import read_manifest
+from radiodiff.data.schema import NATIVE_SIZE, DataFormatError
 from radiodiff.data.shards import ShardLoader
 from radiodiff.dist import DistInfo, broadcast_object
 from radiodiff.metrics import all_metrics
 from radiodiff.runs import TrainedRun, load_models
-from radiodiff.runs.predict import Predict, make_predictor, predict_native, sampler_generator, to_unit_scale
+from radiodiff.runs.predict import (
+    Predict,
+    inference_precision,
+    make_predictor,
+    predict_native,
+    sampler_generator,
+    to_unit_scale,
+)
 
 METRICS = ("psnr", "ssim", "nmse", "rmse", "rmse_db")
 GRID_COLUMNS = ("buildings", "transmitter", "ground truth", "prediction", "absolute error")
@@ -186,7 +193,8 @@ def evaluate(cfg: EvalConfig, run: TrainedRun, dist: DistInfo) -> dict | None:
     baseline = broadcast_object(baseline)
     models = load_models(run, dist.device, use_ema=cfg.use_ema)
     generator = sampler_generator(cfg.seed, dist.rank, dist.device)
-    predict = make_predictor(models, cfg.data, steps=cfg.sampler.steps, generator=generator)
+    precision = inference_precision(cfg.precision, dist.device)
+    predict = make_predictor(models, cfg.data, steps=cfg.sampler.steps, generator=generator, precision=precision)
     results = gather(evaluate_rank(cfg, predict, baseline, dist), dist)
     if not dist.is_main:
         return None
@@ -194,5 +202,5 @@ def evaluate(cfg: EvalConfig, run: TrainedRun, dist: DistInfo) -> dict | None:
     info = {"protocol": manifest.get("protocol"), "simulation": manifest.get("simulation"),
             "shards": cfg.data.shards, "image_size": cfg.data.image_size, "world_size": dist.world_size,
             "sampler_steps": cfg.sampler.steps if ldm else None, "use_ema": models.ema if ldm else None,
-            "seed": cfg.seed, "num_train_samples": train_count(cfg.data, cfg.baseline_max_samples)}
+            "seed": cfg.seed, "precision": precision, "num_train_samples": train_count(cfg.data, cfg.baseline_max_samples)}
     return write_outputs(cfg, run, results, info)

@@ -18,7 +18,6 @@ import numpy as np
 from radiodiff.runs.layout import CONFIG_FILE, METRICS_FILE
 
 
-
 class MetricsFileError(ValueError):
     """A run's metrics.jsonl or config.yaml is missing or cannot be read."""
 

@@ -15,11 +15,18 @@ import numpy as np
 import torch
 from PIL import Image
 
+from radiodiff.cli import check_output_dir, check_output_file
 from radiodiff.config import ConfigError, DataConfig, SampleConfig
 from radiodiff.data.radiomapseer import Layout
-from radiodiff.data.schema import NATIVE_SIZE, decode_png, to_tensors
+from radiodiff.data.schema import NATIVE_SIZE, check_antenna, decode_png, to_tensors
 from radiodiff.runs import load_models, open_run
-from radiodiff.runs.predict import Predict, default_device, make_predictor, sampler_generator
+from radiodiff.runs.predict import (
+    Predict,
+    default_device,
+    inference_precision,
+    make_predictor,
+    sampler_generator,
+)
 
 ANTENNA = re.compile(r"^(\d+)_(\d+)\.png$")
 
@@ -30,6 +37,13 @@ def read_map(path: str | Path) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     return decode_png(path.read_bytes(), str(path))
+
+
+def read_antenna(path: str | Path) -> np.ndarray:
+    """An antenna PNG: exactly one transmitter pixel (255), as the sharder requires."""
+    tx = read_map(path)
+    check_antenna(tx, str(Path(path).expanduser()))
+    return tx
 
 
 def antenna_at(row: int, col: int) -> np.ndarray:
@@ -66,10 +80,30 @@ def _cars_for(cfg: SampleConfig, data: DataConfig) -> np.ndarray | None:
     return read_map(cfg.cars)
 
 
-def sample_one(cfg: SampleConfig, predict: Predict, data: DataConfig, device: torch.device) -> Path:
+def check_outputs(cfg: SampleConfig) -> None:
+    """Before any work: ``out`` is a file name PIL can write, ``out_dir`` a folder we can write in."""
+    if cfg.out_dir is not None:
+        check_output_dir("out_dir", cfg.out_dir)
+        return
+    out = check_output_file("out", cfg.out)
+    Image.init()
+    image_format = Image.registered_extensions().get(out.suffix.lower())
+    if image_format not in Image.SAVE:
+        kind = f"{out.suffix!r} images" if out.suffix else "a file without an extension"
+        raise ConfigError(f"out={cfg.out}: cannot write {kind}; give a .png file name")
+
+
+def read_inputs(cfg: SampleConfig) -> tuple[np.ndarray, np.ndarray]:
+    """One map's (buildings, antenna), each checked and named in errors (cars need the run's config)."""
     buildings = read_map(cfg.buildings)
-    tx = read_map(cfg.antenna) if cfg.antenna is not None else antenna_at(cfg.tx_row, cfg.tx_col)
-    cond = condition(buildings, tx, _cars_for(cfg, data), data)[None].to(device)
+    tx = read_antenna(cfg.antenna) if cfg.antenna is not None else antenna_at(cfg.tx_row, cfg.tx_col)
+    return buildings, tx
+
+
+def sample_one(cfg: SampleConfig, inputs: tuple[np.ndarray, np.ndarray, np.ndarray | None], predict: Predict,
+               data: DataConfig, device: torch.device) -> Path:
+    buildings, tx, cars = inputs  # (256, 256) uint8 maps, cars None unless data.cars_input
+    cond = condition(buildings, tx, cars, data)[None].to(device)
     pred = predict(cond, torch.zeros_like(cond[:, :1]))
     out = Path(cfg.out).expanduser()
     _write(to_gray(pred[0], buildings, cfg.mask_buildings), out)
@@ -97,7 +131,7 @@ def sample_folder(cfg: SampleConfig, predict: Predict, data: DataConfig, device:
         for map_id, tx_id in batch:
             buildings = read_map(layout.buildings(map_id, "complete", 0))
             cars = read_map(layout.cars(map_id)) if data.cars_input else None
-            conds.append(condition(buildings, read_map(layout.antenna(map_id, tx_id)), cars, data))
+            conds.append(condition(buildings, read_antenna(layout.antenna(map_id, tx_id)), cars, data))
             maps.append(buildings)
         cond = torch.stack(conds).to(device)  # (B, 3, s, s)
         preds = predict(cond, torch.zeros_like(cond[:, :1]))
@@ -107,21 +141,25 @@ def sample_folder(cfg: SampleConfig, predict: Predict, data: DataConfig, device:
 
 
 def run_sample(cfg: SampleConfig) -> int:
+    check_outputs(cfg)
+    maps = read_inputs(cfg) if cfg.input_dir is None else None  # checked before the run is opened
     run = open_run(cfg.run_dir)
     if run.stage != "ldm":
         raise ConfigError(f"run_dir={cfg.run_dir} is a {run.stage} run; radiodiff-sample needs an LDM run")
+    data = run.config.data
+    inputs = None if maps is None else (*maps, _cars_for(cfg, data))
     device = default_device()
     models = load_models(run, device, use_ema=cfg.use_ema)
-    data = run.config.data
     generator = sampler_generator(cfg.seed, 0, device)
-    predict = make_predictor(models, data, steps=cfg.sampler.steps, generator=generator)
-    if cfg.input_dir is not None:
+    predict = make_predictor(models, data, steps=cfg.sampler.steps, generator=generator,
+                             precision=inference_precision(cfg.precision, device))
+    if inputs is None:
         count = sample_folder(cfg, predict, data, device)
         print(f"radiodiff-sample: {count} maps from {cfg.input_dir} -> {cfg.out_dir} (step {run.step})")
     else:
-        out = sample_one(cfg, predict, data, device)
+        out = sample_one(cfg, inputs, predict, data, device)
         print(f"radiodiff-sample: {out} (run {run.run_dir}, step {run.step})")
     return 0
 
 
-__all__ = ["antenna_at", "folder_samples", "read_map", "run_sample", "to_gray"]
+__all__ = ["antenna_at", "check_outputs", "folder_samples", "read_antenna", "read_map", "run_sample", "to_gray"]

@@ -15,7 +15,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from radiodiff.config import AutoencoderConfig, VaeGanLossConfig
-from radiodiff.models.blocks import AttnBlock, Downsample, ResnetBlock, Upsample, group_norm
+from radiodiff.models.blocks import (
+    AttnBlock,
+    Downsample,
+    ResnetBlock,
+    Upsample,
+    group_norm,
+)
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
@@ -30,11 +36,12 @@ class DiagonalGaussian:
         self.std = torch.exp(0.5 * self.logvar)
         self.var = torch.exp(self.logvar)
 
-    def sample(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:  # (B, Z, h, w)
-        noise = torch.randn(
-            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
-        )
-        return self.mean + self.std * noise
+    def sample(self, generator: Optional[torch.Generator] = None,
+               noise: Optional[torch.Tensor] = None) -> torch.Tensor:  # (B, Z, h, w)
+        """mean + std * noise; ``noise`` (like the mean) if given, else drawn from ``generator``."""
+        if noise is None:
+            noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise.to(self.mean.dtype)
 
     def mode(self) -> torch.Tensor:  # (B, Z, h, w)
         return self.mean
@@ -167,6 +174,11 @@ class AutoencoderKL(nn.Module):
         """The decoder's last conv, whose weight the adaptive discriminator weight differentiates."""
         return self.decoder.conv_out
 
+    def latent_shape(self, image_size: int) -> tuple[int, int, int]:
+        """(Z, h, w) of the latent of an image_size x image_size input."""
+        side = image_size // self.cfg.downsample_factor
+        return (self.cfg.embed_dim, side, side)
+
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:  # x: (B, Cin, H, W)
         return DiagonalGaussian(self.quant_conv(self.encoder(x)))
 
@@ -186,11 +198,13 @@ class AutoencoderKL(nn.Module):
         sample_posterior: bool = True,
         generator: Optional[torch.Generator] = None,
         return_features: bool = False,
+        noise: Optional[torch.Tensor] = None,
     ) -> Union[tuple[torch.Tensor, DiagonalGaussian], tuple[torch.Tensor, DiagonalGaussian, torch.Tensor]]:
         """(recon, posterior), plus the input of ``last_layer`` when ``return_features``: a
-        training engine's forward must hand those out, since only its forward may be called."""
+        training engine's forward must hand those out, since only its forward may be called.
+        ``noise``: the posterior sample's standard normal draw (else from ``generator``)."""
         posterior = self.encode(x)
-        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        z = posterior.sample(generator, noise) if sample_posterior else posterior.mode()
         if return_features:
             recon, feats = self.decode(z, return_features=True)
             return recon, posterior, feats
@@ -216,10 +230,10 @@ class VaeGanGenerator(nn.Module):
         sample_posterior: bool = True,
         generator: Optional[torch.Generator] = None,
         return_features: bool = False,
+        noise: Optional[torch.Tensor] = None,
     ) -> Union[tuple[torch.Tensor, DiagonalGaussian], tuple[torch.Tensor, DiagonalGaussian, torch.Tensor]]:
-        return self.autoencoder(
-            x, sample_posterior=sample_posterior, generator=generator, return_features=return_features
-        )
+        return self.autoencoder(x, sample_posterior=sample_posterior, generator=generator,
+                                return_features=return_features, noise=noise)
 
     def autoencoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The bare autoencoder's weights, in the CompVis layout (no ``logvar``)."""

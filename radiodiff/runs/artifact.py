@@ -22,6 +22,7 @@ from radiodiff.config import (
     TrainLdmConfig,
     TrainVaeConfig,
 )
+from radiodiff.diffusion.latent_scale import AUTO, LatentScale
 from radiodiff.models.autoencoder import AutoencoderKL
 from radiodiff.models.ema import EMA
 from radiodiff.models.unet import build_unet
@@ -67,14 +68,14 @@ def open_run(run_dir: str | Path) -> TrainedRun:
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run_dir={run_dir}: no such directory")
-    steps = layout.committed_steps(run_dir)
-    if not steps:
+    if not layout.committed_steps(run_dir):
         raise FileNotFoundError(f"run_dir={run_dir}: no committed checkpoint under {run_dir / layout.CHECKPOINTS}")
-    return open_checkpoint(steps[-1][1])
+    return open_checkpoint(layout.resolve_checkpoint(run_dir))
 
 
 def open_checkpoint(folder: Path) -> TrainedRun:
-    """One committed checkpoint folder and its run's config."""
+    """One committed checkpoint folder (verified against its commit record) and its run's config."""
+    layout.verify_checkpoint(folder)
     meta = layout.read_meta(folder)
     stage = meta.get("stage")
     if stage not in STAGE_SCHEMAS:
@@ -85,9 +86,16 @@ def open_checkpoint(folder: Path) -> TrainedRun:
     return TrainedRun(run_dir, stage, int(meta["step"]), folder, layout.read_run_config(run_dir, STAGE_SCHEMAS[stage]))
 
 
-def latent_scale(diffusion: DiffusionConfig, autoencoder: AutoencoderConfig) -> float:
-    """The latent scale factor of stage 2: the diffusion config's, else the autoencoder's."""
-    return diffusion.scale_factor or autoencoder.scaling_factor
+def latent_scale(diffusion: DiffusionConfig, autoencoder: AutoencoderConfig, checkpoint: Path | None = None) -> float:
+    """The latent scale factor of stage 2: the diffusion config's number, the value an ``auto`` run
+    stored with ``checkpoint``, else the autoencoder's ``scaling_factor``."""
+    if diffusion.scale_factor == AUTO:
+        if checkpoint is None:
+            raise ValueError("diffusion.scale_factor=auto is measured by training; no checkpoint to read it from")
+        stored = LatentScale(0.0)
+        stored.load_state_dict(layout.load_extra(checkpoint, layout.LATENT_SCALE))
+        return stored.value
+    return float(diffusion.scale_factor) if diffusion.scale_factor is not None else autoencoder.scaling_factor
 
 
 def load_frozen_vae(path: str | Path, device: torch.device) -> FrozenVae:
@@ -143,4 +151,5 @@ def load_models(run: TrainedRun, device: torch.device, *, use_ema: Optional[bool
     cfg = run.config
     vae = load_frozen_vae(cfg.vae.checkpoint, device)
     unet, ema = load_unet(run, device, use_ema)
-    return LoadedModels(vae.model, unet, latent_scale(cfg.diffusion, vae.config), cfg.diffusion.eps, ema)
+    return LoadedModels(vae.model, unet, latent_scale(cfg.diffusion, vae.config, run.checkpoint), cfg.diffusion.eps,
+                        ema)

@@ -9,17 +9,21 @@ Layout of a run directory (``train/checkpoint.py`` writes it; everything else re
         rank_00000.pt ...           per-rank state: RNG states, data-reader position
         {name}.pt                   rank-0 files: stage state (the EMA) and exports (the bare autoencoder)
         meta.json                   the run state (step, world size, ZeRO stage, stage, wandb id, counters)
-        COMMITTED                   written last, after a barrier: only then is the checkpoint valid
+        COMMITTED                   written last, after a barrier: only then is the checkpoint valid.
+                                    JSON: the step and the size and sha256 of every file above,
+                                    verified before anything of the checkpoint is deserialised
 
 Every ``.pt`` file is read with ``weights_only=True``: nothing in a run directory is unpickled.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -32,6 +36,7 @@ STEP_PATTERN = re.compile(r"^step_(\d{8})$")
 
 AUTOENCODER_WEIGHTS = "autoencoder_weights"  # the bare autoencoder (CompVis layout), with each VAE checkpoint
 EMA_STATE = "ema"  # the U-Net's EMA, with each LDM checkpoint
+LATENT_SCALE = "latent_scale"  # stage 2's latent scale factor, with each LDM checkpoint
 UNET_ENGINE = "unet"
 # DeepSpeed's model file of an engine: at ZeRO <= 2 it holds the full state dict under "module".
 ENGINE_MODEL_FILE = "mp_rank_00_model_states.pt"
@@ -62,17 +67,82 @@ def committed_steps(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted((step, p) for step, p in found if is_committed(p))
 
 
+def _warn_skipped(folder: Path, reason: str) -> None:
+    print(f"warning: skipping checkpoint {folder}: {reason}", file=sys.stderr, flush=True)
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run directory meaning its newest committed checkpoint."""
+    """A checkpoint folder, or a run directory meaning its newest committed checkpoint that
+    verifies (readers skip, with a warning, newer ones that do not; only training sets them aside)."""
     path = Path(path).expanduser()
     if is_committed(path):
         return path
-    steps = committed_steps(path)
-    if steps:
-        return steps[-1][1]
+    if committed_steps(path):
+        found = newest_verified(path, _warn_skipped)
+        if found is None:
+            raise CheckpointError(f"{path}: no committed checkpoint verifies (see the warnings above)")
+        return found
     if (path / META_FILE).is_file():
         raise FileNotFoundError(f"checkpoint {path} is not committed (no {COMMITTED} file): it was not completely saved")
     raise FileNotFoundError(f"{path} is neither a committed checkpoint folder nor a run directory holding one")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint's files do not match what was committed (corrupt, truncated, replaced, missing)."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_digests(folder: Path) -> dict[str, list]:
+    """{relative path: [size, sha256]} of every file of a checkpoint folder but COMMITTED."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMMITTED)
+    return {str(p.relative_to(folder)): [p.stat().st_size, _sha256(p)] for p in files}
+
+
+def commit_record(folder: Path, step: int) -> bytes:
+    """The content of COMMITTED: the step and the digests of the checkpoint's files."""
+    return json.dumps({"step": step, "files": file_digests(folder)}, indent=1).encode()
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Check every committed file's size and sha256 (and meta.json) before anything is loaded.
+
+    Files added after the commit (a universal conversion) are not part of the record. A COMMITTED
+    without a record (written by an older version) only has its meta.json checked.
+    """
+    read_meta(folder)
+    try:
+        record = json.loads((folder / COMMITTED).read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{folder / COMMITTED}: unreadable ({err})") from err
+    except json.JSONDecodeError:
+        return  # a bare step number: committed before files were recorded
+    for name, (size, sha) in sorted(record.get("files", {}).items()):
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (the checkpoint was committed with it)")
+        if path.stat().st_size != size:
+            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, committed with {size} (truncated or replaced)")
+        if _sha256(path) != sha:
+            raise CheckpointError(f"{path}: sha256 differs from the committed one (corrupt or replaced)")
+
+
+def newest_verified(run_dir: Path, on_rejected: Callable[[Path, str], None]) -> Path | None:
+    """The newest committed checkpoint that verifies; each one that does not is reported to
+    ``on_rejected(folder, reason)`` (which may move it aside) and the next older one is tried."""
+    for _, folder in reversed(committed_steps(run_dir)):
+        try:
+            verify_checkpoint(folder)
+            return folder
+        except (CheckpointError, ValueError) as err:
+            on_rejected(folder, str(err))
+    return None
 
 
 def run_dir_of(folder: Path) -> Path:

@@ -98,5 +98,12 @@ def score_batch(predict: Predict, cond: torch.Tensor, target: torch.Tensor, data
     return all_metrics(pred, gt)
 
 
+def inference_precision(setting: str, device: torch.device) -> str:
+    """``auto``: bf16 autocast on GPUs (tensor cores), fp32 on CPUs (no speed-up worth the rounding)."""
+    if setting == "auto":
+        return "autocast" if device.type == "cuda" else "fp32"
+    return setting
+
+
 def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

@@ -7,31 +7,42 @@ A folder without COMMITTED (a save that was killed) is ignored and replaced.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from radiodiff.dist import DistInfo, barrier, broadcast_object
+from radiodiff.dist import (
+    DistInfo,
+    all_reduce_max,
+    barrier,
+    broadcast_object,
+    is_main_process,
+)
 from radiodiff.runs.layout import (
     CHECKPOINTS,
     COMMITTED,
     META_FILE,
     STEP_PATTERN,
+    commit_record,
     committed_steps,
     extra_file,
     is_committed,
+    newest_verified,
     rank_file,
     read_meta,
     step_dir,
 )
+from radiodiff.train.safe_load import weights_only_loads
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -64,28 +75,53 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(run_dir: Path, step: int, engines: dict[str, Any], *, rank_state: dict, meta: dict,
-         extras: dict[str, Any], dist: DistInfo, keep_last: int) -> Path:
-    """Save a checkpoint on every rank (collective) and commit it."""
-    folder = step_dir(run_dir, step)
-    if dist.is_main:
-        if folder.exists():  # a save of this step that never committed
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-    barrier()
+class CheckpointSaveError(RuntimeError):
+    """A save failed on some rank (a full disk, a lost filesystem); nothing was committed."""
+
+
+def _write_files(folder: Path, engines: dict[str, Any], rank_state: dict, extras: dict[str, Any],
+                 dist: DistInfo, fail: bool) -> None:
     for name, engine in engines.items():
         engine.save_checkpoint(str(folder), tag=name)  # collective: every rank writes its shard
+    if fail:  # fault injection (train.fail_save_steps): what a full disk does to our writer
+        raise OSError(errno.ENOSPC, "No space left on device (injected)", str(rank_file(folder, dist.rank)))
     torch.save(rank_state, rank_file(folder, dist.rank))
     if dist.is_main:
         for name, value in extras.items():
             torch.save(value, extra_file(folder, name))
-    barrier()  # every rank's files are complete before the commit
+
+
+def save(run_dir: Path, step: int, engines: dict[str, Any], *, rank_state: dict, meta: dict,
+         extras: dict[str, Any], dist: DistInfo, keep_last: int, fail: bool = False) -> Path:
+    """Save a checkpoint on every rank (collective) and commit it.
+
+    Every rank reports whether its writing succeeded (one all-reduce) before anything is committed,
+    so a rank that failed (ENOSPC) cannot leave the others waiting, and a failed save commits
+    nothing: the previous checkpoint stays the newest valid one.
+    """
+    folder = step_dir(run_dir, step)
+    if dist.is_main:
+        if folder.exists() and not is_committed(folder):  # a save of this step that never committed
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+    barrier()
+    error = None
+    try:
+        _write_files(folder, engines, rank_state, extras, dist, fail)
+    except OSError as err:
+        error = err
+    if all_reduce_max(error is not None, dist.device) > 0:  # also a barrier: every rank's files are complete
+        raise CheckpointSaveError(f"saving checkpoint {folder} failed ({error or 'on another rank'}); "
+                                  "nothing was committed, the previous checkpoint is the newest valid one")
     if dist.is_main:
         _write_atomic(folder / META_FILE, json.dumps(meta, indent=1).encode())
-        _write_atomic(folder / COMMITTED, f"{step}\n".encode())
+        _write_atomic(folder / COMMITTED, commit_record(folder, step))  # records every file's sha256
         prune(run_dir, keep_last)
     barrier()
     return folder
+
+
+REJECTED = "rejected"  # under checkpoints/: checkpoints that failed verification, kept for inspection
 
 
 def prune(run_dir: Path, keep_last: int) -> None:
@@ -102,14 +138,19 @@ def prune(run_dir: Path, keep_last: int) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def set_aside(folder: Path, reason: str) -> Path:
+    """Move a checkpoint that failed verification out of the way (never deleted); returns where."""
+    target = folder.parent / REJECTED / f"{folder.name}.{time.strftime('%Y%m%d-%H%M%S')}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder.rename(target)
+    print(f"checkpoint {folder} is not usable: {reason}; moved to {target}", flush=True)
+    return target
+
+
 def find_resume(run_dir: Path) -> Path | None:
-    """The newest committed checkpoint, as rank 0 sees it (all ranks then load the same one)."""
-    steps = committed_steps(run_dir)
-    return broadcast_object(steps[-1][1] if steps else None)
-
-
-
-
+    """The newest committed checkpoint that verifies, as rank 0 finds it (all ranks then load it);
+    each newer one that fails verification is reported in one line and set aside."""
+    return broadcast_object(newest_verified(run_dir, set_aside) if is_main_process() else None)
 
 
 def to_universal(folder: Path, name: str, dist: DistInfo) -> str:
@@ -121,7 +162,8 @@ def to_universal(folder: Path, name: str, dist: DistInfo) -> str:
         if target.exists():
             shutil.rmtree(target)
         # --inject_missing_state: our models carry no Megatron-style universal-checkpoint info.
-        done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+        # Through safe_load: the conversion reads the checkpoint with weights-only loads too.
+        done = subprocess.run([sys.executable, "-m", "radiodiff.train.safe_load", "--input_folder",
                                str(folder / name), "--output_folder", str(target), "--inject_missing_state",
                                "--num_extract_workers", "1", "--num_merge_workers", "1"],
                               capture_output=True, text=True)
@@ -136,15 +178,16 @@ def load(folder: Path, engines: dict[str, Any], dist: DistInfo) -> tuple[dict, d
     """Load every engine and this rank's state; returns (meta, rank_state or None on a new world size).
 
     At another world size than the one saved, the engines (built with ``load_universal``) load a
-    universal conversion of the checkpoint: weights and optimizer state are exact; per-rank state
-    (data position, RNG) cannot carry over and is returned as None.
+    universal conversion of the checkpoint: weights and optimizer state are exact; the ranks' RNG
+    states cannot carry over and are returned as None (the data position is global, in meta.json).
     """
     meta = read_meta(folder)
     same_world = meta["world_size"] == dist.world_size
     for name, engine in engines.items():
         tag = name if same_world else to_universal(folder, name, dist)
-        path, _ = engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True,
-                                         load_lr_scheduler_states=False)
+        with weights_only_loads():  # nothing in a run directory is unpickled
+            path, _ = engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True,
+                                             load_lr_scheduler_states=False)
         if path is None:
             raise FileNotFoundError(f"DeepSpeed could not load engine {name!r} from {folder / tag}")
     rank_state = torch.load(rank_file(folder, dist.rank), weights_only=True) if same_world else None

@@ -19,18 +19,31 @@ from radiodiff.config import DeepSpeedConfig, TrainConfig
 NEVER_PRINT_STEPS = 2**31 - 1
 
 
+def zero_config(ds: DeepSpeedConfig, *, on_gpu: bool) -> dict[str, Any]:
+    """ZeRO's section: the stage and, from stage 1 on, the reduction buckets and their overlap."""
+    config: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1:
+        overlap = on_gpu if ds.overlap_comm is None else ds.overlap_comm
+        config.update(reduce_bucket_size=ds.reduce_bucket_size, allgather_bucket_size=ds.allgather_bucket_size,
+                      overlap_comm=overlap, contiguous_gradients=ds.contiguous_gradients)
+    if ds.zero_stage == 3:
+        config["stage3_gather_16bit_weights_on_model_save"] = True
+    return config
+
+
 def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, *, world_size: int,
-                     load_universal: bool = False) -> dict[str, Any]:
+                     load_universal: bool = False, on_gpu: bool = False) -> dict[str, Any]:
     """DeepSpeed's config for one engine: ZeRO stage, precision, batch geometry, clipping, AdamW.
 
     ``load_universal``: the engine will load a universal checkpoint (a resume at another world size).
+    ``on_gpu``: the engine trains on GPUs (communication overlaps the backward there).
     """
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.micro_batch,
-        "gradient_accumulation_steps": train.grad_accum,
-        "train_batch_size": train.micro_batch * train.grad_accum * world_size,
+        "gradient_accumulation_steps": train.grad_accum(world_size),
+        "train_batch_size": train.global_batch,
         "gradient_clipping": float(train.grad_clip),
-        "zero_optimization": {"stage": ds.zero_stage},
+        "zero_optimization": zero_config(ds, on_gpu=on_gpu),
         "optimizer": {
             "type": "AdamW",
             "params": {"lr": train.lr, "betas": list(train.betas), "eps": 1e-8,
@@ -45,9 +58,9 @@ def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, *, world_size: int
         config["data_types"] = {"grad_accum_dtype": "fp32"}
     elif ds.precision == "autocast":
         # fp32 master parameters, ops in bf16 under torch.autocast (works with BatchNorm buffers).
-        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-    if ds.zero_stage == 3:
-        config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+        # No "lower precision safe" modules: DeepSpeed would otherwise all-reduce the gradients of
+        # every Conv/Linear in bf16, a silent loss of precision summed over many ranks.
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
     return config
@@ -76,7 +89,8 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, ds: DeepSpeedConfig
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
-    config = deepspeed_config(train, ds, world_size=world_size, load_universal=load_universal)
+    config = deepspeed_config(train, ds, world_size=world_size, load_universal=load_universal,
+                              on_gpu=torch.cuda.is_available())
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=config)
     if ds.precision == "bf16":
         _buffers_to_bf16(engine.module)

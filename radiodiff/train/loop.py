@@ -1,6 +1,7 @@
 """The training loop, one for both stages: steps, logging, validation, checkpoints, guards.
 
-Each iteration is one optimizer update of ``train.grad_accum`` micro-batches. Before it, all ranks
+Each iteration is one optimizer update of ``train.global_batch`` maps: ``loop.grad_accum`` micro-batches
+on every rank. Before it, all ranks
 agree on whether a preemption signal arrived (then: save, exit 75). After it, the non-finite guard
 counts bad updates (skipped exactly, see ``steps.guarded_update``) and aborts after
 ``train.max_bad_steps`` in a row. Steps are counted from 1 in logs and checkpoint names.
@@ -8,6 +9,7 @@ counts bad updates (skipped exactly, see ``steps.guarded_update``) and aborts af
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -16,13 +18,13 @@ from typing import Any, Callable, Iterator
 import torch
 
 from radiodiff.config import DeepSpeedConfig, TrainConfig
+from radiodiff.dist import DistInfo, all_reduce_max, all_reduce_mean, print0
 from radiodiff.runs.layout import load_extra
 from radiodiff.train import checkpoint
-from radiodiff.dist import DistInfo, all_reduce_max, all_reduce_mean, print0
 from radiodiff.train.engines import lr_at, set_lr
 from radiodiff.train.preemption import EXIT_PREEMPTED, PreemptionFlag, requeue_slurm_job
 from radiodiff.train.steps import StepContext
-
+from radiodiff.train.telemetry import Telemetry, count_flops, peak_tflops
 
 OnLog = Callable[[int, dict[str, float]], None]
 
@@ -64,13 +66,17 @@ class RunState:
     bad_in_a_row: int = 0
     wandb_run_id: str = ""
     resumed_from: list[int] = field(default_factory=list)
+    # FLOPs of one update on this rank, counted once at a run's first update (counting perturbs the
+    # last bits of that update, so a resumed run reuses the count instead of counting again).
+    flops_per_update: float = 0.0
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for f in fields(self):
-            setattr(self, f.name, type(getattr(self, f.name))(state[f.name]))
+            if f.name in state:  # a field added later keeps its default for older checkpoints
+                setattr(self, f.name, type(getattr(self, f.name))(state[f.name]))
 
 
 @dataclass
@@ -79,34 +85,42 @@ class LoopConfig:
     train: TrainConfig
     deepspeed: DeepSpeedConfig
     stage_name: str
+    grad_accum: int  # micro-batches per update: train.global_batch / (micro_batch x world_size)
+    seed: int = 0  # keys the per-sample draws (diffusion time and noise, posterior samples)
 
 
-def checkpoint_meta(state: RunState, loop: LoopConfig, dist: DistInfo) -> dict:
-    """meta.json: the run state plus what the checkpoint was saved with."""
-    return {**state.state_dict(), "world_size": dist.world_size, "zero_stage": loop.deepspeed.zero_stage,
-            "precision": loop.deepspeed.precision, "stage": loop.stage_name, "time": time.time()}
+def checkpoint_meta(state: RunState, loop: LoopConfig, dist: DistInfo, loader: Any) -> dict:
+    """meta.json: the run state, the data position (global: the same on every rank) and what the
+    checkpoint was saved with."""
+    return {**state.state_dict(), "loader": loader.state_dict(), "world_size": dist.world_size,
+            "zero_stage": loop.deepspeed.zero_stage, "precision": loop.deepspeed.precision,
+            "stage": loop.stage_name, "time": time.time()}
 
 
 def save_checkpoint(stage: Stage, state: RunState, loop: LoopConfig, dist: DistInfo, loader: Any) -> Path:
-    rank_state = {"rng": checkpoint.rng_state(), "loader": loader.state_dict()}
+    rank_state = {"rng": checkpoint.rng_state()}
     return checkpoint.save(loop.run_dir, state.step, stage.engines, rank_state=rank_state,
-                           meta=checkpoint_meta(state, loop, dist), extras=stage.checkpoint_files(), dist=dist,
-                           keep_last=loop.train.keep_last)
+                           meta=checkpoint_meta(state, loop, dist, loader), extras=stage.checkpoint_files(), dist=dist,
+                           keep_last=loop.train.keep_last, fail=state.step in loop.train.fail_save_steps)
 
 
 def _run_update(stage: Stage, batches: Iterator[dict], state: RunState, loop: LoopConfig,
-                dist: DistInfo) -> tuple[dict[str, torch.Tensor], bool]:
+                dist: DistInfo, telemetry: Telemetry) -> tuple[dict[str, torch.Tensor], bool]:
     """One optimizer update over grad_accum micro-batches; returns summed metrics and badness."""
     train = loop.train
     for engine in stage.engines.values():
         set_lr(engine, lr_at(state.step, train))
     inject = (state.step + 1) in train.nan_steps and train.nan_rank in (-1, dist.rank)
-    ctx = StepContext(step=state.step, device=dist.device, precision=loop.deepspeed.precision, inject_nan=inject)
+    ctx = StepContext(step=state.step, device=dist.device, precision=loop.deepspeed.precision, seed=loop.seed,
+                      inject_nan=inject)
     totals: dict[str, torch.Tensor] = {}
-    for _ in range(train.grad_accum):
+    for _ in range(loop.grad_accum):
         buffers = [b for engine in stage.engines.values() for b in engine.module.buffers()]
         saved = [b.clone() for b in buffers]
-        metrics = stage.step_fn(stage.models, next(batches), ctx)
+        waiting = time.perf_counter()
+        batch = next(batches)
+        telemetry.waited_for_data(time.perf_counter() - waiting)
+        metrics = stage.step_fn(stage.models, batch, ctx)
         if metrics["bad"].item() > 0:
             # A bad batch's forward passes also moved buffers (BatchNorm running statistics), possibly
             # to NaN: put them back, so that a skipped update leaves no trace.
@@ -114,17 +128,17 @@ def _run_update(stage: Stage, batches: Iterator[dict], state: RunState, loop: Lo
                 for buffer, value in zip(buffers, saved):
                     buffer.copy_(value)
         for name, value in metrics.items():
-            totals[name] = totals.get(name, 0.0) + value / train.grad_accum
+            totals[name] = totals.get(name, 0.0) + value / loop.grad_accum
     return totals, any(ctx.window_bad.values())
 
 
 def _log_update(stage: Stage, metrics: dict[str, torch.Tensor], state: RunState, loop: LoopConfig,
-                dist: DistInfo, log: OnLog, rate: float) -> None:
-    """Average the update's metrics over ranks, log them and print one console line."""
-    values = all_reduce_mean(metrics, dist.device)
+                dist: DistInfo, log: OnLog, rate: float, telemetry: Telemetry) -> None:
+    """Average the update's metrics (and this window's telemetry) over ranks, log them and print
+    one console line."""
+    perf = {k: torch.tensor(v) for k, v in telemetry.window().items()}
+    values = all_reduce_mean({**metrics, **perf}, dist.device)
     values.update(lr=lr_at(state.step - 1, loop.train), skipped_steps=state.skipped_steps, steps_per_s=rate)
-    if dist.device.type == "cuda":
-        values["gpu_max_memory_gb"] = torch.cuda.max_memory_allocated(dist.device) / 2**30
     log(state.step, values)
     print0(f"{loop.stage_name} step {state.step}/{loop.train.max_steps}: {stage.headline} "
            f"{values.get(stage.headline, float('nan')):.4g}, {rate:.2f} steps/s")
@@ -146,10 +160,20 @@ def train(stage: Stage, loader: Any, state: RunState, loop: LoopConfig, dist: Di
     cfg = loop.train
     batches = iter(loader)
     started, first_step = time.perf_counter(), state.step
+    telemetry = Telemetry(global_batch=cfg.global_batch, rank_maps_per_update=cfg.micro_batch * loop.grad_accum,
+                          device=dist.device, peak=peak_tflops(dist.device, cfg.peak_tflops))
+    telemetry.flops_per_update = state.flops_per_update or None
     while state.step < cfg.max_steps:
         if all_reduce_max(flag.received is not None, dist.device) > 0:  # every rank stops together
             return _preempt(stage, state, loop, dist, loader)
-        metrics, bad = _run_update(stage, batches, state, loop, dist)
+        first = telemetry.flops_per_update is None
+        with count_flops() if first else contextlib.nullcontext() as counter:
+            metrics, bad = _run_update(stage, batches, state, loop, dist, telemetry)
+        if first:  # counted once; the counting update is slower, so it stays out of the rates
+            state.flops_per_update = telemetry.flops_per_update = float(counter.get_total_flops())
+            telemetry.skip_window()
+        else:
+            telemetry.update_done()
         state.step += 1
         state.bad_in_a_row = state.bad_in_a_row + 1 if bad else 0
         state.skipped_steps += int(bad)
@@ -160,7 +184,7 @@ def train(stage: Stage, loader: Any, state: RunState, loop: LoopConfig, dist: Di
             stage.after_update(state.step)
         if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
             rate = (state.step - first_step) / max(time.perf_counter() - started, 1e-9)
-            _log_update(stage, metrics, state, loop, dist, log, rate)
+            _log_update(stage, metrics, state, loop, dist, log, rate, telemetry)
         if stage.validate and cfg.val_every and state.step % cfg.val_every == 0:
             log(state.step, stage.validate(state.step))
         if state.step % cfg.ckpt_every == 0 or state.step == cfg.max_steps:

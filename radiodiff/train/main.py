@@ -19,12 +19,22 @@ from omegaconf import OmegaConf
 from radiodiff.cli import run_app
 from radiodiff.config import TrainLdmConfig, TrainVaeConfig
 from radiodiff.data.shards import ShardLoader
-from radiodiff.runs.layout import CONFIG_FILE, read_meta
+from radiodiff.dist import DistInfo, barrier, broadcast_object, print0, setup, teardown
+from radiodiff.precision import configure_math
+from radiodiff.runs.layout import read_meta
 from radiodiff.train import checkpoint
-from radiodiff.dist import DistInfo, print0, setup, teardown
+from radiodiff.train.lock import RunDirLocked, RunLock
 from radiodiff.train.logger import NullLogger, RunLogger, new_run_id
-from radiodiff.train.loop import LoopConfig, NonFiniteLossError, OnLog, RunState, Stage, train
+from radiodiff.train.loop import (
+    LoopConfig,
+    NonFiniteLossError,
+    OnLog,
+    RunState,
+    Stage,
+    train,
+)
 from radiodiff.train.preemption import PreemptionFlag
+from radiodiff.train.run_dir import check_compatible, write_config
 from radiodiff.train.stages import build_ldm_stage, build_vae_stage
 
 TrainConfigs = TrainVaeConfig | TrainLdmConfig
@@ -36,50 +46,74 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_loader(cfg: TrainConfigs, dist: DistInfo, seed: int) -> ShardLoader:
+def make_loader(cfg: TrainConfigs, dist: DistInfo) -> ShardLoader:
     return ShardLoader(cfg.data, "train", batch_size=cfg.train.micro_batch, rank=dist.rank,
-                       world_size=dist.world_size, seed=seed)
+                       world_size=dist.world_size, seed=cfg.seed)
 
 
 def resume(stage: Stage, cfg: TrainConfigs, dist: DistInfo, folder: Path | None) -> tuple[RunState, ShardLoader]:
-    """Restore the checkpoint ``folder`` if there is one; otherwise a fresh state."""
+    """Restore the checkpoint ``folder`` if there is one; otherwise a fresh state.
+
+    The data position is global (the same on every rank), so the loader continues exactly at any
+    world size; the per-sample draws are keyed by the samples' positions, not by the ranks' RNGs.
+    """
+    loader = make_loader(cfg, dist)
     if folder is None:
         seed_all(cfg.seed * 1000 + dist.rank + 1)  # training randomness differs across ranks
-        return RunState(wandb_run_id=new_run_id()), make_loader(cfg, dist, cfg.seed)
+        return RunState(wandb_run_id=new_run_id()), loader
     meta, rank_state = checkpoint.load(folder, stage.engines, dist)
     stage.restore(folder)
     state = RunState()
     state.load_state_dict(meta)
     state.resumed_from.append(state.step)
+    loader.load_state_dict(meta["loader"])
     if rank_state is not None:
         checkpoint.set_rng_state(rank_state["rng"])
-        loader = make_loader(cfg, dist, cfg.seed)
-        loader.load_state_dict(rank_state["loader"])
-    else:
-        # Another world size: weights and optimizer are exact; data order and RNG start anew,
-        # seeded by the step so that they do not repeat the first steps' order.
-        print0(f"resuming {meta['world_size']} -> {dist.world_size} ranks: data order restarts at step {state.step}")
+    else:  # another world size: the ranks' own RNG streams (used by no per-sample draw) start anew
+        print0(f"resuming {meta['world_size']} -> {dist.world_size} ranks at step {state.step}, "
+               f"data position {loader.position}")
         seed_all(cfg.seed * 1000 + dist.rank + 1 + state.step * 7919)
-        loader = make_loader(cfg, dist, cfg.seed + state.step)
     print0(f"resumed from {folder} (step {state.step})")
     return state, loader
+
+
+def own_run_dir(run_dir: Path, cfg: TrainConfigs, dist: DistInfo) -> RunLock | None:
+    """Rank 0 takes the run directory's lock for the whole process group; every rank learns the outcome."""
+    lock, refusal = None, None
+    if dist.is_main:
+        lock = RunLock(run_dir, stale_s=cfg.train.lock_stale_s)
+        try:
+            how = lock.acquire()
+            if how != "acquired":
+                print0(f"run_dir lock {how}")
+        except RunDirLocked as err:
+            lock, refusal = None, str(err)
+    refusal = broadcast_object(refusal)
+    if refusal:
+        raise RunDirLocked(refusal)
+    return lock
 
 
 def run_training(cfg: TrainConfigs, build_stage: Callable[..., Stage], name: str, on_log: OnLog | None = None) -> int:
     """Train one stage in this process (one rank); returns the exit code. ``on_log``: see ``loop.train``."""
     flag = PreemptionFlag().install()  # from the start: a signal during set-up is not lost
-    dist = setup()
+    dist = setup(cfg.dist.timeout_minutes)
+    configure_math(dist.device, cfg.train.deterministic)
+    lock = None
     try:
         run_dir = Path(cfg.run_dir)
-        if dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        grad_accum = cfg.train.grad_accum(dist.world_size)  # refuses a global batch that does not fit
+        lock = own_run_dir(run_dir, cfg, dist)
+        check_compatible(run_dir, cfg, name)
         folder = checkpoint.find_resume(run_dir)
         other_world = folder is not None and read_meta(folder)["world_size"] != dist.world_size
         seed_all(cfg.seed)  # identical initial weights on every rank
         stage = build_stage(cfg, dist, load_universal=other_world)
         state, loader = resume(stage, cfg, dist, folder)
-        loop = LoopConfig(run_dir, cfg.train, cfg.deepspeed, name)
+        if dist.is_main:  # only now: a start refused above changed nothing in the run directory
+            write_config(run_dir, cfg, state.step)
+        barrier()
+        loop = LoopConfig(run_dir, cfg.train, cfg.deepspeed, name, grad_accum, cfg.seed)
         config = OmegaConf.to_container(OmegaConf.structured(cfg))
         logger = (RunLogger(run_dir, cfg.wandb, run_id=state.wandb_run_id, config=config, resume_step=state.step)
                   if dist.is_main else NullLogger())
@@ -89,10 +123,12 @@ def run_training(cfg: TrainConfigs, build_stage: Callable[..., Stage], name: str
             return train(stage, loader, state, loop, dist, logger, flag, on_log)
         finally:
             logger.close()
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, checkpoint.CheckpointSaveError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:
+        if lock is not None:
+            lock.release()
         teardown()
         flag.uninstall()
 

@@ -12,6 +12,7 @@ from radiodiff.config import ConfigError, DataConfig, TrainLdmConfig, TrainVaeCo
 from radiodiff.data.manifest import read_manifest
 from radiodiff.data.schema import NATIVE_SIZE
 from radiodiff.data.shards import ShardLoader
+from radiodiff.diffusion.latent_scale import AUTO, LatentScale, latent_std
 from radiodiff.dist import DistInfo, all_reduce_sum, print0
 from radiodiff.losses.perceptual import LPIPSLoss
 from radiodiff.models.autoencoder import build_vae_gan_generator
@@ -19,8 +20,18 @@ from radiodiff.models.discriminator import build_discriminator
 from radiodiff.models.ema import EMA
 from radiodiff.models.unet import build_unet
 from radiodiff.runs import FrozenVae, LoadedModels, latent_scale, load_frozen_vae
-from radiodiff.runs.layout import AUTOENCODER_WEIGHTS, EMA_STATE, UNET_ENGINE
-from radiodiff.runs.predict import Predict, make_predictor, sampler_generator, score_batch
+from radiodiff.runs.layout import (
+    AUTOENCODER_WEIGHTS,
+    EMA_STATE,
+    LATENT_SCALE,
+    UNET_ENGINE,
+)
+from radiodiff.runs.predict import (
+    Predict,
+    make_predictor,
+    sampler_generator,
+    score_batch,
+)
 from radiodiff.train.engines import build_engine
 from radiodiff.train.loop import Stage
 from radiodiff.train.steps import LdmModels, VaeGanModels, ldm_step, vae_gan_step
@@ -106,12 +117,12 @@ def check_vae_data(data: DataConfig, vae: FrozenVae, where: str) -> None:
 
 
 def _ldm_validation(cfg: TrainLdmConfig, dist: DistInfo, vae: FrozenVae, engine, ema: EMA,
-                    scale: float) -> Callable[[int], dict[str, float]]:
+                    scale: LatentScale) -> Callable[[int], dict[str, float]]:
     """Samples with the EMA weights once the EMA averages (logged as ``val/ema``), else the raw ones."""
     unet = engine.module
-    models = LoadedModels(vae.model, unet, scale, cfg.diffusion.eps)
 
     def validate(step: int) -> dict[str, float]:
+        models = LoadedModels(vae.model, unet, scale.value, cfg.diffusion.eps)
         generator = sampler_generator(cfg.seed, dist.rank, dist.device)  # the same noise at every validation
         predict = make_predictor(models, cfg.data, steps=cfg.sampler.steps, generator=generator,
                                  precision=cfg.deepspeed.precision)
@@ -131,11 +142,28 @@ def build_ldm_stage(cfg: TrainLdmConfig, dist: DistInfo, *, load_universal: bool
     if latent != cfg.model.unet.latent_size:
         raise ConfigError(f"model.unet.latent_size={cfg.model.unet.latent_size} but data.image_size="
                           f"{cfg.data.image_size} / the VAE's factor {vae.config.downsample_factor} gives {latent}")
-    scale = latent_scale(cfg.diffusion, vae.config)
+    std = measure_latent_std(cfg, vae, dist)
+    scale = LatentScale(1.0 / std if cfg.diffusion.scale_factor == AUTO else latent_scale(cfg.diffusion, vae.config))
+    print0(f"latent std {std:.4f}: scale factor {scale.value:.4f} ({cfg.diffusion.scale_factor or 'the VAE config'}) "
+           f"gives z0 a std of {scale.value * std:.3f} against the noise's 1 (a resumed run keeps its stored scale)")
     engine = build_engine(build_unet(cfg.model.unet, cfg.model.condition), cfg.train, cfg.deepspeed,
                           world_size=dist.world_size, load_universal=load_universal)
     ema = EMA(engine.module, cfg.ema)
-    models = LdmModels(engine, vae.model, scale, replace(cfg.diffusion, scale_factor=scale))
+    models = LdmModels(engine, vae.model, scale, cfg.diffusion)
     validate = _ldm_validation(cfg, dist, vae, engine, ema, scale) if _has_val_split(cfg.data) else None
     return Stage("ldm", "loss", models, {UNET_ENGINE: engine}, ldm_step, validate=validate,
-                 after_update=lambda step: ema.update(engine.module, step), state={EMA_STATE: ema})
+                 after_update=lambda step: ema.update(engine.module, step),
+                 state={EMA_STATE: ema, LATENT_SCALE: scale})
+
+
+SCALE_BATCHES = 4  # micro-batches of the train split whose latents are measured at the start
+
+
+def measure_latent_std(cfg: TrainLdmConfig, vae: FrozenVae, dist: DistInfo) -> float:
+    """Std of the posterior means of the first train batches (the same on every rank): logged at the
+    start of stage 2, and 1 / it is diffusion.scale_factor=auto."""
+    loader = ShardLoader(cfg.data, "train", batch_size=cfg.train.micro_batch, epochs=1, shuffle=False, num_workers=0)
+    with torch.no_grad():
+        latents = [vae.model.encode(batch["target"].to(dist.device).float()).mode()
+                   for _, batch in zip(range(SCALE_BATCHES), loader)]
+    return latent_std(latents)

@@ -21,10 +21,13 @@ import torch
 from torch.func import functional_call
 
 from radiodiff.config import DiffusionConfig, VaeGanLossConfig
+from radiodiff.diffusion import noise as keyed
+from radiodiff.diffusion.latent_scale import LatentScale
 from radiodiff.diffusion.loss import constant_sde_loss
+from radiodiff.diffusion.noise import keyed_normal, keyed_uniform
 from radiodiff.diffusion.process import forward_sample, sample_time, targets
-from radiodiff.losses import vae_gan
 from radiodiff.dist import all_reduce_max
+from radiodiff.losses import vae_gan
 from radiodiff.models.autoencoder import DiagonalGaussian
 from radiodiff.precision import autocast
 from radiodiff.train.engines import skipped_update
@@ -37,11 +40,18 @@ class StepContext:
     step: int  # the update this micro-batch belongs to (0-based)
     device: torch.device
     precision: str  # autocast | bf16 | fp32
+    seed: int = 0  # the run's seed: per-sample draws are keyed by it and each sample's stream position
     inject_nan: bool = False  # fault injection (train.nan_steps)
     window_bad: dict[str, bool] = field(default_factory=dict)  # engine name -> a bad micro-batch this update
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.precision)
+
+    def normal(self, batch: dict, shape: tuple[int, ...], purpose: int) -> torch.Tensor | None:
+        """(B, *shape) normal draws keyed by the samples' stream positions (None: the batch has none)."""
+        if "pos" not in batch:
+            return None
+        return keyed_normal(batch["pos"].tolist(), shape, seed=self.seed, purpose=purpose, device=self.device)
 
     def inputs(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.to(self.device, non_blocking=True)
@@ -113,8 +123,10 @@ def vae_gan_step(models: VaeGanModels, batch: dict, ctx: StepContext) -> dict[st
     generator, discriminator = models.generator, models.discriminator
     logvar = generator.module.logvar.float()
     disc = _frozen(discriminator.module)
+    latent = generator.module.autoencoder.latent_shape(x.shape[-1])
     with ctx.autocast():
-        recon, posterior, features = generator(x, return_features=True)
+        recon, posterior, features = generator(x, return_features=True,
+                                               noise=ctx.normal(batch, latent, keyed.POSTERIOR))
         perceptual = models.perceptual(x, recon) if models.perceptual is not None else None
         logits_g = disc(recon) if factor > 0 else None  # the GAN terms are 0 before disc_start
     rec = vae_gan.reconstruction_loss(x32, recon.float(), None if perceptual is None else perceptual.float(),
@@ -143,23 +155,34 @@ def vae_gan_step(models: VaeGanModels, batch: dict, ctx: StepContext) -> dict[st
 class LdmModels:
     engine: Any  # DeepSpeed engine over the conditional U-Net (with its condition encoder)
     vae: torch.nn.Module  # frozen AutoencoderKL, eval mode
-    scale_factor: float
+    scale: LatentScale  # restored with the checkpoint (diffusion.scale_factor=auto measures it)
     diffusion: DiffusionConfig
 
 
-def encode_latents(vae: torch.nn.Module, x: torch.Tensor, scale_factor: float) -> torch.Tensor:
+def encode_latents(vae: torch.nn.Module, x: torch.Tensor, scale_factor: float,
+                   noise: torch.Tensor | None = None) -> torch.Tensor:
     """z0 = scale * a sample of q(z | x), with no graph (the VAE is frozen on every rank)."""
     with torch.no_grad():
-        return scale_factor * vae.encode(x.float()).sample().float()
+        return scale_factor * vae.encode(x.float()).sample(noise=noise).float()
+
+
+def draw_time(batch: dict, size: int, ctx: StepContext, eps: float) -> torch.Tensor:
+    """(B,) fp32 times in [eps, 1), keyed by the samples' stream positions when the batch has them."""
+    if "pos" not in batch:
+        return sample_time(size, eps, device=ctx.device)
+    u = keyed_uniform(batch["pos"].tolist(), seed=ctx.seed, purpose=keyed.TIME, device=ctx.device)
+    return eps + (1.0 - eps) * u
 
 
 def ldm_step(models: LdmModels, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
     """Constant-SDE loss of the two-head U-Net on the frozen VAE's latents (loss reduced in fp32)."""
     x, cond = batch["target"].to(ctx.device), batch["cond"].to(ctx.device)
+    latent = models.vae.latent_shape(x.shape[-1])
     with ctx.autocast():
-        z0 = encode_latents(models.vae, x, models.scale_factor)  # (B, 3, h, w) fp32
-    t = sample_time(z0.shape[0], models.diffusion.eps, device=ctx.device)
-    noise = torch.randn_like(z0)
+        z0 = encode_latents(models.vae, x, models.scale.value, ctx.normal(batch, latent, keyed.POSTERIOR))
+    t = draw_time(batch, z0.shape[0], ctx, models.diffusion.eps)  # (B,) fp32
+    noise = ctx.normal(batch, latent, keyed.NOISE)
+    noise = torch.randn_like(z0) if noise is None else noise
     z_t = forward_sample(z0, t, noise)
     c_target, eps_target = targets(z0, noise)
     with ctx.autocast():

@@ -14,7 +14,7 @@ from radiodiff.launch import console_command
 
 BIN = Path(sys.executable).parent
 # Tiny, fast, deterministic: 64 px maps, no data-loader workers, metrics every step, no wandb.
-TINY = ["model=tiny", "data.num_workers=0", "train.micro_batch=2", "train.log_every=1", "wandb.enabled=false"]
+TINY = ["model=tiny", "data.num_workers=0", "train.global_batch=4", "train.micro_batch=2", "train.log_every=1", "wandb.enabled=false"]
 STAGE_TINY = {"vae": ["perceptual.pretrained=false"], "ldm": []}
 
 

@@ -82,6 +82,18 @@ def _ended(env: dict, job_id: str, on_pending: Callable[[dict], None] = lambda j
     return job.get("JobState") not in ACTIVE
 
 
+def _releaser(env: dict) -> Callable[[dict], None]:
+    """on_pending for a requeued job: Slurm 22.05 holds a requeued batch job until the old launch
+    credential has expired (EligibleTime = requeue + cred_expire 120 s + 1 s; squeue shows
+    Reason=BeginTime). That is harmless on a real cluster; here it would only add two idle minutes,
+    so let it start now."""
+    def release(job: dict) -> None:
+        if job.get("Reason") == "BeginTime":
+            _slurm(env, "scontrol", "update", f"JobId={job['JobId']}", "StartTime=now")
+
+    return release
+
+
 def test_train_vae_sbatch_two_nodes(local_slurm: dict, train_shards: Path, tmp_path: Path) -> None:
     env, log, run_dir = _environment(local_slurm), tmp_path / "job.out", tmp_path / "run"
     with _jobs(env) as jobs:
@@ -101,13 +113,6 @@ def test_train_vae_sbatch_preempted_requeues_and_resumes(local_slurm: dict, trai
     env, log, run_dir = _environment(local_slurm), tmp_path / "job.out", tmp_path / "run"
     max_steps = 40
 
-    def release(job: dict) -> None:
-        # Slurm 22.05 holds a requeued batch job until the old launch credential has expired
-        # (EligibleTime = requeue + cred_expire 120 s + 1 s; squeue shows Reason=BeginTime). That is
-        # harmless on a real cluster; here it would only add two idle minutes, so let it start now.
-        if job.get("Reason") == "BeginTime":
-            _slurm(env, "scontrol", "update", f"JobId={job['JobId']}", "StartTime=now")
-
     with _jobs(env) as jobs:
         job_id = _submit(env, log, *SBATCH, "slurm/train_vae.sh",
                          *_overrides(run_dir, train_shards, f"train.max_steps={max_steps}", "train.ckpt_every=2"))
@@ -118,7 +123,7 @@ def test_train_vae_sbatch_preempted_requeues_and_resumes(local_slurm: dict, trai
         # As Slurm does ahead of a time limit with --signal=USR1@N: to every process of the job steps.
         assert _slurm(env, "scancel", "--signal=USR1", job_id).returncode == 0
         _wait(lambda: _job(env, job_id).get("Restarts") == "1", 120, "the requeue", log)
-        _wait(lambda: _ended(env, job_id, on_pending=release), 600, f"job {job_id} to end for good", log)
+        _wait(lambda: _ended(env, job_id, on_pending=_releaser(env)), 600, f"job {job_id} to end for good", log)
         job, output = _job(env, job_id), log.read_text()
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), output[-4000:]
     # Both runs wrote to one log (--open-mode=append): the preempted run, then the requeued one.
@@ -132,3 +137,34 @@ def test_train_vae_sbatch_preempted_requeues_and_resumes(local_slurm: dict, trai
     assert meta["resumed_from"] and 0 < meta["resumed_from"][0] < max_steps
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "ae/loss" in m] == list(range(1, max_steps + 1))
+
+
+def test_eight_ranks_sigterm_requeue_then_one_node_keeps_the_global_batch(local_slurm: dict, train_shards: Path,
+                                                                          tmp_path: Path) -> None:
+    """The README's multi-node command at 4 processes per node: SIGTERM (a plain scancel or a time
+    limit) saves and requeues like USR1; resubmitted with -N 1 the run continues with the same global
+    batch (8 maps: 8 ranks x 1, then 4 ranks x 2)."""
+    env = {**_environment(local_slurm), "RADIODIFF_NPROC_PER_NODE": "4"}
+    log, run_dir = tmp_path / "job.out", tmp_path / "run"
+    batch = ["train.global_batch=8", "train.micro_batch=1", "train.ckpt_every=2"]
+
+    with _jobs(env) as jobs:
+        job_id = _submit(env, log, *SBATCH, "slurm/train_vae.sh",
+                         *_overrides(run_dir, train_shards, "train.max_steps=12", *batch))
+        jobs.append(job_id)
+        _wait(lambda: any(run_dir.glob("checkpoints/*/COMMITTED")) or _ended(env, job_id), 600,
+              "the first committed checkpoint", log)
+        assert _slurm(env, "scancel", "--signal=TERM", job_id).returncode == 0
+        _wait(lambda: _job(env, job_id).get("Restarts") == "1", 180, "the requeue", log)
+        _wait(lambda: _ended(env, job_id, on_pending=_releaser(env)), 900, f"job {job_id} to end for good", log)
+        job, output = _job(env, job_id), log.read_text()
+        assert (job["JobState"], job["Restarts"]) == ("COMPLETED", "1"), output[-4000:]
+        assert "vae: 8 rank(s)" in output and "vae: preempted; saved" in output, output[-4000:]
+        one_node = _submit(env, tmp_path / "one.out", "-N", "1", "--cpus-per-task=1", "--time=00:20:00",
+                           "slurm/train_vae.sh", *_overrides(run_dir, train_shards, "train.max_steps=14", *batch))
+        jobs.append(one_node)
+        _wait(lambda: _ended(env, one_node), 900, f"job {one_node} to end", tmp_path / "one.out")
+    second = (tmp_path / "one.out").read_text()
+    assert "vae: 4 rank(s)" in second and "resumed from" in second and "finished at step 14" in second, second[-4000:]
+    meta = json.loads((run_dir / "checkpoints" / "step_00000014" / "meta.json").read_text())
+    assert meta["world_size"] == 4 and meta["loader"]["position"] == 14 * 8

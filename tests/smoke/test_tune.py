@@ -100,7 +100,7 @@ def test_failed_trials_are_reported_and_fail_the_sweep(ray_local, train_shards: 
 
 def test_multi_worker_trial_trains_on_two_ranks(ray_local, train_shards: Path, tmp_path: Path) -> None:
     code = sweep(tmp_path, train_shards, "tune.disc_start=[1]", "tune.kl_weight=[1e-6]", "train.max_steps=2",
-                 "tune.workers_per_trial=2")
+                 "tune.workers_per_trial=2", "train.micro_batch=1")  # the global batch of 2 over 2 ranks
     assert code == 0
     [row] = read_rows(tmp_path)
     assert row["status"] == "TERMINATED" and math.isfinite(float(row["val/psnr"]))  # val_every 0 -> at the end

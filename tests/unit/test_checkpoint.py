@@ -65,3 +65,41 @@ def test_unreadable_meta_names_the_file(tmp_path: Path) -> None:
     (folder / layout.META_FILE).write_text("{not json")
     with pytest.raises(ValueError, match=str(folder / layout.META_FILE)):
         layout.read_meta(folder)
+
+
+class _Planted:
+    """A pickle that would run code when unpickled (it only writes a marker file)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "ran"))
+
+
+@pytest.mark.parametrize("zero_stage, precision", [(0, "fp32"), (1, "autocast"), (2, "bf16")])
+def test_engines_load_with_weights_only(world_of_one, tmp_path: Path, zero_stage: int, precision: str) -> None:
+    """DeepSpeed's files of every stage/precision we train with load through the restricted unpickler."""
+    def engine():
+        torch.manual_seed(0)
+        return build_engine(torch.nn.Linear(4, 3), TrainConfig(micro_batch=1, global_batch=1, lr=1e-2),
+                            DeepSpeedConfig(zero_stage=zero_stage, precision=precision), world_size=1)
+
+    saved = engine()
+    x = torch.randn(1, 4, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    saved.backward(saved(x).float().sum())
+    saved.step()
+    folder = save(tmp_path, 1, saved, world_of_one)
+    fresh = engine()
+    checkpoint.load(folder, {"net": fresh}, world_of_one)
+    assert torch.equal(fresh.module.weight, saved.module.weight)
+
+
+def test_a_planted_pickle_is_refused_without_running(world_of_one, tmp_path: Path) -> None:
+    folder = save(tmp_path, 1, make_engine(0), world_of_one)
+    marker = tmp_path / "marker"
+    model_file = folder / "net" / layout.ENGINE_MODEL_FILE
+    torch.save({"module": _Planted(marker)}, model_file)
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        checkpoint.load(folder, {"net": make_engine(1)}, world_of_one)
+    assert not marker.exists()

@@ -94,3 +94,17 @@ def test_config_validation_names_key() -> None:
         EMAConfig(beta=1.0)
     with pytest.raises(ConfigError, match="ema.update_every"):
         EMAConfig(update_every=0)
+
+
+def test_average_is_fp32_for_bf16_parameters() -> None:
+    """0.999 * w + 0.001 * p moves a bf16 number by less than its resolution; the fp32 average does not."""
+    model = nn.Linear(4, 4).to(torch.bfloat16)
+    ema = EMA(model, EMAConfig(beta=0.999, start_step=0, update_every=1))
+    assert all(v.dtype == torch.float32 for v in ema.params.values())
+    start = ema.params["weight"].clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model, step=1)
+    expected = 0.999 * start + 0.001 * model.weight.detach().float()
+    assert torch.allclose(ema.params["weight"], expected, atol=1e-6)
+    assert not torch.equal(ema.params["weight"], start)

@@ -1,0 +1,125 @@
+"""One process group owns a run directory at a time: a lock file with a heartbeat.
+
+``{run_dir}/LOCK`` holds the owner (host, pid, Slurm job id, since when) and a heartbeat that rank
+0 refreshes every ``heartbeat_s`` seconds. It is created with O_EXCL, which is atomic on local and
+NFS v3+ filesystems. A second training on the directory stops with a one-line error naming the
+owner; a lock whose heartbeat is older than ``stale_s`` (a killed job), whose process is gone (same
+host), or that belongs to this very Slurm job (a requeue) is taken over. Taking over writes a new
+lock through a rename and reads it back, so of two processes taking over at once one wins and the
+other stops. Evaluation and sampling read a run without the lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+LOCK_FILE = "LOCK"
+
+
+class RunDirLocked(ValueError):
+    """Another training owns the run directory."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    def __init__(self, run_dir: Path, *, stale_s: float = 300.0, heartbeat_s: float = 30.0) -> None:
+        self.path = run_dir / LOCK_FILE
+        self.stale_s, self.heartbeat_s = stale_s, heartbeat_s
+        self.token = uuid.uuid4().hex
+        self.since = time.time()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _record(self) -> dict:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                "since": self.since, "heartbeat": time.time(), "token": self.token}
+
+    def _read(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None  # vanished, or caught half-written by a rename-less writer: try again
+
+    def _replace(self) -> None:
+        temporary = self.path.with_name(f".{LOCK_FILE}.{self.token}")
+        temporary.write_text(json.dumps(self._record()))
+        os.replace(temporary, self.path)
+
+    def _takeover_reason(self, owner: dict) -> str | None:
+        job = os.environ.get("SLURM_JOB_ID")
+        if job and owner.get("slurm_job_id") == job:
+            return f"Slurm job {job} requeued"
+        if owner.get("host") == socket.gethostname() and not _alive(int(owner.get("pid", 0))):
+            return f"process {owner.get('pid')} is gone"
+        age = time.time() - float(owner.get("heartbeat", 0))
+        if age > self.stale_s:
+            return f"no heartbeat for {age:.0f} s"
+        return None
+
+    def describe(self, owner: dict) -> str:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(owner.get("since", 0))))
+        job = f", Slurm job {owner['slurm_job_id']}" if owner.get("slurm_job_id") else ""
+        age = time.time() - float(owner.get("heartbeat", 0))
+        return (f"host {owner.get('host')}, pid {owner.get('pid')}{job}, since {since} "
+                f"(last heartbeat {age:.0f} s ago)")
+
+    def acquire(self) -> str:
+        """Own the run directory or raise RunDirLocked; returns how it was acquired."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return self._take_over()
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(self._record()))
+        self._start_heartbeat()
+        return "acquired"
+
+    def _take_over(self) -> str:
+        owner = self._read() or {}
+        reason = self._takeover_reason(owner)
+        if reason is None:
+            raise RunDirLocked(f"run_dir={self.path.parent} is in use by another training: {self.describe(owner)}; "
+                               f"wait for it to end (a lock without heartbeat for {self.stale_s:.0f} s is taken over)")
+        self._replace()
+        time.sleep(min(1.0, self.heartbeat_s / 10))  # a concurrent taker's rename lands in this window
+        current = self._read() or {}
+        if current.get("token") != self.token:
+            raise RunDirLocked(f"run_dir={self.path.parent}: another training took it over at the same time: "
+                               f"{self.describe(current)}")
+        self._start_heartbeat()
+        return f"taken over ({reason})"
+
+    def _start_heartbeat(self) -> None:
+        def beat() -> None:
+            while not self._stop.wait(self.heartbeat_s):
+                current = self._read()
+                if current is not None and current.get("token") != self.token:
+                    return  # someone took it over (we were presumed dead): do not fight
+                self._replace()
+
+        self._thread = threading.Thread(target=beat, name="run-dir-lock", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        current = self._read()
+        if current is not None and current.get("token") == self.token:
+            self.path.unlink(missing_ok=True)

@@ -1,0 +1,96 @@
+"""Trustworthy run directories, with real training processes: one owner at a time (a lock with a
+heartbeat), verified checkpoints with fallback, a config.yaml that a refused start leaves alone,
+and a full disk during a save that loses nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from tests.dist.conftest import start, train
+from tests.dist.test_fault_tolerance import committed, kill_tree, wait_for
+
+ONE = ["deepspeed.zero_stage=1", "deepspeed.precision=fp32", "train.keep_last=5", "train.ckpt_every=2",
+       "train.global_batch=2", "train.lr_decay_steps=6"]  # one schedule for runs of any length
+
+
+def test_a_second_training_on_a_run_dir_exits_2_naming_the_owner(train_shards: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    first = start("vae", run_dir, train_shards, *ONE, "train.max_steps=400", nproc=1)
+    try:
+        wait_for(run_dir / "checkpoints" / "step_00000002" / "COMMITTED", first)
+        config = (run_dir / "config.yaml").read_bytes()
+        second = train("vae", run_dir, train_shards, *ONE, "train.max_steps=400", nproc=1)
+        assert second.returncode == 2, second.output[-3000:]
+        owner = json.loads((run_dir / "LOCK").read_text())
+        assert f"pid {owner['pid']}" in second.output and socket.gethostname() in second.output
+        assert "error: run_dir=" in second.output and "Traceback" not in second.output
+        assert (run_dir / "config.yaml").read_bytes() == config
+    finally:
+        kill_tree(first)
+
+
+def test_a_stale_lock_is_taken_over(train_shards: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    stale = {"host": "elsewhere", "pid": 1, "slurm_job_id": None, "since": 0, "heartbeat": time.time() - 3600,
+             "token": "old"}
+    (run_dir / "LOCK").write_text(json.dumps(stale))
+    run = train("vae", run_dir, train_shards, *ONE, "train.max_steps=2", nproc=1)
+    assert run.returncode == 0, run.output[-3000:]
+    assert "taken over (no heartbeat for" in run.output
+    assert not (run_dir / "LOCK").exists()  # released at the end
+
+
+def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_previous_one_resumes(train_shards: Path,
+                                                                             tmp_path: Path) -> None:
+    whole = train("vae", tmp_path / "whole", train_shards, *ONE, "train.max_steps=6", nproc=1)
+    run_dir = tmp_path / "run"
+    first = train("vae", run_dir, train_shards, *ONE, "train.max_steps=4", nproc=1)
+    assert whole.returncode == 0 and first.returncode == 0, whole.output[-2000:] + first.output[-2000:]
+    assert committed(run_dir) == [2, 4]
+    victim = run_dir / "checkpoints" / "step_00000004" / "autoencoder" / "mp_rank_00_model_states.pt"
+    victim.write_bytes(victim.read_bytes()[:1000])  # truncated
+    resumed = train("vae", run_dir, train_shards, *ONE, "train.max_steps=6", nproc=1)
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert f"{victim}: " in resumed.output and "truncated" in resumed.output and "(step 2)" in resumed.output
+    aside = list((run_dir / "checkpoints" / "rejected").glob("step_00000004.*"))
+    assert len(aside) == 1 and (aside[0] / "autoencoder").is_dir()  # moved, not deleted
+    assert resumed.losses("ae/loss") == whole.losses("ae/loss")  # bitwise: the same run as without the fault
+
+
+def test_invalid_meta_json_names_the_file_and_falls_back(train_shards: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert train("vae", run_dir, train_shards, *ONE, "train.max_steps=4", nproc=1).returncode == 0
+    meta = run_dir / "checkpoints" / "step_00000004" / "meta.json"
+    meta.write_text("{broken")
+    resumed = train("vae", run_dir, train_shards, *ONE, "train.max_steps=4", nproc=1)
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert str(meta) in resumed.output and "(step 2)" in resumed.output
+
+
+def test_a_refused_start_leaves_config_yaml_alone(train_shards: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert train("vae", run_dir, train_shards, *ONE, "train.max_steps=2", nproc=1).returncode == 0
+    config = (run_dir / "config.yaml").read_bytes()
+    bigger = train("vae", run_dir, train_shards, *ONE, "train.max_steps=4", "model.autoencoder.ch=64", nproc=1)
+    assert bigger.returncode == 2 and "model.autoencoder.ch=64 (the run has 32)" in bigger.output, bigger.output[-2000:]
+    ldm = train("ldm", run_dir, train_shards, *ONE, "train.max_steps=4", f"vae.checkpoint={run_dir}", nproc=1)
+    assert ldm.returncode == 2 and "holds a vae run" in ldm.output, ldm.output[-2000:]
+    assert (run_dir / "config.yaml").read_bytes() == config
+    assert [p.name for p in sorted((run_dir / "configs").iterdir())] == ["step_00000000.yaml"]
+
+
+def test_a_full_disk_during_a_save_loses_nothing(train_shards: Path, tmp_path: Path) -> None:
+    whole = train("vae", tmp_path / "whole", train_shards, *ONE, "train.max_steps=6", nproc=1)
+    run_dir = tmp_path / "run"
+    failed = train("vae", run_dir, train_shards, *ONE, "train.max_steps=6", "train.fail_save_steps=[4]", nproc=1)
+    assert failed.returncode == 1 and "No space left on device" in failed.output, failed.output[-3000:]
+    assert "Traceback" not in failed.output and committed(run_dir) == [2]
+    resumed = train("vae", run_dir, train_shards, *ONE, "train.max_steps=6", nproc=1)
+    assert resumed.returncode == 0 and "(step 2)" in resumed.output, resumed.output[-3000:]
+    assert resumed.losses("ae/loss") == whole.losses("ae/loss")  # bitwise: the same run as without the fault
+    assert not (run_dir / "LOCK").exists() and os.listdir(run_dir / "checkpoints")

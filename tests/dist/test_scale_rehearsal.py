@@ -1,0 +1,50 @@
+"""A scale rehearsal on CPU: 8 ranks x 2 loader workers on a shard set with 3 train shards and 1
+validation shard (more slots than shards, ranks without validation data) trains, validates,
+checkpoints and finishes; stopped and resumed on 4 ranks, then on 6, it continues with the global
+batches and the losses of the uninterrupted 8-rank run (fp32, reduction-order tolerance)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.dist.conftest import train
+
+# 24 maps per update: 8 ranks x 3, 4 x 6 and 6 x 4 micro-batches of one map.
+SCALE = ["deepspeed.precision=fp32", "deepspeed.zero_stage=1", "train.global_batch=24", "train.micro_batch=1",
+         "data.num_workers=2", "train.ckpt_every=2", "train.val_every=2", "train.val_batches=1",
+         "train.lr=1e-3", "train.min_lr=1e-4", "train.lr_decay_steps=6", "train.keep_last=5"]
+
+
+@pytest.fixture(scope="module")
+def few_shards(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pipeline.synthetic_shards import shard_folder
+    from radiodiff.config import DataConfig
+    from radiodiff.data.radiomapseer import RadioMapSeer
+
+    train_samples = len(RadioMapSeer(DataConfig(root=str(synth_root))).sample_ids("train"))
+    out = shard_folder(synth_root, tmp_path_factory.mktemp("few-shards"), min_shards_per_split=1,
+                       samples_per_shard=math.ceil(train_samples / 3))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["splits"]["train"]["shards"]) == 3 and len(manifest["splits"]["val"]["shards"]) == 1
+    return out
+
+
+def test_8_ranks_then_4_then_6_continue_the_8_rank_run(few_shards: Path, tmp_path: Path) -> None:
+    whole = train("vae", tmp_path / "whole", few_shards, *SCALE, "train.max_steps=6", nproc=8, timeout_s=900)
+    assert whole.returncode == 0, whole.output[-3000:]
+    assert sorted(whole.losses("ae/loss")) == list(range(1, 7))
+    assert sorted(whole.losses("val/psnr")) == [2, 4, 6]  # every rank entered validation, most without data
+    run_dir = tmp_path / "elastic"
+    for nproc, steps in ((8, 2), (4, 4), (6, 6)):
+        part = train("vae", run_dir, few_shards, *SCALE, f"train.max_steps={steps}", nproc=nproc, timeout_s=900)
+        assert part.returncode == 0, (nproc, part.output[-3000:])
+    meta = json.loads((run_dir / "checkpoints" / "step_00000006" / "meta.json").read_text())
+    assert meta["world_size"] == 6 and meta["resumed_from"] == [2, 4]
+    assert meta["loader"]["position"] == 6 * 24  # the same global batches: 24 maps per update
+    elastic = part.losses("ae/loss")
+    for step, value in whole.losses("ae/loss").items():
+        assert math.isclose(elastic[step], value, rel_tol=1e-5), (step, elastic[step], value)

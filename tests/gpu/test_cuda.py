@@ -1,0 +1,35 @@
+"""Checks that only mean something on a GPU (`pytest -m gpu`, run by tools/gpu_check.sh); skipped
+without CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def test_tiny_unet_trains_a_step_under_bf16_autocast_on_cuda() -> None:
+    from radiodiff.config import CONDITION_PRESETS, UNET_PRESETS
+    from radiodiff.models.unet import build_unet
+    from radiodiff.precision import autocast
+
+    device = torch.device("cuda")
+    unet = build_unet(UNET_PRESETS["tiny"], CONDITION_PRESETS["tiny"]).to(device)
+    z, t = torch.randn(2, 3, 16, 16, device=device), torch.rand(2, device=device) * 0.9 + 0.05
+    cond = torch.rand(2, 3, 64, 64, device=device) * 2 - 1
+    with autocast(device, "autocast"):
+        c_hat, eps_hat = unet(z, t, cond)
+    loss = (c_hat.float() ** 2).mean() + (eps_hat.float() ** 2).mean()
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in unet.parameters() if p.grad is not None)
+
+
+def test_peak_tflops_is_known_for_this_gpu() -> None:
+    from radiodiff.train.telemetry import peak_tflops
+
+    name = torch.cuda.get_device_name(0)
+    if not any(key in name for key in ("H100", "H200", "A100", "L40S", "A10")):
+        pytest.skip(f"no peak figure recorded for {name}; set train.peak_tflops")
+    assert peak_tflops(torch.device("cuda", 0), None) > 100
