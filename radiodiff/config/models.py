@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-
 from radiodiff.config.base import ConfigError, check_choice, check_positive
 
 DISC_LOSSES = ("hinge", "vanilla")
@@ -168,6 +167,13 @@ class UNetConfig:
     dim: int = 128
     dim_mults: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
     cond_token_grid: int = 8  # condition features are pooled to grid x grid tokens per level
+    # How the condition reaches each level (see radiodiff/models/README.md for the measurements):
+    dense_fusion: bool = True  # concat + 1x1 mix + residual + GroupNorm at every encoder/decoder level
+    fusion_zero_init: bool = False  # start the dense fusion's mixing conv at zero
+    cond_cross_attention: bool = True  # cross-attention to pooled condition tokens at every level
+    cond_stem_dim: int = 0  # > 0: a conv stem on the raw condition adds features of widths dim*(1,2,4,4)
+    tx_distance: bool = False  # add a distance-to-transmitter input channel (not a published input)
+    output_skips: bool = False  # reference output skips: C = (1-t) z_t + t/sqrt(1+t^2) F_C, eps likewise
     fourier_features: int = 64  # random frequencies of the time embedding
     fourier_scale: float = 16.0
     attn_heads: int = 4
@@ -180,6 +186,11 @@ class UNetConfig:
         for key in ("latent_channels", "dim", "cond_token_grid", "fourier_features", "fourier_scale",
                     "attn_heads", "attn_dim_head", "latent_size", "norm_groups"):
             check_positive(f"unet.{key}", getattr(self, key))
+        check_positive("unet.cond_stem_dim", self.cond_stem_dim, allow_zero=True)
+        if self.cond_stem_dim % self.norm_groups:
+            raise ConfigError(
+                f"unet.cond_stem_dim={self.cond_stem_dim} must be divisible by unet.norm_groups={self.norm_groups}"
+            )
         if not self.dim_mults:
             raise ConfigError("unet.dim_mults must not be empty")
         if len(self.dim_mults) != 4:
@@ -202,14 +213,19 @@ class DiffusionConfig:
 
     eps: float = 1e-4  # smallest training / sampling time
     weighting: bool = True  # w_C = 2 exp(1 - t), w_eps = exp(sqrt(t)); both 1 when off
-    # z0 = scale_factor * autoencoder latent; None: the autoencoder config's scaling_factor.
-    scale_factor: Optional[float] = None
+    # z0 = scale_factor * autoencoder latent: a number; "auto" (1 / std of the latents, measured at
+    # the start of the run and stored with it); None: the autoencoder config's scaling_factor (0.3).
+    scale_factor: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.eps < 1.0:
             raise ConfigError(f"diffusion.eps={self.eps} must be in (0, 1)")
-        if self.scale_factor is not None:
-            check_positive("diffusion.scale_factor", self.scale_factor)
+        if self.scale_factor is not None and self.scale_factor != "auto":
+            try:
+                value = float(self.scale_factor)
+            except ValueError:
+                raise ConfigError(f"diffusion.scale_factor={self.scale_factor!r}: expected a number, auto or null") from None
+            check_positive("diffusion.scale_factor", value)
 
 
 @dataclass
@@ -242,6 +258,8 @@ CONDITION_PRESETS: dict[str, ConditionEncoderConfig] = {
 UNET_PRESETS: dict[str, UNetConfig] = {
     "reference": UNetConfig(),
     # A 3x16x16 latent (64 px condition) with widths 16..64.
+    # cond_stem_dim=16: the tiny patch embedding (4x4x3 = 48 inputs -> 16 channels) cannot keep the
+    # position of a one-pixel transmitter inside its patch; the stem's overlapping convs do.
     "tiny": UNetConfig(dim=16, dim_mults=[1, 2, 4, 4], cond_token_grid=2, fourier_features=8,
-                       attn_heads=2, attn_dim_head=8, latent_size=16, norm_groups=4),
+                       attn_heads=2, attn_dim_head=8, latent_size=16, norm_groups=4, cond_stem_dim=16),
 }

@@ -16,8 +16,8 @@ from radiodiff.models.unet_blocks import FrequencyFilter
 
 # Counted once with the reference presets, then fixed here: a change of architecture must be deliberate.
 REFERENCE_CONDITION_PARAMETERS = 86_766_072
-REFERENCE_UNET_PARAMETERS = 129_477_638  # without the condition encoder
-TINY_TOTAL_PARAMETERS = 2_414_692
+REFERENCE_UNET_PARAMETERS = 139_112_454  # without the condition encoder
+TINY_TOTAL_PARAMETERS = 2_773_604
 
 
 def tiny_unet(seed: int = 0, **overrides: object) -> ConditionalUNet:
@@ -88,10 +88,13 @@ def test_gradients_reach_both_heads_and_the_condition_encoder() -> None:
     c_hat, eps_hat = model(z_t, t, cond)
     loss, _ = constant_sde_loss(c_hat, eps_hat, torch.zeros_like(c_hat), torch.zeros_like(eps_hat), t)
     loss.backward()
-    for name in ("decoder_c", "decoder_eps", "cond_encoder", "time_embed", "encoder", "cond_tokens"):
+    for name in ("decoder_c", "decoder_eps", "cond_encoder", "time_embed", "encoder"):
         assert _grad_norm(getattr(model, name)) > 0, name
     assert model.decoder_c.filter.weight.grad.abs().sum() > 0
-    # The stride-32 stage reaches the U-Net only through the level-3 tokens.
+    # Every level of the encoder and of both heads fuses the condition densely and through tokens.
+    for level in [*model.encoder, *model.decoder_c.levels, *model.decoder_eps.levels]:
+        assert _grad_norm(level.fusion.dense) > 0 and _grad_norm(level.fusion.tokens) > 0
+    # The stride-32 stage reaches the U-Net only through the level-3 fusions.
     assert _grad_norm(model.cond_encoder.layers[3]) > 0
 
 
@@ -116,7 +119,7 @@ def test_checkpointing_gives_the_same_gradients() -> None:
 
 
 def test_reference_parameter_counts_and_shapes() -> None:
-    # The meta device gives shapes without allocating or computing: the reference model is 216M parameters.
+    # The meta device gives shapes without allocating or computing: the reference model is 226M parameters.
     with torch.device("meta"):
         model = ConditionalUNet(UNET_PRESETS["reference"], CONDITION_PRESETS["swin_b"]).eval()
         c_hat, eps_hat = model(torch.randn(2, 3, 64, 64), torch.rand(2), torch.randn(2, 3, 256, 256))

@@ -1,0 +1,181 @@
+"""Condition fusion: the transmitter reaches every level, distance channel, stem, output skips, bf16."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from radiodiff.config import CONDITION_PRESETS, UNET_PRESETS, ConfigError, UNetConfig
+from radiodiff.models.fusion import ConditionStem, DenseFusion, tx_distance_map
+from radiodiff.models.unet import ConditionalUNet, output_skips
+
+
+def tiny_unet(seed: int = 0, **overrides: object) -> ConditionalUNet:
+    torch.manual_seed(seed)
+    return ConditionalUNet(dataclasses.replace(UNET_PRESETS["tiny"], **overrides), CONDITION_PRESETS["tiny"])
+
+
+def city_with_tx(row: int, col: int, size: int = 64) -> torch.Tensor:
+    """(1, 3, size, size) condition in [-1, 1]: random buildings, one transmitter pixel at (row, col)."""
+    g = torch.Generator().manual_seed(0)
+    buildings = (torch.rand(1, size, size, generator=g) > 0.7).float() * 2 - 1
+    tx = -torch.ones(1, size, size)
+    tx[0, row, col] = 1.0
+    return torch.stack([buildings, tx, buildings], dim=1)
+
+
+def fusion_sensitivity(model: ConditionalUNet, cond_a: torch.Tensor, cond_b: torch.Tensor) -> dict[str, float]:
+    """Per fused level: how much that level's fusion output moves when only the condition changes.
+
+    The U-Net input of every fusion is captured on a pass with ``cond_a``; the fusion is then applied
+    to that same input with the level's condition feature of ``cond_a`` and of ``cond_b``. Measure:
+    the largest per-position change (L2 over channels) over the mean per-position norm of the output,
+    so that a change confined to the transmitter's neighbourhood counts fully.
+    """
+    levels = [(f"encoder{i}", level.fusion, i) for i, level in enumerate(model.encoder)]
+    for head in ("decoder_c", "decoder_eps"):
+        decoder = getattr(model, head)
+        last = len(decoder.levels) - 1
+        levels += [(f"{head}{last - j}", level.fusion, last - j) for j, level in enumerate(decoder.levels)]
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [
+        fusion.register_forward_hook(lambda _m, args, _out, name=name: inputs.__setitem__(name, args[0]))
+        for name, fusion, _ in levels
+    ]
+    z_t = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(z_t, torch.tensor([0.5]), cond_a)
+        features_a, features_b = model.condition_features(cond_a), model.condition_features(cond_b)
+        result = {}
+        for name, fusion, i in levels:
+            out_a, out_b = fusion(inputs[name], features_a[i]), fusion(inputs[name], features_b[i])
+            change = (out_a - out_b).norm(dim=1).amax()
+            result[name] = (change / out_a.norm(dim=1).mean()).item()
+    for hook in hooks:
+        hook.remove()
+    assert len(result) == 12
+    return result
+
+
+def test_moving_the_transmitter_changes_every_fused_level() -> None:
+    cond_a, cond_b = city_with_tx(10, 12), city_with_tx(50, 41)
+    dense = fusion_sensitivity(tiny_unet().eval(), cond_a, cond_b)
+    pooled = fusion_sensitivity(tiny_unet(dense_fusion=False).eval(), cond_a, cond_b)
+    for name, value in dense.items():
+        assert value > 0.01, (name, value)
+    # At the 16x16 and 8x8 levels the 2x2 pooled tokens blur the pixel away; the dense path does not.
+    for name in dense:
+        if name.endswith(("0", "1")):
+            assert dense[name] > 5 * pooled[name], (name, dense[name], pooled[name])
+
+
+def test_stem_alone_carries_the_transmitter() -> None:
+    """With a stem the transmitter reaches the fusion even where the Swin features cannot see it."""
+    model = tiny_unet(cond_stem_dim=4).eval()
+    cond_a, cond_b = city_with_tx(10, 12), city_with_tx(50, 41)
+    with torch.no_grad():
+        fa, fb = model.condition_features(cond_a), model.condition_features(cond_b)
+    swin_width = model.cond_encoder.widths
+    for i, (a, b) in enumerate(zip(fa, fb)):
+        assert a.shape[1] == swin_width[i] + model.cond_stem.widths[i]
+        assert (a[:, swin_width[i]:] - b[:, swin_width[i]:]).abs().amax() > 1e-3, i
+
+
+@pytest.mark.parametrize("row,col", [(0, 0), (7, 3), (63, 20), (31, 63)])
+def test_tx_distance_matches_numpy(row: int, col: int) -> None:
+    h, w = 64, 48
+    cond = -torch.ones(2, 3, h, w)
+    cond[0, 1, row, col % w] = 1.0
+    cond[1, 1, h - 1 - row, w - 1 - col % w] = 1.0
+    got = tx_distance_map(cond).numpy()
+    assert got.shape == (2, 1, h, w)
+    rr, cc = np.mgrid[0:h, 0:w]
+    diagonal = np.hypot(h - 1, w - 1)
+    for b, (r0, c0) in enumerate([(row, col % w), (h - 1 - row, w - 1 - col % w)]):
+        expected = 2.0 * np.hypot(rr - r0, cc - c0) / diagonal - 1.0
+        np.testing.assert_allclose(got[b, 0], expected, rtol=0, atol=1e-6)
+    assert got.min() == -1.0 and got.max() <= 1.0
+
+
+def test_tx_distance_adds_an_encoder_channel() -> None:
+    model = tiny_unet(tx_distance=True, cond_stem_dim=4)
+    assert model.cond_encoder.patch_embed.proj.in_channels == 4
+    assert model.cond_stem.levels[0][0].in_channels == 4
+    # Moving the transmitter moves the distance map, so the condition features change everywhere.
+    with torch.no_grad():
+        fa = model.condition_features(city_with_tx(10, 12))[0]
+        fb = model.condition_features(city_with_tx(50, 41))[0]
+    assert (fa - fb).norm(dim=1).amin() > 0
+
+
+def test_output_skips_match_a_hand_computation() -> None:
+    # t = 0.25: sqrt(1 + t^2) = sqrt(1.0625); z_t = 2, F_C = 3, F_eps = -1.
+    z_t, f_c, f_eps = torch.full((1, 1, 1, 1), 2.0), torch.full((1, 1, 1, 1), 3.0), torch.full((1, 1, 1, 1), -1.0)
+    c, eps = output_skips(z_t, torch.tensor([0.25]), f_c, f_eps)
+    norm = math.sqrt(1.0625)
+    assert c.item() == pytest.approx(0.75 * 2.0 + 0.25 / norm * 3.0, rel=1e-6)  # 2.2276...
+    assert eps.item() == pytest.approx(0.5 * 2.0 - math.sqrt(0.75) / norm, rel=1e-6)  # 0.1598...
+
+
+def test_output_skips_switch_wraps_the_heads() -> None:
+    """Same weights (the skips add none): skips on == the formula applied to the raw heads."""
+    g = torch.Generator().manual_seed(3)
+    z_t, t, cond = torch.randn(2, 3, 16, 16, generator=g), torch.tensor([0.1, 0.9]), torch.randn(2, 3, 64, 64)
+    plain, skipped = tiny_unet(seed=4).eval(), tiny_unet(seed=4, output_skips=True).eval()
+    with torch.no_grad():
+        f_c, f_eps = plain(z_t, t, cond)
+        c, eps = skipped(z_t, t, cond)
+    tb = t.view(-1, 1, 1, 1)
+    torch.testing.assert_close(c, (1 - tb) * z_t + tb / (1 + tb**2).sqrt() * f_c)
+    torch.testing.assert_close(eps, tb.sqrt() * z_t + (1 - tb).sqrt() / (1 + tb**2).sqrt() * f_eps)
+
+
+def test_bf16_parameters_run_with_fp32_time() -> None:
+    model = tiny_unet(output_skips=True, tx_distance=True, cond_stem_dim=4).to(torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(5)
+    z_t = torch.randn(2, 3, 16, 16, generator=g).bfloat16()
+    cond = city_with_tx(10, 12).expand(2, -1, -1, -1).bfloat16()
+    t1 = torch.tensor([1e-4, 0.5])
+    t2 = torch.tensor([1.002e-4, 0.5])
+    assert torch.equal(t1.bfloat16(), t2.bfloat16())  # indistinguishable once rounded to bf16
+    with torch.no_grad():
+        c1, e1 = model(z_t, t1, cond)
+        _, e2 = model(z_t, t2, cond)
+        assert not torch.equal(model.time_embed(t1)[0], model.time_embed(t2)[0])
+    assert c1.dtype == e1.dtype == torch.bfloat16 and c1.shape == (2, 3, 16, 16)
+    assert torch.isfinite(c1.float()).all() and torch.isfinite(e1.float()).all()
+    # The model saw t in fp32. (At t ~ 1e-4 the C head is ~z_t, so the eps head shows the difference.)
+    assert not torch.equal(e1[0], e2[0])
+    torch.testing.assert_close(e1[1], e2[1])
+
+
+def test_zero_init_fusion_starts_as_a_group_norm() -> None:
+    fusion = DenseFusion(cond_channels=6, width=8, groups=4, zero_init=True)
+    x, feature = torch.randn(2, 8, 5, 5), torch.randn(2, 6, 10, 10)
+    torch.testing.assert_close(fusion(x, feature), fusion.norm(x))
+    out = DenseFusion(cond_channels=6, width=8, groups=4)(x, feature)  # resized 10x10 -> 5x5
+    assert out.shape == x.shape
+
+
+def test_stem_shapes_and_every_pixel_reaches_every_level() -> None:
+    torch.manual_seed(0)
+    stem = ConditionStem(in_channels=3, dim=4, groups=2).eval()
+    x = torch.zeros(1, 3, 64, 64)
+    base = stem(x)
+    assert [tuple(f.shape) for f in base] == [(1, 4, 16, 16), (1, 8, 8, 8), (1, 16, 4, 4), (1, 16, 2, 2)]
+    for row, col in [(0, 0), (1, 2), (3, 3), (62, 61)]:  # every phase of the stride-4 grid
+        y = x.clone()
+        y[0, 1, row, col] = 1.0
+        for i, (a, b) in enumerate(zip(base, stem(y))):
+            assert (a - b).abs().amax() > 1e-4, (row, col, i)
+
+
+def test_stem_config_is_validated() -> None:
+    with pytest.raises(ConfigError, match="unet.cond_stem_dim"):
+        UNetConfig(cond_stem_dim=-1)
+    with pytest.raises(ConfigError, match="unet.cond_stem_dim"):
+        UNetConfig(cond_stem_dim=12)  # not divisible by norm_groups=8
