@@ -23,8 +23,21 @@ def metrics_table(results: dict[str, dict]) -> list[str]:
     return lines
 
 
+def references_table(ldm: dict, references: dict[str, dict]) -> list[str]:
+    """The LDM next to the mean map, a direct regressor, and both without the transmitter."""
+    rows = [("RadioDiff LDM (EMA)", ldm), ("LDM, transmitter removed", references["ldm_no_tx"]),
+            ("direct conv U-Net regressor, same updates and batch", references["regressor"]),
+            ("regressor, transmitter removed", references["regressor_no_tx"]),
+            ("mean training map", ldm["baseline"])]
+    lines = ["| model | PSNR (dB) | SSIM | NMSE |", "| --- | --- | --- | --- |"]
+    lines += [f"| {name} | {v['psnr']:.2f} | {v['ssim']:.4f} | {v['nmse']:.4f} |" for name, v in rows]
+    drop = ldm["psnr"] - references["ldm_no_tx"]["psnr"]
+    return lines + ["", f"Removing the transmitter costs the LDM {drop:.2f} dB: the prediction follows it."
+                    if drop >= 1.0 else f"Removing the transmitter costs the LDM only {drop:.2f} dB."]
+
+
 def write_report(out: Path, cfg: DemoConfig, manifest: dict, results: dict[str, dict],
-                 figures: dict[str, list[Path]]) -> Path:
+                 figures: dict[str, list[Path]], references: dict[str, dict]) -> Path:
     splits = ", ".join(f"{split} {entry['num_samples']}" for split, entry in manifest["splits"].items())
     lines = [
         "# radiodiff demo report", "",
@@ -37,6 +50,11 @@ def write_report(out: Path, cfg: DemoConfig, manifest: dict, results: dict[str, 
         *metrics_table(results), "",
         "The baseline predicts the mean training map for every sample: a model that learned something "
         "beats it. A tiny model trained for minutes on a CPU is far from the published numbers.", "",
+        "## Stage 2 against references", "",
+        f"The LDM {'with' if cfg.tx_distance else 'without'} the opt-in distance-to-transmitter channel "
+        "(`model.unet.tx_distance`).", "",
+        *references_table(results["ldm"], references), "",
+        f"![LDM without the transmitter]({os.path.relpath(out / 'eval' / 'ldm_no_tx_grid.png', out)})", "",
     ]
     for name in results:
         grid = out / "eval" / name / "grid.png"

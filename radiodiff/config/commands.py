@@ -164,6 +164,10 @@ class DemoConfig:
     # the full-size models trained for days.
     lr: float = 1e-3
     nproc: int = 1  # training ranks (torchrun when > 1)
+    # The LDM gets the opt-in distance-to-transmitter channel (model.unet.tx_distance, see
+    # radiodiff/models/README.md): at a demo's few hundred updates only it makes the prediction follow
+    # the transmitter. false trains on the published inputs only.
+    tx_distance: bool = True
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "vae_steps", "ldm_steps", "sampler_steps", "nproc", "lr"):

@@ -80,13 +80,22 @@ class WindowAttention(nn.Module):
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self._indices: dict[tuple, torch.Tensor] = {}  # not state: rebuilt from the window size
+
+    def _index(self, window: int, device: torch.device) -> torch.Tensor:
+        """The relative position index, built on the host once per (window, device) and kept: later
+        forwards create no host tensors and copy nothing to the device."""
+        key = (window, str(device))
+        if key not in self._indices:
+            self._indices[key] = relative_position_index(window, self.window_size).to(device)
+        return self._indices[key]
 
     def forward(self, x: torch.Tensor, window: int, mask: torch.Tensor | None) -> torch.Tensor:
         # x: (B * nW, N, C) with N = window^2; mask: (nW, N, N) bool or None
         bw, n, c = x.shape
         qkv = self.qkv(x).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B * nW, heads, N, C / heads)
-        index = relative_position_index(window, self.window_size).to(x.device)
+        index = self._index(window, x.device)
         bias = self.relative_position_bias_table[index.flatten()].view(n, n, -1).permute(2, 0, 1)
         bias = bias.to(q.dtype).unsqueeze(0)  # (1, heads, N, N)
         if mask is not None:
@@ -120,6 +129,14 @@ class SwinBlock(nn.Module):
         self.attn = WindowAttention(dim, num_heads, window_size)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self._masks: dict[tuple, torch.Tensor] = {}  # not state: rebuilt from the map size
+
+    def _mask(self, h: int, w: int, window: int, shift: int, device: torch.device) -> torch.Tensor:
+        """The shifted-window mask, built once per map size and device (see WindowAttention._index)."""
+        key = (h, w, window, shift, str(device))
+        if key not in self._masks:
+            self._masks[key] = shifted_window_mask(h, w, window, shift).to(device)
+        return self._masks[key]
 
     def window_and_shift(self, h: int, w: int) -> tuple[int, int]:
         """The window and shift used on an (h, w) map."""
@@ -141,7 +158,7 @@ class SwinBlock(nn.Module):
         mask = None
         if shift:
             y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
-            mask = shifted_window_mask(h, w, window, shift).to(x.device)
+            mask = self._mask(h, w, window, shift, x.device)
         y = self.attn(window_partition(y, window), window, mask)  # (B * nW, window^2, C)
         y = window_reverse(y, window, h, w)
         if shift:

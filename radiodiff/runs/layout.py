@@ -122,6 +122,8 @@ def verify_checkpoint(folder: Path) -> None:
     except (OSError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{folder / COMMITTED}: unreadable ({err})") from err
     except json.JSONDecodeError:
+        return  # not JSON: committed before files were recorded
+    if not isinstance(record, dict):
         return  # a bare step number: committed before files were recorded
     for name, (size, sha) in sorted(record.get("files", {}).items()):
         path = folder / name

@@ -32,8 +32,14 @@ class Run:
         return {m["step"]: m[key] for m in self.metrics() if key in m}
 
 
+# A test process that joined a process group of its own (the world_of_one fixture) has these set;
+# a training it starts must form its own group, not inherit the parent's rank and port.
+PROCESS_GROUP_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def environment() -> dict[str, str]:
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+    inherited = {k: v for k, v in os.environ.items() if k not in PROCESS_GROUP_KEYS}
+    return {**inherited, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
             "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
 
 

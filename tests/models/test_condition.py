@@ -121,3 +121,32 @@ def test_config_validation_names_key() -> None:
         ConditionEncoderConfig(embed_dim=16, num_heads=[1, 3, 2, 4])
     with pytest.raises(ConfigError, match="condition.depths"):
         ConditionEncoderConfig(depths=[2, 2, 2])
+
+
+def test_a_forward_after_the_first_creates_no_host_tensors() -> None:
+    """Window position indices and shift masks are built once per shape and device: later forwards of
+    a model on another device do no host work (counted with a dispatch mode on the meta device)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from radiodiff.config import CONDITION_PRESETS, UNET_PRESETS
+    from radiodiff.models.unet import build_unet
+
+    class HostTensors(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.created = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
+                    self.created.append(str(func))
+            return out
+
+    with torch.device("meta"):
+        unet = build_unet(UNET_PRESETS["tiny"], CONDITION_PRESETS["tiny"])
+        z, t, cond = torch.zeros(2, 3, 16, 16), torch.full((2,), 0.5), torch.zeros(2, 3, 64, 64)
+    unet(z, t, cond)  # the first forward builds the indices and masks
+    with HostTensors() as counter:
+        unet(z, t, cond)
+    assert counter.created == []

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.dist.conftest import environment
+
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,7 +29,7 @@ def local_slurm(tmp_path_factory: pytest.TempPathFactory) -> dict:
     if shutil.which("slurmctld") is None:
         pytest.skip("Slurm is not installed (apt-get install -y slurm-wlm); .ci/run installs it")
     state = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, "RADIODIFF_SLURM_DIR": str(state),
+    env = {**environment(), "RADIODIFF_SLURM_DIR": str(state),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     subprocess.run([str(REPO / "tools" / "local_slurm.sh"), "start"], env=env, check=True, timeout=120)
     env["SLURM_CONF"] = str(state / "slurm.conf")

@@ -19,8 +19,8 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=900, env=environment(),
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for number in range(1, 9):
-        assert f"== {number}/8" in done.stdout
+    for number in range(1, 10):
+        assert f"== {number}/9" in done.stdout
     report = (out / "report.md").read_text()
     for name in ("vae", "ldm"):
         metrics = json.loads((out / "eval" / name / "metrics.json").read_text())
@@ -29,3 +29,6 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path: Path) -> None:
         assert (out / "eval" / name / "grid.png").is_file()
         assert len(list((out / "runs" / name / "figures").glob("*.png"))) == 5
         assert f"eval/{name}/grid.png" in report
+    # Stage 2 against a direct regressor and both without the transmitter, in the report.
+    assert "Stage 2 against references" in report and "transmitter removed" in report
+    assert (out / "eval" / "ldm_no_tx_grid.png").is_file() and (out / "eval" / "regressor_grid.png").is_file()

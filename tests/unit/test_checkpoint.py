@@ -46,7 +46,9 @@ def test_save_commit_prune_resolve_and_read_back(world_of_one, tmp_path: Path) -
     assert layout.read_meta(newest) == {"step": 5, "world_size": 1, "stage": "vae"}
     assert torch.equal(layout.load_extra(newest, "ema")["w"], torch.full((2,), 5.0))
     assert int(layout.load_tensor_file(layout.rank_file(newest, 0))["loader"]["pos"]) == 5
-    assert (newest / layout.COMMITTED).read_text() == "5\n"
+    record = json.loads((newest / layout.COMMITTED).read_text())
+    assert record["step"] == 5 and record["files"] == layout.file_digests(newest)  # every file, size + sha256
+    assert "meta.json" in record["files"] and "rank_00000.pt" in record["files"]
 
 
 def test_load_restores_the_engine_and_the_rank_state(world_of_one, tmp_path: Path) -> None:
@@ -57,6 +59,25 @@ def test_load_restores_the_engine_and_the_rank_state(world_of_one, tmp_path: Pat
     meta, rank_state = checkpoint.load(folder, {"net": fresh}, world_of_one)
     assert meta["step"] == 7 and int(rank_state["loader"]["pos"]) == 7
     assert torch.equal(fresh.module.weight, saved.module.weight) and torch.equal(fresh.module.bias, saved.module.bias)
+
+
+def test_verification_names_a_changed_file(world_of_one, tmp_path: Path) -> None:
+    folder = save(tmp_path, 1, make_engine(0), world_of_one)
+    layout.verify_checkpoint(folder)
+    victim = layout.rank_file(folder, 0)
+    victim.write_bytes(victim.read_bytes()[:-1] + b"x")  # same size, other content
+    with pytest.raises(layout.CheckpointError, match=f"{victim}: sha256 differs"):
+        layout.verify_checkpoint(folder)
+    victim.write_bytes(b"short")
+    with pytest.raises(layout.CheckpointError, match="truncated or replaced"):
+        layout.verify_checkpoint(folder)
+
+
+def test_a_checkpoint_committed_before_files_were_recorded_still_verifies(world_of_one, tmp_path: Path) -> None:
+    folder = save(tmp_path, 1, make_engine(0), world_of_one)
+    (folder / layout.COMMITTED).write_text("1\n")  # what older versions wrote
+    layout.verify_checkpoint(folder)
+    assert layout.resolve_checkpoint(tmp_path) == folder
 
 
 def test_unreadable_meta_names_the_file(tmp_path: Path) -> None:

@@ -1,0 +1,148 @@
+"""Quality references of a trained LDM, shared by radiodiff-demo and tools/bench.py quality.
+
+- a RadioUNet-style direct regressor (a plain conv U-Net, condition -> map, L1 + L2, AdamW) trained
+  on the same shards, for the same updates and batch as the LDM;
+- the resolution ceiling (the target at model size, brought back to 256);
+- transmitter ablations: any predictor with the transmitter channel set to its background value;
+- ``score_split``: mean metrics of a predictor on the test split, as radiodiff-eval scores them
+  (native 256x256, [0, 1] gray, per image then averaged), with optional grid images.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+METRICS = ("psnr", "ssim", "nmse", "rmse")
+TX_CHANNEL = 1  # cond = [buildings, transmitter, cars or buildings]
+NUM_GRID = 4
+
+
+def conv_block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(),
+                         nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU())
+
+
+class RegressorUNet(nn.Module):
+    """A plain conv U-Net in the RadioUNet style: condition (B, 3, s, s) -> map (B, 1, s, s), s % 16 == 0.
+
+    Five levels (widths 16..256, 1.94M parameters) so that the big layers sit at low resolution:
+    its cost per image stays a few times the tiny LDM's while its capacity is RadioUNet-like.
+    """
+
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128, 256)) -> None:
+        super().__init__()
+        self.down = nn.ModuleList(conv_block(cin, cout) for cin, cout in zip((3, *widths[:-1]), widths))
+        self.up = nn.ModuleList(nn.ConvTranspose2d(w, w // 2, 2, stride=2) for w in widths[:0:-1])
+        self.merge = nn.ModuleList(conv_block(w, w // 2) for w in widths[:0:-1])
+        self.head = nn.Conv2d(widths[0], 1, 1)
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        skips, x = [], cond
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        for up, merge, skip in zip(self.up, self.merge, skips[-2::-1]):
+            x = merge(torch.cat([up(x), skip], dim=1))
+        return self.head(x)  # (B, 1, s, s) in the data's value range (not clamped: the loss sees it all)
+
+
+def regression_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.l1_loss(pred, target) + F.mse_loss(pred, target)
+
+
+def train_regressor(data, *, steps: int, batch: int, lr: float, seed: int) -> RegressorUNet:
+    """AdamW with cosine decay to lr/10 (as the LDM decays to min_lr), on the training stream."""
+    from radiodiff.data.shards import ShardLoader
+
+    torch.manual_seed(seed)
+    model = RegressorUNet()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=lr / 10)
+    loader = ShardLoader(data, "train", batch_size=batch, seed=seed)
+    for _, sample in zip(range(steps), loader):
+        loss = regression_loss(model(sample["cond"]), sample["target"])  # (B, 1, s, s) each
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return model.eval()
+
+
+def regressor_predictor(model: nn.Module, data):
+    """radiodiff's Predict for the regressor: model-size inputs -> (B, 1, 256, 256) in [0, 1]."""
+    from radiodiff.runs.predict import to_native_unit
+
+    def predict(cond: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return to_native_unit(model(cond), data)
+
+    return predict
+
+
+def ceiling_predictor(data):
+    """The target itself at model size, brought back to 256: the best any model at this size can score."""
+    from radiodiff.runs.predict import to_native_unit
+
+    return lambda cond, target: to_native_unit(target, data)
+
+
+def background_value(value_range: str) -> float:
+    """The transmitter channel's value at a pixel without a transmitter."""
+    return {"symmetric": -1.0, "unit": 0.0}[value_range]
+
+
+def without_transmitter(predict, value_range: str):
+    """``predict`` with the transmitter channel of the condition blanked (a copy; the input is kept)."""
+    blank = background_value(value_range)
+
+    def ablated(cond: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        cond = cond.clone()
+        cond[:, TX_CHANNEL] = blank
+        return predict(cond, target)
+
+    return ablated
+
+
+def score_split(predict, data, device: torch.device, batch: int, grid_path: Path | None = None) -> dict:
+    """Mean metrics and model seconds per map of ``predict`` on the test split, as radiodiff-eval scores."""
+    from radiodiff.data.shards import ShardLoader
+    from radiodiff.eval.evaluate import grid_row, write_grid
+    from radiodiff.metrics import all_metrics
+    from radiodiff.runs.predict import predict_native
+
+    loader = ShardLoader(replace(data, image_size=256), "test", batch_size=batch, epochs=1, shuffle=False,
+                         num_workers=0)
+    sums, count, seconds, grid = dict.fromkeys(METRICS, 0.0), 0, 0.0, []
+    for sample in loader:
+        cond, target = sample["cond"], sample["target"]  # (B, 3, 256, 256), (B, 1, 256, 256)
+        started = time.perf_counter()
+        pred, gt = predict_native(predict, cond, target, data, device)
+        seconds += time.perf_counter() - started
+        values = all_metrics(pred, gt)
+        for name in METRICS:
+            sums[name] += math.fsum(values[name].tolist())
+        count += len(sample["key"])
+        keys = sample["key"][:NUM_GRID - len(grid)]
+        grid += [(key, grid_row(cond[i], gt[i], pred[i], data)) for i, key in enumerate(keys)]
+    if grid_path is not None:
+        write_grid(grid, grid_path)
+    return {**{name: total / count for name, total in sums.items()}, "seconds_per_map": seconds / count,
+            "num_samples": count}
+
+
+def ldm_predictor(run_dir: Path, device: torch.device, steps: int, seed: int = 0):
+    """The EMA LDM's predictor as radiodiff-eval builds it (seed 0, rank 0), and the run's data config."""
+    from radiodiff.runs import load_models, open_run
+    from radiodiff.runs.predict import make_predictor, sampler_generator
+
+    run = open_run(run_dir)
+    models = load_models(run, device, use_ema=True)
+    predict = make_predictor(models, run.config.data, steps=steps, generator=sampler_generator(seed, 0, device))
+    return predict, run.config.data

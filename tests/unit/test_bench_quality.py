@@ -1,0 +1,83 @@
+"""tools/bench.py quality: its table, its target checks, the transmitter ablation and the regressor."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from pipeline import quality
+import torch
+
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
+
+
+@pytest.fixture(scope="module")
+def bq():
+    """tools/bench_quality.py loaded from its file (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("tools_bench_quality", TOOLS / "bench_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_table_has_one_row_per_entry_with_rounded_values_and_a_dash_without_timing(bq):
+    rows = [{"name": "ceiling", "psnr": 31.234, "ssim": 0.95678, "nmse": 0.00123, "rmse": 0.02761,
+             "seconds_per_map": None},
+            {"name": "LDM EMA, 5 steps", "psnr": 24.5, "ssim": 0.8, "nmse": 0.02, "rmse": 0.06,
+             "seconds_per_map": 0.01234}]
+    lines = bq.format_table(rows).splitlines()
+    assert lines[0] == "| model | PSNR dB | SSIM | NMSE | RMSE | s/map |"
+    assert lines[1] == "| --- | --- | --- | --- | --- | --- |"
+    assert lines[2] == "| ceiling | 31.23 | 0.9568 | 0.0012 | 0.0276 | - |"
+    assert lines[3] == "| LDM EMA, 5 steps | 24.50 | 0.8000 | 0.0200 | 0.0600 | 0.0123 |"
+    assert len(lines) == 4
+
+
+@pytest.mark.parametrize("ldm, no_tx, regressor, vae, expected", [
+    (25.0, 22.0, 26.0, 26.5, ["PASS", "PASS", "PASS"]),   # exactly on every bound
+    (25.0, 22.1, 26.1, 26.6, ["FAIL", "FAIL", "FAIL"]),   # just past every bound
+    (25.0, 10.0, 20.0, 24.0, ["PASS", "PASS", "PASS"]),   # the LDM beating both references passes
+])
+def test_targets_pass_on_their_bounds_and_fail_past_them(bq, ldm, no_tx, regressor, vae, expected):
+    lines = bq.check_targets(ldm, no_tx, regressor, vae)
+    assert [line.split()[0] for line in lines] == expected
+    assert f"{ldm - no_tx:+.2f} dB drop" in lines[0]
+
+
+@pytest.mark.parametrize("value_range, background", [("symmetric", -1.0), ("unit", 0.0)])
+def test_ablation_sets_only_the_transmitter_channel_to_its_background(bq, value_range, background):
+    assert quality.background_value(value_range) == background
+    seen = {}
+
+    def predict(cond, target):
+        seen["cond"] = cond
+        return torch.zeros(cond.shape[0], 1, 256, 256)
+
+    cond = torch.rand(2, 3, 8, 8)
+    cond[:, 1, 3, 4] = 1.0  # the transmitter pixel
+    original = cond.clone()
+    quality.without_transmitter(predict, value_range)(cond, torch.rand(2, 1, 8, 8))
+    assert torch.equal(cond, original)  # the caller's condition is untouched
+    assert torch.all(seen["cond"][:, 1] == background)
+    assert torch.equal(seen["cond"][:, [0, 2]], original[:, [0, 2]])
+
+
+def test_regressor_maps_a_condition_to_one_map_of_its_size_with_about_2m_parameters(bq):
+    model = quality.RegressorUNet()
+    for size in (64, 128):
+        assert model(torch.rand(2, 3, size, size)).shape == (2, 1, size, size)
+    assert 1.5e6 < sum(p.numel() for p in model.parameters()) < 2.5e6
+
+
+def test_regressor_loss_is_l1_plus_l2(bq):
+    pred, target = torch.tensor([[0.5, -1.0]]), torch.tensor([[0.0, 1.0]])
+    assert quality.regression_loss(pred, target).item() == pytest.approx((0.5 + 2.0) / 2 + (0.25 + 4.0) / 2)
+
+
+def test_model_sizes_other_than_multiples_of_32_are_refused(bq):
+    assert bq.size_overrides(128) == ["data.image_size=128", "model.unet.latent_size=32",
+                                      "model.autoencoder.resolution=128"]
+    with pytest.raises(ValueError, match="multiple of 32"):
+        bq.size_overrides(80)

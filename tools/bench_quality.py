@@ -1,0 +1,274 @@
+"""The `quality` benchmark of tools/bench.py: how good the trained models are, against references.
+
+    python tools/bench.py quality [--maps 100 --tx 8 --seed 11 --image-size 64 --vae-steps 600
+                                   --ldm-steps 700 --batch 8 --lr 1e-3 --out bench_quality]
+                                  [--quick] [--keep-work] [--vae-override k=v ...] [--ldm-override k=v ...]
+
+On a synthetic RadioMapSeer made for the run (Ray sharding, radiounet protocol), the real
+radiodiff-train-vae / radiodiff-train-ldm commands train the tiny models, and every row is scored on
+the test split as radiodiff-eval scores (native 256x256, [0, 1] gray, per image then averaged):
+
+- resolution ceiling: the test targets resized to the model size and back, as the pipeline does;
+- mean training map: radiodiff-eval's baseline;
+- regressor: a RadioUNet-style conv U-Net (below) trained directly on condition -> map (L1 + L2,
+  AdamW) on the same shards, for the same updates and batch as the LDM;
+- VAE reconstruction (posterior mode) and the LDM with and without EMA at 1, 2, 5, 10 sampler steps
+  (radiodiff-eval subprocesses);
+- transmitter ablation: the LDM (EMA, 5 steps) and the regressor with the transmitter channel set to
+  its background value, scored in this process.
+
+Prints one markdown table and the issue's three targets; writes table.md, results.json and the
+test grids (radiodiff-eval's layout) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from pipeline.quality import (
+    METRICS,
+    ceiling_predictor,
+    ldm_predictor,
+    regressor_predictor,
+    score_split,
+    train_regressor,
+    without_transmitter,
+)
+from radiodiff.launch import console_command
+
+SAMPLER_STEPS = (1, 2, 5, 10)
+ABLATION_STEPS = 5
+TARGET_TX_DROP_DB, TARGET_VS_REGRESSOR_DB, TARGET_VS_VAE_DB = 3.0, 1.0, 1.5
+# Full run: ~29 CPU-minutes, extrapolated from a 150-update run on 2 shared cores (per update at batch 8:
+# VAE ~0.8 s, LDM ~0.75 s, regressor ~0.45 s; synthesis, 9 evaluations and the in-process scoring ~7 min).
+# Quick: a smoke run of every step, ~4 minutes (mostly process start-ups).
+DEFAULTS = {"maps": 100, "tx": 8, "vae_steps": 600, "ldm_steps": 700, "batch": 8}
+QUICK = {"maps": 24, "tx": 8, "vae_steps": 40, "ldm_steps": 40, "batch": 4}
+SIZE_MULTIPLE = 32  # the condition encoder's coarsest stride (the tiny preset: latent size/4, 3 downsamples)
+EVAL_BATCH = 32  # test maps per forward pass when scoring: tiny models on a CPU are overhead-bound
+# Without pretrained VGG16 weights (none are downloaded) LPIPS is a random network: no perceptual
+# signal, yet ~90% of a tiny VAE-GAN step at 64x64. The VAE trains on L1 + KL + GAN instead.
+VAE_LOSS = ("perceptual.pretrained=false", "loss.perceptual_weight=0")
+
+
+def size_overrides(size: int) -> list[str]:
+    """The tiny preset is 64x64; other sizes scale the latent and the autoencoder's resolution with it."""
+    if size % SIZE_MULTIPLE:
+        raise ValueError(f"--image-size {size} must be a multiple of {SIZE_MULTIPLE}")
+    return [f"data.image_size={size}", f"model.unet.latent_size={size // 4}", f"model.autoencoder.resolution={size}"]
+
+
+def size_note(size: int) -> str:
+    if size == 64:
+        return "the tiny preset's size: 128 costs ~4x per update, too few updates in the 30-minute budget"
+    return "the tiny preset resized to it"
+
+
+def train_overrides(args: argparse.Namespace, run_dir: Path, shards: Path, steps: int) -> list[str]:
+    return [f"run_dir={run_dir}", f"data.shards={shards}", "model=tiny", f"seed={args.seed}",
+            f"train.max_steps={steps}", f"train.global_batch={args.batch}", f"train.micro_batch={args.batch}",
+            f"train.lr={args.lr}", f"train.min_lr={args.lr / 10}", f"train.log_every={max(1, steps // 10)}",
+            f"train.ckpt_every={steps}", "data.num_workers=0", "wandb.mode=offline", *size_overrides(args.image_size)]
+
+
+def run_command(script: str, overrides: list[str], log: Path, threads: int) -> None:
+    """A console script as a subprocess, its output to ``log``; a failure raises with the log's tail."""
+    progress(f"{script} {' '.join(overrides)}")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    with open(log, "w") as handle:
+        done = subprocess.run([*console_command(script), *overrides], check=False, stdout=handle,
+                              stderr=subprocess.STDOUT, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{script} failed with exit code {done.returncode}; {log}:\n{log.read_text()[-3000:]}")
+
+
+def evaluate(run_dir: Path, out_dir: Path, args: argparse.Namespace, *extra: str) -> dict:
+    run_command("radiodiff-eval", [f"run_dir={run_dir}", "split=test", f"out_dir={out_dir}", f"seed={args.seed}",
+                                   f"batch_size={EVAL_BATCH}", *extra], args.logs / f"eval_{out_dir.name}.log",
+                args.threads)
+    return json.loads((out_dir / "metrics.json").read_text())
+
+
+def row(name: str, metrics: dict, seconds: bool = True) -> dict:
+    return {"name": name, **{k: metrics[k] for k in METRICS},
+            "seconds_per_map": metrics["seconds_per_map"] if seconds else None}
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| model | PSNR dB | SSIM | NMSE | RMSE | s/map |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        per_map = "-" if r["seconds_per_map"] is None else f"{r['seconds_per_map']:.4f}"
+        lines.append(f"| {r['name']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['nmse']:.4f} | {r['rmse']:.4f} "
+                     f"| {per_map} |")
+    return "\n".join(lines)
+
+
+def check_targets(ldm_psnr: float, ldm_no_tx_psnr: float, regressor_psnr: float, vae_psnr: float) -> list[str]:
+    """The issue's three targets as PASS/FAIL lines (the LDM is the EMA model at 5 steps)."""
+    checks = [
+        (ldm_psnr - ldm_no_tx_psnr >= TARGET_TX_DROP_DB,
+         f"LDM loses >= {TARGET_TX_DROP_DB:g} dB without the transmitter: {ldm_psnr - ldm_no_tx_psnr:+.2f} dB drop"),
+        (regressor_psnr - ldm_psnr <= TARGET_VS_REGRESSOR_DB,
+         f"LDM within {TARGET_VS_REGRESSOR_DB:g} dB of the regressor: {ldm_psnr - regressor_psnr:+.2f} dB"),
+        (vae_psnr - ldm_psnr <= TARGET_VS_VAE_DB,
+         f"LDM within {TARGET_VS_VAE_DB:g} dB of the VAE reconstruction: {ldm_psnr - vae_psnr:+.2f} dB"),
+    ]
+    return [f"{'PASS' if ok else 'FAIL'}  {text}" for ok, text in checks]
+
+
+STARTED = time.perf_counter()
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished subprocesses: the wall time on an idle machine
+    (one thread each, run one after the other), whatever else shares the cores."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def progress(message: str) -> None:
+    print(f"[bench quality {time.perf_counter() - STARTED:5.0f} s wall {cpu_seconds():5.0f} s cpu] {message}",
+          file=sys.stderr, flush=True)
+
+
+def train_models(args: argparse.Namespace, work: Path, shards: Path) -> dict[str, Path]:
+    runs = {"vae": work / "runs" / "vae", "ldm": work / "runs" / "ldm"}
+    run_command("radiodiff-train-vae", [*train_overrides(args, runs["vae"], shards, args.vae_steps),
+                                        *VAE_LOSS, f"loss.disc_start={args.vae_steps // 2}", *args.vae_override],
+                args.logs / "train_vae.log", args.threads)
+    run_command("radiodiff-train-ldm", [*train_overrides(args, runs["ldm"], shards, args.ldm_steps),
+                                        f"vae.checkpoint={runs['vae']}", f"sampler.steps={ABLATION_STEPS}",
+                                        f"ema.start_step={args.ldm_steps // 2}", "ema.update_every=1",
+                                        *args.ldm_override], args.logs / "train_ldm.log", args.threads)
+    return runs
+
+
+def cli_rows(args: argparse.Namespace, runs: dict[str, Path], evals: Path) -> tuple[list[dict], dict]:
+    """VAE and LDM rows from radiodiff-eval (grids under ``evals``), and the mean-map baseline's metrics."""
+    vae = evaluate(runs["vae"], evals / "vae", args)
+    rows = [row("VAE reconstruction (posterior mode)", vae)]
+    for ema in (True, False):
+        for steps in SAMPLER_STEPS:
+            metrics = evaluate(runs["ldm"], evals / f"ldm_{'ema' if ema else 'raw'}_{steps}", args,
+                               f"sampler.steps={steps}", f"use_ema={str(ema).lower()}")
+            rows.append(row(f"LDM {'EMA' if ema else 'no EMA'}, {steps} step{'s' * (steps > 1)}", metrics))
+    return rows, vae["baseline"]
+
+
+def in_process_rows(args: argparse.Namespace, ldm_dir: Path, evals: Path) -> dict:
+    """Ceiling, regressor and the transmitter ablations, scored here: rows by role, and counts."""
+    from radiodiff.runs.predict import default_device
+
+    device = default_device()
+    ldm, data = ldm_predictor(ldm_dir, device, ABLATION_STEPS, seed=args.seed)
+    data = replace(data, num_workers=0)
+    size = data.image_size
+    progress("resolution ceiling")
+    ceiling = score_split(ceiling_predictor(data), data, device, EVAL_BATCH)
+    progress(f"regressor: {args.ldm_steps} updates at batch {args.batch}")
+    started = time.perf_counter()
+    regressor = train_regressor(data, steps=args.ldm_steps, batch=args.batch, lr=args.lr, seed=args.seed).to(device)
+    train_seconds = time.perf_counter() - started
+    reg_predict = regressor_predictor(regressor, data)
+    reg = score_split(reg_predict, data, device, EVAL_BATCH, evals / "regressor_grid.png")
+    progress("transmitter ablation")
+    reg_blank = score_split(without_transmitter(reg_predict, data.value_range), data, device, EVAL_BATCH,
+                            evals / "regressor_no_tx_grid.png")
+    ldm_blank = score_split(without_transmitter(ldm, data.value_range), data, device, EVAL_BATCH,
+                            evals / "ldm_ema_5_no_tx_grid.png")
+    params = sum(p.numel() for p in regressor.parameters()) / 1e6
+    named = {"ceiling": row(f"resolution ceiling (256 -> {size} -> 256)", ceiling, seconds=False),
+             "regressor": row(f"regressor (conv U-Net, {params:.2f}M params)", reg),
+             "regressor_no_tx": row(f"regressor, transmitter removed ({reg_blank['psnr'] - reg['psnr']:+.2f} dB)",
+                                    reg_blank),
+             "ldm_no_tx": row("LDM EMA, 5 steps, transmitter removed", ldm_blank)}
+    return {**named, "regressor_train_seconds": train_seconds, "num_samples": reg["num_samples"]}
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the options left unset from --quick's or the full run's settings."""
+    settings = QUICK if args.quick else DEFAULTS
+    return argparse.Namespace(**{**vars(args), **{k: v for k, v in settings.items() if getattr(args, k) is None}})
+
+
+def header(args: argparse.Namespace, num_samples: int, elapsed: float) -> str:
+    overrides = [f"{stage} overrides {' '.join(given)}" for stage, given in
+                 (("VAE", args.vae_override), ("LDM", args.ldm_override)) if given]
+    parts = [(f"quality benchmark: synthetic RadioMapSeer {args.maps} maps x {args.tx} tx (seed {args.seed}), "
+              f"test split {num_samples} samples scored at 256x256 on the [0, 1] gray scale"),
+             (f"models at {args.image_size}x{args.image_size} ({size_note(args.image_size)}; the ceiling row is what "
+              "the size costs)"),
+             (f"VAE {args.vae_steps} updates (no LPIPS: no pretrained VGG16), LDM and regressor {args.ldm_steps}, "
+              f"batch {args.batch}, lr {args.lr:g} decaying to lr/10"),
+             *overrides,
+             f"{elapsed / 60:.1f} min wall, {cpu_seconds() / 60:.1f} min CPU, {args.threads} thread(s) per process"]
+    return "; ".join(parts)
+
+
+def bench_quality(args: argparse.Namespace) -> None:
+    from pipeline.synthetic_shards import synthetic_shards
+
+    args, began = resolve(args), time.perf_counter()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    grids, args.logs = out / "grids", out / "logs"
+    for folder in (grids, args.logs, out / "eval", out / "work"):
+        shutil.rmtree(folder, ignore_errors=True)
+    grids.mkdir(parents=True)
+    args.logs.mkdir()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = out / "work" if args.keep_work else Path(tmp)
+        progress(f"synthetic RadioMapSeer: {args.maps} maps x {args.tx} transmitters, seed {args.seed}")
+        _, shards = synthetic_shards(work, num_maps=args.maps, num_tx=args.tx, seed=args.seed)
+        runs = train_models(args, work, shards)
+        named = in_process_rows(args, runs["ldm"], grids)
+        eval_rows, baseline = cli_rows(args, runs, out / "eval")
+    for path in sorted((out / "eval").glob("*/grid.png")):
+        shutil.copy(path, grids / f"{path.parent.name}_grid.png")
+    ldm5 = next(r for r in eval_rows if r["name"] == f"LDM EMA, {ABLATION_STEPS} steps")
+    named["ldm_no_tx"]["name"] += f" ({named['ldm_no_tx']['psnr'] - ldm5['psnr']:+.2f} dB)"
+    rows = [named["ceiling"], row("mean training map (radiodiff-eval baseline)", baseline, seconds=False),
+            named["regressor"], *eval_rows, named["ldm_no_tx"], named["regressor_no_tx"]]
+    targets = check_targets(ldm5["psnr"], named["ldm_no_tx"]["psnr"], named["regressor"]["psnr"], eval_rows[0]["psnr"])
+    elapsed = time.perf_counter() - began
+    text = "\n".join([header(args, named["num_samples"], elapsed), "", format_table(rows), "", *targets])
+    print("\n" + text)
+    (out / "table.md").write_text(text + "\n")
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    (out / "results.json").write_text(json.dumps(
+        {"settings": settings, "rows": rows, "targets": targets, "elapsed_seconds": elapsed,
+         "cpu_seconds": cpu_seconds(), "regressor_train_seconds": named["regressor_train_seconds"]}, indent=1) + "\n")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--maps", type=int, help=f"synthetic cities (default {DEFAULTS['maps']})")
+    parser.add_argument("--tx", type=int, help=f"transmitters per city (default {DEFAULTS['tx']})")
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--image-size", type=int, default=64, help="model size (tiny preset: 64)")
+    parser.add_argument("--vae-steps", type=int, help=f"VAE-GAN updates (default {DEFAULTS['vae_steps']})")
+    parser.add_argument("--ldm-steps", type=int, help=f"LDM and regressor updates (default {DEFAULTS['ldm_steps']})")
+    parser.add_argument("--batch", type=int, help=f"micro batch of every model (default {DEFAULTS['batch']})")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of every model (decays to lr/10)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of each process (1: spinning OpenMP threads stall on a shared machine)")
+    parser.add_argument("--out", default="bench_quality", help="table.md, results.json, grids/, eval/, logs")
+    parser.add_argument("--keep-work", action="store_true", help="keep the synthetic set and the runs in OUT/work")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a ~4-minute smoke run: {', '.join(f'{k}={v}' for k, v in QUICK.items())}")
+    parser.add_argument("--vae-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra radiodiff-train-vae override (repeatable), e.g. loss.perceptual_weight=1 "
+                             "perceptual.pretrained=true with VGG16 weights in the torch cache")
+    parser.add_argument("--ldm-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra radiodiff-train-ldm override (repeatable), e.g. model.unet.dim=32")
