@@ -9,8 +9,9 @@ data:  samples/s of the shard reader (radiodiff.data.shards, 2 workers) and of a
        sample, /256 scaling, numpy stacking; its DataLoader with 1 worker), on the same synthetic
        data, alternating, in steady state (from the first batch on), printed as a ratio.
 synth: milliseconds per simulated gain map on one core (one thread), per model.
-models: forward+backward ms per image of the stage-1 (VAE-GAN) and stage-2 (LDM) training steps per
-       preset, fp32 vs bf16 autocast, channels_last off vs on, with FLOPs; see tools/bench_models.py.
+models: ms per image of the real stage-1 (VAE-GAN) and stage-2 (LDM) training steps (forward, backward
+       and optimizer step) per preset, fp32 vs bf16 autocast, channels_last off vs on, with FLOPs; see
+       tools/bench_models.py.
 train: steps/s and images/s of radiodiff-train-vae/-ldm per precision and ZeRO stage (GPU memory on
        a GPU); see tools/bench_train.py.
 quality: PSNR/SSIM/NMSE/RMSE of the trained VAE and LDM against a resolution ceiling, the mean map, a
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     import bench_quality
     import bench_train
 
-    models = sub.add_parser("models", help="fwd+bwd time per image of the two training steps")
+    models = sub.add_parser("models", help="time per image of the two real training steps")
     bench_models.add_arguments(models)
     training = sub.add_parser("train", help="steps/s and images/s of the training commands")
     bench_train.add_arguments(training)

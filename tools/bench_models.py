@@ -1,33 +1,33 @@
-"""The `models` benchmark of tools/bench.py: forward+backward time per image of the two training steps.
+"""The `models` benchmark of tools/bench.py: time per image of the two real training steps.
 
     python tools/bench.py models [--presets tiny,reference --image-size 256 --batch 4 --iters 5
                                   --warmup 2 --device auto|cpu|cuda --threads N]
 
-stage 1 (vae-gan): one VAE-GAN step with the GAN terms on. Generator pass: autoencoder forward
-    (sampled posterior), LPIPS (random VGG16 backbone: the pretrained one costs the same),
-    reconstruction + NLL + KL loss, discriminator on the reconstruction (generator loss), the
-    adaptive discriminator weight (two autograd.grad calls to the decoder's last layer), backward.
-    Discriminator pass: real and detached reconstruction, hinge loss, backward.
-stage 2 (ldm): one latent-diffusion step on a given noisy latent (3 x size/4 x size/4; condition
-    3 x size x size): U-Net with its condition encoder forward, constant-SDE loss, backward. The
-    frozen autoencoder's encode of the target is not included.
-Neither includes the optimizer step. Every configuration (stage, preset, precision, memory format)
-gets freshly built models from seed 0 and runs in this one process, so ratios compare like with like.
-GFLOPs are those torch.utils.flop_counter.FlopCounterMode counts (convolutions, matmuls, attention;
-not norms or element-wise ops) on the first, untimed, iteration of each configuration.
+Each configuration times the loop's own step function on its real models, built as
+radiodiff/train/stages.py builds them, in the one-process DeepSpeed world of radiodiff.dist.setup().
+vae-gan: vae_gan_step at loss.disc_start (GAN terms on): the autoencoder engine (sampled posterior),
+    LPIPS (random VGG16 backbone; the pretrained one costs the same), the frozen discriminator's
+    generator loss, the adaptive weight's small graph; then the discriminator engine on real and
+    reconstructed maps. ldm: ldm_step: the frozen VAE's encode of the target (included), the U-Net
+    engine with its condition encoder, the constant-SDE loss.
+A step includes each engine's backward and optimizer step (DeepSpeed engine.step at accumulation 1;
+ZeRO stage and AdamW as configs' defaults). bf16 is DeepSpeed precision "autocast" (fp32 master
+weights, bf16 compute). channels_last: the inputs and the frozen modules' conv weights (see
+_set_layout). Every configuration gets fresh models and engines from seed 0 in this one process, so
+ratios compare like with like. GFLOPs are those FlopCounterMode counts (convolutions, matmuls,
+attention; not norms, element-wise ops or the optimizer) on each configuration's first, untimed, step.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import gc
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -35,6 +35,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 STAGES = ("vae-gan", "ldm")
 PRECISIONS = ("fp32", "bf16")
+# The table's precisions as DeepSpeedConfig.precision names: bf16 is autocast (fp32 master weights).
+DEEPSPEED_PRECISION = {"fp32": "fp32", "bf16": "autocast"}
 LATENT_FACTOR = 4  # the autoencoder's downsampling factor (both presets); the U-Net's latent size
 SIZE_MULTIPLE = 32  # the condition encoder's coarsest stride; the U-Net needs latent % 8 == 0 too
 
@@ -92,10 +94,11 @@ class ModelBenchOptions:
 
 @dataclass(frozen=True)
 class TrainStep:
-    """One training step's computation, and the modules it runs (for inspection by tests)."""
+    """One real training step, ready to call, and what it runs (for inspection by tests)."""
 
     run: Callable[[], None]
-    modules: tuple[nn.Module, ...]
+    models: Any  # VaeGanModels | LdmModels
+    engines: tuple[Any, ...]  # the DeepSpeed engines (destroyed after the configuration)
 
 
 @dataclass(frozen=True)
@@ -126,11 +129,14 @@ def _check_subset(flag: str, values: tuple[str, ...], allowed: tuple[str, ...]) 
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
+    """The device the DeepSpeed engines will train on: the GPU whenever torch sees one."""
+    cuda = torch.cuda.is_available()
+    if name == "cuda" and not cuda:
         raise ValueError("--device=cuda but torch sees no CUDA device")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    if name == "cpu" and cuda:
+        raise ValueError("--device=cpu but torch sees a CUDA device, which DeepSpeed's engines would train on; "
+                         "hide it (CUDA_VISIBLE_DEVICES=) to bench the CPU")
+    return torch.device("cuda" if cuda else "cpu")
 
 
 def peak_tflops(device: torch.device, precision: str) -> Optional[float]:
@@ -143,26 +149,21 @@ def peak_tflops(device: torch.device, precision: str) -> Optional[float]:
     return None
 
 
-def _autocast(device: torch.device, precision: str) -> Callable[[], ContextManager]:
-    if precision == "fp32":
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 def _memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def _place(modules: tuple[nn.Module, ...], device: torch.device, channels_last: bool) -> None:
-    """Move to ``device`` in training mode; with ``channels_last``, convolution weights only.
+def _set_layout(frozen: nn.Module, channels_last: bool) -> None:
+    """With ``channels_last``, restride the convolution weights of a frozen (non-engine) module.
 
-    ``module.to(memory_format=...)`` would also restride every other 4-d parameter, among them the
-    U-Net frequency filter's (C, H, W, 2) weight, which view_as_complex then rejects.
+    The engines' weights stay contiguous: they are views into ZeRO's flat buffers, which DeepSpeed
+    cannot build from restrided weights (its broadcast views them as bytes) and which restriding
+    after ``build_engine`` would break (its gradient hooks flatten them with ``view(-1)``). Their
+    convolutions still run channels_last: cuDNN and oneDNN pick it when the input has it.
+    ``module.to(memory_format=...)`` is avoided: it would restride every 4-d parameter.
     """
-    for module in modules:
-        module.to(device=device).train()
-        for conv in (m for m in module.modules() if isinstance(m, nn.Conv2d)):
-            conv.to(memory_format=_memory_format(channels_last))
+    for conv in (m for m in frozen.modules() if isinstance(m, nn.Conv2d)):
+        conv.to(memory_format=_memory_format(channels_last))
 
 
 def _image(batch: int, channels: int, size: int, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -170,87 +171,83 @@ def _image(batch: int, channels: int, size: int, device: torch.device, channels_
     return x.contiguous(memory_format=_memory_format(channels_last))
 
 
+def _batch(batch: int, size: int, device: torch.device, channels_last: bool) -> dict[str, torch.Tensor]:
+    """A training batch as the shard loader yields it; ``pos`` keys the per-sample noise draws."""
+    return {"target": _image(batch, 1, size, device, channels_last),  # (B, 1, H, W)
+            "cond": _image(batch, 3, size, device, channels_last),  # (B, 3, H, W)
+            "pos": torch.arange(batch)}  # (B,)
+
+
+def _engine(module: nn.Module, batch: int, precision: str) -> Any:
+    """A DeepSpeed engine as training builds it, updating after every micro-batch (accumulation 1)."""
+    from radiodiff.config import DeepSpeedConfig, TrainConfig
+    from radiodiff.train.engines import build_engine
+
+    return build_engine(module, TrainConfig(micro_batch=batch, global_batch=batch),
+                        DeepSpeedConfig(precision=DEEPSPEED_PRECISION[precision]), world_size=1)
+
+
+def _train_step(step_fn: Callable, models: Any, engines: tuple[Any, ...], batch: dict[str, torch.Tensor],
+                step: int, device: torch.device, precision: str) -> TrainStep:
+    from radiodiff.train.steps import StepContext
+
+    def run() -> None:
+        # A fresh context per update, as the loop makes one.
+        step_fn(models, batch, StepContext(step=step, device=device, precision=DEEPSPEED_PRECISION[precision]))
+
+    return TrainStep(run, models, engines)
+
+
 def build_vae_gan_step(
     preset: ModelPreset, image_size: int, batch: int, device: torch.device, precision: str, channels_last: bool
 ) -> TrainStep:
-    """Stage 1: generator pass (with the adaptive weight) and discriminator pass, GAN terms on."""
+    """Stage 1: ``vae_gan_step`` with the GAN terms on (autoencoder and discriminator updates)."""
     from radiodiff.config import PerceptualConfig, VaeGanLossConfig, autoencoder_preset, discriminator_preset
-    from radiodiff.losses import vae_gan as L
-    from radiodiff.losses.perceptual import build_perceptual
+    from radiodiff.losses.perceptual import LPIPSLoss
     from radiodiff.models.autoencoder import build_vae_gan_generator
     from radiodiff.models.discriminator import build_discriminator
+    from radiodiff.train.steps import VaeGanModels, vae_gan_step
 
-    loss_cfg = VaeGanLossConfig()
-    generator = build_vae_gan_generator(autoencoder_preset(preset.autoencoder), loss_cfg)
-    disc = build_discriminator(discriminator_preset(preset.discriminator))
-    perceptual = build_perceptual(PerceptualConfig(pretrained=False))
-    modules = (generator, disc, perceptual)
-    _place(modules, device, channels_last)
-    x = _image(batch, generator.autoencoder.cfg.in_channels, image_size, device, channels_last)
-    autocast = _autocast(device, precision)
-
-    def run() -> None:
-        generator.zero_grad(set_to_none=True)
-        disc.zero_grad(set_to_none=True)
-        # Frozen for the generator pass: gradients it got there would be thrown away.
-        disc.requires_grad_(False)
-        with autocast():
-            recon, posterior = generator(x)  # (B, 1, H, W)
-            rec = L.reconstruction_loss(x, recon, perceptual(x, recon), loss_cfg.perceptual_weight)
-            nll = L.nll_loss(rec, generator.logvar)
-            g_loss = L.generator_loss(disc(recon))
-        d_weight = L.adaptive_disc_weight(nll, g_loss, generator.autoencoder.last_layer.weight, loss_cfg.disc_weight)
-        total, _ = L.autoencoder_loss(
-            nll, L.kl_loss(posterior), g_loss, kl_weight=loss_cfg.kl_weight, d_weight=d_weight, disc_factor=1.0
-        )
-        total.backward()
-        disc.requires_grad_(True)
-        with autocast():
-            logits_real, logits_fake = disc(x), disc(recon.detach())
-        L.discriminator_loss(logits_real, logits_fake, loss_cfg.disc_loss, 1.0).backward()
-
-    return TrainStep(run, modules)
+    loss = VaeGanLossConfig()
+    generator = build_vae_gan_generator(autoencoder_preset(preset.autoencoder), loss)
+    discriminator = build_discriminator(discriminator_preset(preset.discriminator))
+    perceptual = LPIPSLoss(PerceptualConfig(pretrained=False))
+    _set_layout(perceptual, channels_last)
+    models = VaeGanModels(_engine(generator, batch, precision), _engine(discriminator, batch, precision),
+                          perceptual.to(device), loss)
+    engines = (models.generator, models.discriminator)
+    # disc_start is the first step with the GAN terms on (vae_gan.disc_factor).
+    return _train_step(vae_gan_step, models, engines, _batch(batch, image_size, device, channels_last),
+                       loss.disc_start, device, precision)
 
 
 def build_ldm_step(
     preset: ModelPreset, image_size: int, batch: int, device: torch.device, precision: str, channels_last: bool
 ) -> TrainStep:
-    """Stage 2: U-Net + condition encoder on a fixed noisy latent; the VAE encode is left out."""
+    """Stage 2: ``ldm_step`` (the frozen VAE's encode, then the U-Net engine's update)."""
     from radiodiff.config import CONDITION_PRESETS, UNET_PRESETS, DiffusionConfig, autoencoder_preset
-    from radiodiff.diffusion.loss import constant_sde_loss
-    from radiodiff.diffusion.process import forward_sample, sample_time, targets
+    from radiodiff.diffusion.latent_scale import LatentScale
+    from radiodiff.models.autoencoder import AutoencoderKL
     from radiodiff.models.unet import build_unet
+    from radiodiff.train.steps import LdmModels, ldm_step
 
-    latent_size = image_size // LATENT_FACTOR
+    vae_cfg = autoencoder_preset(preset.autoencoder)
+    latent_size = image_size // vae_cfg.downsample_factor
     unet_cfg = dataclasses.replace(copy.deepcopy(UNET_PRESETS[preset.unet]), latent_size=latent_size)
-    diffusion = DiffusionConfig()
     unet = build_unet(unet_cfg, copy.deepcopy(CONDITION_PRESETS[preset.condition]))
-    _place((unet,), device, channels_last)
-    # Values do not change the cost; scaled as the autoencoder's latents would be.
-    scale = autoencoder_preset(preset.autoencoder).scaling_factor
-    z0 = scale * _image(batch, unet_cfg.latent_channels, latent_size, device, channels_last)  # (B, 3, h, w)
-    noise = torch.randn_like(z0)
-    t = sample_time(batch, diffusion.eps, device=device)  # (B,)
-    z_t = forward_sample(z0, t, noise)  # (B, 3, h, w)
-    c, eps = targets(z0, noise)
-    cond = _image(batch, 3, image_size, device, channels_last)  # (B, 3, H, W)
-    autocast = _autocast(device, precision)
-
-    def run() -> None:
-        unet.zero_grad(set_to_none=True)
-        with autocast():
-            c_hat, eps_hat = unet(z_t, t, cond)
-        loss, _ = constant_sde_loss(c_hat, eps_hat, c, eps, t, diffusion.weighting)
-        loss.backward()
-
-    return TrainStep(run, (unet,))
+    vae = AutoencoderKL(vae_cfg).requires_grad_(False).eval()  # as load_frozen_vae leaves it
+    _set_layout(vae, channels_last)
+    engine = _engine(unet, batch, precision)
+    models = LdmModels(engine, vae.to(device), LatentScale(vae_cfg.scaling_factor), DiffusionConfig())
+    return _train_step(ldm_step, models, (engine,), _batch(batch, image_size, device, channels_last),
+                       0, device, precision)
 
 
 STEP_BUILDERS = {"vae-gan": build_vae_gan_step, "ldm": build_ldm_step}
 
 
 def count_flops(step: Callable[[], None]) -> FlopCount:
-    """FLOPs of one call of ``step`` (forward and backward), in total and per module."""
+    """FLOPs of one call of ``step`` (forwards and backwards), in total and per module."""
     with FlopCounterMode(display=False) as counter:
         step()
     by_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
@@ -284,6 +281,8 @@ def bench_case(
     for _ in range(opts.warmup - 1):
         step.run()
     seconds = time_step(step.run, opts.iters, device)
+    for engine in step.engines:
+        engine.destroy()  # its optimizer's buffers, before the next configuration builds its own
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     achieved = flops.total / seconds / 1e12
     peak = peak_tflops(device, precision)
@@ -302,7 +301,14 @@ def _release(device: torch.device) -> None:
 
 
 def run_model_bench(opts: ModelBenchOptions) -> tuple[torch.device, list[BenchRow]]:
+    """Every configuration in the one-process DeepSpeed world (created here once, kept for the process)."""
+    from radiodiff import dist
+
     device = resolve_device(opts.device)
+    world = dist.setup()
+    if world.world_size != 1:
+        raise ValueError(f"a world of {world.world_size} processes: run the benchmark as one process, "
+                         "not under torchrun")
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
     rows = []
@@ -354,12 +360,13 @@ def speedups(rows: list[BenchRow]) -> list[tuple[str, float]]:
 
 
 def format_report(opts: ModelBenchOptions, device: torch.device, rows: list[BenchRow]) -> str:
-    header = (f"model fwd+bwd benchmark: image {opts.image_size} (latent {opts.image_size // LATENT_FACTOR}), "
+    header = (f"training step benchmark: image {opts.image_size} (latent {opts.image_size // LATENT_FACTOR}), "
               f"batch {opts.batch}, {opts.iters} timed iters after {max(opts.warmup, 1)} warm-up, "
               f"torch {torch.__version__}\ndevice: {describe_device(device)}\n"
-              "vae-gan: AE + LPIPS + NLL/KL + disc generator loss + adaptive weight + backward, then the "
-              "disc hinge step; ldm: U-Net + condition encoder + constant-SDE loss + backward (VAE encode "
-              "excluded). No optimizer step.")
+              "the real vae_gan_step / ldm_step on DeepSpeed engines (one process), each with its engines' "
+              "backward and optimizer step (accumulation 1); vae-gan: autoencoder update with the GAN terms on, "
+              "then the discriminator update; ldm: frozen VAE encode (included) + U-Net update. "
+              "bf16 = DeepSpeed precision autocast (fp32 master weights).")
     ratios = "\n".join(f"  {label:55s} {value:5.2f}x" for label, value in speedups(rows))
     return f"{header}\n{format_table(rows)}\nspeed-ups (time of the baseline / time; > 1 is faster):\n{ratios}"
 

@@ -7,6 +7,7 @@ preemption signal after saving a checkpoint".
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 from pathlib import Path
@@ -19,7 +20,15 @@ from omegaconf import OmegaConf
 from radiodiff.cli import run_app
 from radiodiff.config import TrainLdmConfig, TrainVaeConfig
 from radiodiff.data.shards import ShardLoader
-from radiodiff.dist import DistInfo, barrier, broadcast_object, print0, setup, teardown
+from radiodiff.dist import (
+    DistInfo,
+    barrier,
+    broadcast_object,
+    check_launch,
+    print0,
+    setup,
+    teardown,
+)
 from radiodiff.precision import configure_math
 from radiodiff.runs.layout import read_meta
 from radiodiff.train import checkpoint
@@ -134,10 +143,12 @@ def run_training(cfg: TrainConfigs, build_stage: Callable[..., Stage], name: str
 
 
 def train_vae_command(cfg: TrainVaeConfig) -> int:
+    check_launch(dict(os.environ))  # the console script under srun; sweeps call run_training in Ray workers
     return run_training(cfg, build_vae_stage, "vae")
 
 
 def train_ldm_command(cfg: TrainLdmConfig) -> int:
+    check_launch(dict(os.environ))
     return run_training(cfg, build_ldm_stage, "ldm")
 
 
