@@ -90,13 +90,14 @@ def bench_data(args: argparse.Namespace) -> None:
         for _ in range(args.repeats):  # alternate, so that machine noise hits both alike
             shard_rates.append(time_pass(shard_pass, lambda b: len(b["key"])))
             folder_rates.append(time_pass(folder_pass, lambda b: len(b[0])))
+        slots = slot_rows(cfg, args.batch)
     shard_rate, folder_rate = statistics.median(shard_rates), statistics.median(folder_rates)
     print(f"\ndata reader benchmark: {len(samples)} train samples, batch {args.batch}, "
           f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
     print(f"  shard reader (2 workers)          {shard_rate:8.1f} samples/s")
     print(f"  per-file folder loader (1 worker) {folder_rate:8.1f} samples/s")
     print(f"  ratio                             {shard_rate / folder_rate:8.2f}x")
-    print(slots_table(slot_rows(cfg, args.batch)))
+    print(slots_table(slots))
 
 
 SLOT_GEOMETRIES = ((1, 0), (2, 2), (8, 2))  # (ranks, workers per rank): 1, 4 and 16 slots
