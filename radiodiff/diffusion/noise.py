@@ -23,22 +23,22 @@ def sample_seed(seed: int, purpose: int, key: int) -> int:
     return int(np.random.SeedSequence([seed, purpose, key]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-def keyed_normal(keys: Sequence[int], shape: Sequence[int], *, seed: int, purpose: int,
-                 device: torch.device) -> torch.Tensor:
-    """(B, *shape) standard normal fp32 draws, row i from the generator of ``keys[i]``."""
+def _keyed(keys: Sequence[int], seed: int, purpose: int, device: torch.device, draw) -> torch.Tensor:
+    """``draw(generator)`` once per key, the generator reseeded from (seed, purpose, key) each time."""
     generator = torch.Generator(device=device)
     rows = []
     for key in keys:
         generator.manual_seed(sample_seed(seed, purpose, int(key)))
-        rows.append(torch.randn(tuple(shape), generator=generator, device=device))
+        rows.append(draw(generator))
     return torch.stack(rows)
+
+
+def keyed_normal(keys: Sequence[int], shape: Sequence[int], *, seed: int, purpose: int,
+                 device: torch.device) -> torch.Tensor:
+    """(B, *shape) standard normal fp32 draws, row i from the generator of ``keys[i]``."""
+    return _keyed(keys, seed, purpose, device, lambda g: torch.randn(tuple(shape), generator=g, device=device))
 
 
 def keyed_uniform(keys: Sequence[int], *, seed: int, purpose: int, device: torch.device) -> torch.Tensor:
     """(B,) uniform [0, 1) fp32 draws, one per key."""
-    generator = torch.Generator(device=device)
-    values = []
-    for key in keys:
-        generator.manual_seed(sample_seed(seed, purpose, int(key)))
-        values.append(torch.rand(1, generator=generator, device=device))
-    return torch.cat(values)
+    return _keyed(keys, seed, purpose, device, lambda g: torch.rand((), generator=g, device=device))

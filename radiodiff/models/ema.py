@@ -34,9 +34,9 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         """Call once after optimizer step ``step`` (counting from 1 or 0, as the loop does)."""
-        names, params = zip(*model.named_parameters()) if self.params else ((), ())
-        current = [p.detach().float() for p in params]  # views when already fp32
-        averaged = [self.params[name] for name in names]
+        named = list(model.named_parameters())
+        current = [p.detach().float() for _, p in named]  # the parameters themselves when already fp32
+        averaged = [self.params[name] for name, _ in named]
         if step < self.cfg.start_step:
             torch._foreach_copy_(averaged, current)
         elif step % self.cfg.update_every == 0:

@@ -66,7 +66,7 @@ def validate_with(predict: Predict, data: DataConfig, dist: DistInfo, batch_size
     """Mean validation metrics over all ranks, scored as radiodiff-eval scores them.
 
     Every rank enters the one all-reduce of (sums, count), with zeros where it has no data (a split
-    with fewer shards than ranks), so no rank can skip a collective that the others enter.
+    with fewer samples than ranks x micro batch), so no rank can skip a collective that the others enter.
     """
     sums = torch.zeros(len(VAL_METRICS) + 1, dtype=torch.float64)  # the metrics' sums, then the count
     for batch in _native_val_batches(data, dist, batch_size, limit):

@@ -4,7 +4,6 @@ radiodiff-eval's PSNR on the same samples."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -39,4 +38,3 @@ def test_latent_scale_auto_is_read_from_the_checkpoint(tmp_path: Path) -> None:
     batches = [torch.randn(4, 3, 8, 8) * 2 + 1, torch.randn(2, 3, 8, 8)]
     everything = torch.cat([b.flatten() for b in batches]).double()
     assert math.isclose(latent_std(batches), float(everything.std(unbiased=False)), rel_tol=1e-9)
-    json.dumps(LatentScale(1.0).state_dict()["scale_factor"].item())
