@@ -82,6 +82,13 @@ def all_reduce_max(value: float | bool, device: torch.device) -> float:
     return float(tensor.item())
 
 
+def all_reduce_max_tensor(values: torch.Tensor) -> torch.Tensor:
+    """The element-wise maximum of ``values`` over all ranks, in place, on their device (no host read)."""
+    if torch_dist.is_initialized():
+        torch_dist.all_reduce(values, op=torch_dist.ReduceOp.MAX)
+    return values
+
+
 def all_reduce_mean(metrics: dict[str, torch.Tensor], device: torch.device) -> dict[str, float]:
     """Average scalar metrics over ranks in one collective; returns Python floats."""
     names = sorted(metrics)

@@ -113,6 +113,7 @@ def autoencoder_loss(
         "kl": kl.detach(),
         "g": g_term.detach(),
         "d_weight": torch.as_tensor(d_weight, dtype=nll.dtype, device=nll.device).detach(),
-        "disc_factor": torch.tensor(float(disc_factor), dtype=nll.dtype, device=nll.device),
+        # A device-side fill, not a host-to-device copy (which would synchronise).
+        "disc_factor": torch.full((), float(disc_factor), dtype=nll.dtype, device=nll.device),
     }
     return total, terms

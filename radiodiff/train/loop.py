@@ -1,10 +1,12 @@
 """The training loop, one for both stages: steps, logging, validation, checkpoints, guards.
 
 Each iteration is one optimizer update of ``train.global_batch`` maps: ``loop.grad_accum`` micro-batches
-on every rank. Before it, all ranks
-agree on whether a preemption signal arrived (then: save, exit 75). After it, the non-finite guard
-counts bad updates (skipped exactly, see ``steps.guarded_update``) and aborts after
-``train.max_bad_steps`` in a row. Steps are counted from 1 in logs and checkpoint names.
+on every rank. In every micro-batch the ranks agree, in one all-reduce, on whether any loss was
+non-finite and whether any rank received a preemption signal (``steps.agree``): that is the only
+host synchronisation outside logging steps; the metrics stay on the device until a logging step
+reads them. After an update in which a signal arrived: save, exit 75. The non-finite guard counts
+bad updates (skipped exactly, see ``steps.apply_update``) and aborts after ``train.max_bad_steps``
+in a row. Steps are counted from 1 in logs and checkpoint names.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from radiodiff.config import DeepSpeedConfig, TrainConfig
-from radiodiff.dist import DistInfo, all_reduce_max, all_reduce_mean, print0
+from radiodiff.dist import DistInfo, all_reduce_mean, print0
 from radiodiff.runs.layout import load_extra
 from radiodiff.train import checkpoint
 from radiodiff.train.engines import lr_at, set_lr
@@ -104,15 +106,16 @@ def save_checkpoint(stage: Stage, state: RunState, loop: LoopConfig, dist: DistI
                            keep_last=loop.train.keep_last, fail=state.step in loop.train.fail_save_steps)
 
 
-def _run_update(stage: Stage, batches: Iterator[dict], state: RunState, loop: LoopConfig,
-                dist: DistInfo, telemetry: Telemetry) -> tuple[dict[str, torch.Tensor], bool]:
-    """One optimizer update over grad_accum micro-batches; returns summed metrics and badness."""
+def _run_update(stage: Stage, batches: Iterator[dict], state: RunState, loop: LoopConfig, dist: DistInfo,
+                telemetry: Telemetry, flag: PreemptionFlag) -> tuple[dict[str, torch.Tensor], StepContext]:
+    """One optimizer update over grad_accum micro-batches; returns the averaged metrics (on the
+    device) and the step context (which engines had a bad micro-batch, whether to stop)."""
     train = loop.train
     for engine in stage.engines.values():
         set_lr(engine, lr_at(state.step, train))
     inject = (state.step + 1) in train.nan_steps and train.nan_rank in (-1, dist.rank)
     ctx = StepContext(step=state.step, device=dist.device, precision=loop.deepspeed.precision, seed=loop.seed,
-                      inject_nan=inject)
+                      inject_nan=inject, stop_requested=lambda: flag.received is not None)
     totals: dict[str, torch.Tensor] = {}
     for _ in range(loop.grad_accum):
         buffers = [b for engine in stage.engines.values() for b in engine.module.buffers()]
@@ -120,8 +123,9 @@ def _run_update(stage: Stage, batches: Iterator[dict], state: RunState, loop: Lo
         waiting = time.perf_counter()
         batch = next(batches)
         telemetry.waited_for_data(time.perf_counter() - waiting)
+        ctx.micro_bad = False
         metrics = stage.step_fn(stage.models, batch, ctx)
-        if metrics["bad"].item() > 0:
+        if ctx.micro_bad:
             # A bad batch's forward passes also moved buffers (BatchNorm running statistics), possibly
             # to NaN: put them back, so that a skipped update leaves no trace.
             with torch.no_grad():
@@ -129,16 +133,17 @@ def _run_update(stage: Stage, batches: Iterator[dict], state: RunState, loop: Lo
                     buffer.copy_(value)
         for name, value in metrics.items():
             totals[name] = totals.get(name, 0.0) + value / loop.grad_accum
-    return totals, any(ctx.window_bad.values())
+    return totals, ctx
 
 
-def _log_update(stage: Stage, metrics: dict[str, torch.Tensor], state: RunState, loop: LoopConfig,
+def _log_update(stage: Stage, metrics: dict[str, torch.Tensor], bad: bool, state: RunState, loop: LoopConfig,
                 dist: DistInfo, log: OnLog, rate: float, telemetry: Telemetry) -> None:
     """Average the update's metrics (and this window's telemetry) over ranks, log them and print
     one console line."""
     perf = {k: torch.tensor(v) for k, v in telemetry.window().items()}
     values = all_reduce_mean({**metrics, **perf}, dist.device)
-    values.update(lr=lr_at(state.step - 1, loop.train), skipped_steps=state.skipped_steps, steps_per_s=rate)
+    values.update(lr=lr_at(state.step - 1, loop.train), skipped_steps=state.skipped_steps, steps_per_s=rate,
+                  bad=float(bad))
     log(state.step, values)
     print0(f"{loop.stage_name} step {state.step}/{loop.train.max_steps}: {stage.headline} "
            f"{values.get(stage.headline, float('nan')):.4g}, {rate:.2f} steps/s")
@@ -164,11 +169,10 @@ def train(stage: Stage, loader: Any, state: RunState, loop: LoopConfig, dist: Di
                           device=dist.device, peak=peak_tflops(dist.device, cfg.peak_tflops))
     telemetry.flops_per_update = state.flops_per_update or None
     while state.step < cfg.max_steps:
-        if all_reduce_max(flag.received is not None, dist.device) > 0:  # every rank stops together
-            return _preempt(stage, state, loop, dist, loader)
         first = telemetry.flops_per_update is None
         with count_flops() if first else contextlib.nullcontext() as counter:
-            metrics, bad = _run_update(stage, batches, state, loop, dist, telemetry)
+            metrics, ctx = _run_update(stage, batches, state, loop, dist, telemetry, flag)
+        bad = any(ctx.window_bad.values())
         if first:  # counted once; the counting update is slower, so it stays out of the rates
             state.flops_per_update = telemetry.flops_per_update = float(counter.get_total_flops())
             telemetry.skip_window()
@@ -184,7 +188,9 @@ def train(stage: Stage, loader: Any, state: RunState, loop: LoopConfig, dist: Di
             stage.after_update(state.step)
         if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
             rate = (state.step - first_step) / max(time.perf_counter() - started, 1e-9)
-            _log_update(stage, metrics, state, loop, dist, log, rate, telemetry)
+            _log_update(stage, metrics, bad, state, loop, dist, log, rate, telemetry)
+        if ctx.stop and state.step < cfg.max_steps:  # agreed in this update's micro-batches: all stop together
+            return _preempt(stage, state, loop, dist, loader)
         if stage.validate and cfg.val_every and state.step % cfg.val_every == 0:
             log(state.step, stage.validate(state.step))
         if state.step % cfg.ckpt_every == 0 or state.step == cfg.max_steps:

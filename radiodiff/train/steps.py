@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.func import functional_call
@@ -26,7 +26,7 @@ from radiodiff.diffusion.latent_scale import LatentScale
 from radiodiff.diffusion.loss import constant_sde_loss
 from radiodiff.diffusion.noise import keyed_normal, keyed_uniform
 from radiodiff.diffusion.process import forward_sample, sample_time, targets
-from radiodiff.dist import all_reduce_max
+from radiodiff.dist import all_reduce_max_tensor
 from radiodiff.losses import vae_gan
 from radiodiff.models.autoencoder import DiagonalGaussian
 from radiodiff.precision import autocast
@@ -42,7 +42,10 @@ class StepContext:
     precision: str  # autocast | bf16 | fp32
     seed: int = 0  # the run's seed: per-sample draws are keyed by it and each sample's stream position
     inject_nan: bool = False  # fault injection (train.nan_steps)
+    stop_requested: Callable[[], bool] = lambda: False  # this rank received a preemption signal
+    stop: bool = False  # some rank received one (agreed by all ranks); sticky for the update
     window_bad: dict[str, bool] = field(default_factory=dict)  # engine name -> a bad micro-batch this update
+    micro_bad: bool = False  # the current micro-batch was bad for some engine (reset by the loop)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.precision)
@@ -63,23 +66,51 @@ def _zero_loss(engine) -> torch.Tensor:
     return sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0
 
 
-def guarded_update(engine, name: str, loss: torch.Tensor, ctx: StepContext) -> bool:
-    """Backward and step of one engine; a non-finite loss on any rank contributes nothing.
+@contextlib.contextmanager
+def intended_sync() -> Iterator[None]:
+    """Marks the step's one intended host synchronisation: CUDA's sync debug mode (which a GPU test
+    sets to "error" to prove a step has no other) is off inside."""
+    mode = torch.cuda.get_sync_debug_mode() if torch.cuda.is_available() else 0
+    if mode:
+        torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        if mode:
+            torch.cuda.set_sync_debug_mode(mode)
 
-    All ranks agree (all-reduce) so that every rank takes the same path and DeepSpeed's
-    collectives stay in step. Returns whether this micro-batch was bad.
+
+def agree(losses: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, bool]:
+    """Whether each loss is non-finite on any rank, and whether any rank was asked to stop.
+
+    The micro-batch's one host synchronisation: every flag (one per loss, plus the preemption
+    flag) goes into a single all-reduce and is read once. All ranks then take the same path, so
+    DeepSpeed's collectives stay in step. Sets ``ctx.stop`` once any rank has seen a signal.
     """
     if ctx.inject_nan:
-        loss = loss * float("nan")
-    bad = all_reduce_max(not bool(torch.isfinite(loss.detach()).all()), ctx.device) > 0
+        losses = {name: loss * float("nan") for name, loss in losses.items()}
+    flags = [(~torch.isfinite(loss.detach())).any().float().reshape(1) for loss in losses.values()]
+    # torch.full is a device-side fill: no host-to-device copy, so no synchronisation.
+    flags.append(torch.full((1,), float(ctx.stop_requested()), device=ctx.device))
+    agreed = all_reduce_max_tensor(torch.cat(flags))  # (n,) of 0/1 on the device
+    # The one host read: the flags packed into one integer (bit i = flag i).
+    with intended_sync():
+        packed = int((agreed * 2.0 ** torch.arange(len(flags), device=ctx.device)).sum().item())
+    ctx.stop = ctx.stop or bool(packed >> len(losses) & 1)
+    return {name: bool(packed >> i & 1) for i, name in enumerate(losses)}
+
+
+def apply_update(engine, name: str, loss: torch.Tensor, bad: bool, ctx: StepContext) -> None:
+    """Backward and step of one engine; a micro-batch that was bad on any rank contributes nothing
+    (``bad`` comes from :func:`agree`, the same on every rank)."""
     engine.backward(_zero_loss(engine) if bad else loss)
     ctx.window_bad[name] = ctx.window_bad.get(name, False) or bad
+    ctx.micro_bad = ctx.micro_bad or bad
     if ctx.window_bad[name] and engine.is_gradient_accumulation_boundary():
         with skipped_update(engine):
             engine.step()
     else:
         engine.step()
-    return bad
 
 
 @dataclass
@@ -138,16 +169,17 @@ def vae_gan_step(models: VaeGanModels, batch: dict, ctx: StepContext) -> dict[st
         d_weight = _adaptive_weight(models, x32, features, logvar, disc)
     ae_loss, terms = vae_gan.autoencoder_loss(nll, kl, g_loss, kl_weight=cfg.kl_weight, d_weight=d_weight,
                                               disc_factor=factor)
-    bad_ae = guarded_update(generator, "generator", ae_loss, ctx)
     with ctx.autocast():
-        fake = recon.detach()
-        logits_real, logits_fake = discriminator(x), discriminator(fake)
+        # The discriminator's forward does not depend on the autoencoder's update (the fake is
+        # detached), so both losses exist before either update and one agreement covers both.
+        logits_real, logits_fake = discriminator(x), discriminator(recon.detach())
     d_loss = vae_gan.discriminator_loss(logits_real.float(), logits_fake.float(), cfg.disc_loss, factor)
-    bad_d = guarded_update(discriminator, "discriminator", d_loss, ctx)
+    bad = agree({"generator": ae_loss, "discriminator": d_loss}, ctx)
+    apply_update(generator, "generator", ae_loss, bad["generator"], ctx)
+    apply_update(discriminator, "discriminator", d_loss, bad["discriminator"], ctx)
     metrics = {f"ae/{k}": v.detach().float() for k, v in terms.items()}
     metrics.update({"disc/loss": d_loss.detach(), "disc/logits_real": logits_real.detach().float().mean(),
-                    "disc/logits_fake": logits_fake.detach().float().mean(), "ae/logvar": logvar.detach().sum(),
-                    "bad": torch.tensor(float(bad_ae or bad_d), device=ctx.device)})
+                    "disc/logits_fake": logits_fake.detach().float().mean(), "ae/logvar": logvar.detach().sum()})
     return metrics
 
 
@@ -191,7 +223,5 @@ def ldm_step(models: LdmModels, batch: dict, ctx: StepContext) -> dict[str, torc
         c_hat, eps_hat = models.engine(ctx.inputs(z_t), t, ctx.inputs(cond))
     loss, terms = constant_sde_loss(c_hat.float(), eps_hat.float(), c_target, eps_target, t,
                                     models.diffusion.weighting)
-    bad = guarded_update(models.engine, "unet", loss, ctx)
-    metrics = {"loss": loss.detach(), **{f"ldm/{k}": v.float() for k, v in terms.items()},
-               "bad": torch.tensor(float(bad), device=ctx.device)}
-    return metrics
+    apply_update(models.engine, "unet", loss, agree({"unet": loss}, ctx)["unet"], ctx)
+    return {"loss": loss.detach(), **{f"ldm/{k}": v.float() for k, v in terms.items()}}
