@@ -191,7 +191,7 @@ def write_atomically(fs: fsspec.AbstractFileSystem, target: str, data: bytes) ->
     fs.mv(temporary, target)
 
 
-def _read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict | None:
+def read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict | None:
     if not fs.exists(path):
         return None
     try:
@@ -200,16 +200,18 @@ def _read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict | None:
         return None  # a corrupt manifest only means nothing can be skipped
 
 
-def run_tasks(function: Callable, tasks: list[ShardTask], cfg: ShardConfig, *args: object, desc: str) -> list:
-    """``function(task, cfg, *args)`` as one Ray task per shard (in a ``ray_session``), with a
-    progress bar; results in plan order. A task's error is raised as itself: the Ray wrapper only
-    adds the worker's traceback (chained, shown with RADIODIFF_TRACEBACK=1)."""
+def run_tasks(function: Callable, tasks: list, cfg: object, *args: object, desc: str,
+              resources: dict | None = None) -> list:
+    """``function(task, cfg, *args)`` as one Ray task per shard (in a ``ray_session``; ``resources``:
+    Ray's per-task options, e.g. ``num_gpus``), with a progress bar; results in plan order. A task's
+    error is raised as itself: the Ray wrapper only adds the worker's traceback (chained, shown with
+    RADIODIFF_TRACEBACK=1)."""
     import ray
     from tqdm import tqdm
 
     if not tasks:
         return []
-    remote = ray.remote(function)
+    remote = ray.remote(**resources)(function) if resources else ray.remote(function)
     pending = {remote.remote(task, cfg, *args): i for i, task in enumerate(tasks)}
     results: list = [None] * len(tasks)
     with tqdm(total=len(tasks), desc=desc, unit="shard", file=sys.stdout) as progress:
@@ -232,9 +234,9 @@ def manifest_of(cfg: ShardConfig, source: RadioMapSeer, results: list[ShardResul
                           split_maps=source.splits, shards=entries, skipped=[bad for r in results for bad in r.bad])
 
 
-def check_output(cfg: ShardConfig) -> None:
+def check_output(out: str) -> None:
     """Before any work: a local ``out`` must be a folder we can write in."""
-    fs, root = fsspec.core.url_to_fs(cfg.out)
+    fs, root = fsspec.core.url_to_fs(out)
     if LOCAL_PROTOCOLS & set(np.atleast_1d(fs.protocol)):
         from radiodiff.cli import check_output_dir
 
@@ -279,13 +281,13 @@ def run_shard(cfg: ShardConfig) -> dict:
     """Plan, write and commit a shard set; returns the manifest."""
     from pipeline.ray_setup import ray_session
 
-    check_output(cfg)
+    check_output(cfg.out)
     fs, root = fsspec.core.url_to_fs(cfg.out)
     root = root.rstrip("/")
     process_local = bool(PROCESS_LOCAL_PROTOCOLS & set(np.atleast_1d(fs.protocol)))
     source = RadioMapSeer(cfg.data, validate=False)
     manifest_path, previous_path = f"{root}/{MANIFEST_NAME}", f"{root}/{MANIFEST_NAME}.previous"
-    previous = _read_json(fs, manifest_path) or _read_json(fs, previous_path)
+    previous = read_json(fs, manifest_path) or read_json(fs, previous_path)
     tasks = plan_shards(source, cfg, previous)
     known_bad = [bad for task in tasks if task.previous is not None for bad in task.previous_bad]
     if known_bad and cfg.on_error == "fail":  # unchanged since they were skipped: fail before any work

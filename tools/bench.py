@@ -3,6 +3,7 @@
     python tools/bench.py data   [--maps 24 --tx 16 --batch 16 --repeats 3]
     python tools/bench.py synth  [--maps 4 --tx 16]
     python tools/bench.py models [--presets tiny,reference --image-size 256 --batch 4 --iters 5 ...]
+    python tools/bench.py cache  [--presets tiny,reference --image-size 256 --batch 4 --precision bf16 ...]
 
 data:  samples/s of the shard reader (radiodiff.data.shards, 2 workers) and of a per-file PNG
        folder loader written the way the RadioUNet loader works (skimage imread of each file per
@@ -12,6 +13,9 @@ synth: milliseconds per simulated gain map on one core (one thread), per model.
 models: ms per image of the real stage-1 (VAE-GAN) and stage-2 (LDM) training steps (forward, backward
        and optimizer step) per preset, fp32 vs bf16 autocast, channels_last off vs on, with FLOPs; see
        tools/bench_models.py.
+cache: ms per image of the real LDM step encoding its targets with the frozen VAE vs drawing from
+       cached posterior moments (radiodiff-encode), alternating on one engine, as a ratio; see
+       tools/bench_cache.py.
 train: steps/s and images/s of radiodiff-train-vae/-ldm per precision and ZeRO stage (GPU memory on
        a GPU); see tools/bench_train.py.
 quality: PSNR/SSIM/NMSE/RMSE of the trained VAE and LDM against a resolution ceiling, the mean map, a
@@ -168,18 +172,22 @@ def main(argv: list[str] | None = None) -> int:
     synth = sub.add_parser("synth", help="time per simulated gain map")
     synth.add_argument("--maps", type=int, default=4)
     synth.add_argument("--tx", type=int, default=16)
+    import bench_cache
     import bench_models  # siblings: a script's own folder is on its import path
     import bench_quality
     import bench_train
 
     models = sub.add_parser("models", help="time per image of the two real training steps")
     bench_models.add_arguments(models)
+    cache = sub.add_parser("cache", help="the LDM step with and without the latent cache")
+    bench_cache.add_arguments(cache)
     training = sub.add_parser("train", help="steps/s and images/s of the training commands")
     bench_train.add_arguments(training)
     quality = sub.add_parser("quality", help="model quality against references, on a synthetic set")
     bench_quality.add_arguments(quality)
     args = parser.parse_args(argv)
     commands = {"data": bench_data, "synth": bench_synth, "models": bench_models.bench_models,
+                "cache": bench_cache.bench_cache,
                 "train": bench_train.bench_train, "quality": bench_quality.bench_quality}
     commands[args.what](args)
     return 0

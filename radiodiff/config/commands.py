@@ -16,7 +16,12 @@ from radiodiff.config.data import (
     SynthConfig,
 )
 from radiodiff.config.models import SamplerConfig
-from radiodiff.config.train import ModelConfig, TrainLdmConfig, TrainVaeConfig
+from radiodiff.config.train import (
+    ModelConfig,
+    TrainLdmConfig,
+    TrainVaeConfig,
+    VaeRefConfig,
+)
 
 INFERENCE_PRECISIONS = ("auto", "autocast", "fp32")
 
@@ -88,6 +93,33 @@ class SampleConfig:
                 raise ConfigError(f"{key}={value} must be in [0, 256)")
         check_positive("batch_size", self.batch_size)
         check_positive("seed", self.seed, allow_zero=True)
+
+
+@dataclass
+class EncodeDataConfig:
+    """The source of radiodiff-encode. The value settings (value_range, threshold, image_size,
+    cars_input) are the VAE run's and the simulation is the shards'; none is chosen here."""
+
+    shards: str = MISSING  # the source shard root: the folder or URL holding manifest.json
+
+
+@dataclass
+class EncodeConfig:
+    """radiodiff-encode: a shard set -> its latent cache, the frozen VAE's posterior moments (stage 2)."""
+
+    vae: VaeRefConfig = field(default_factory=VaeRefConfig)
+    data: EncodeDataConfig = field(default_factory=EncodeDataConfig)
+    out: str = MISSING  # the cache's root (any fsspec URL the Ray workers can write; not the source root)
+    splits: Optional[list[str]] = None  # None: every split of the source
+    batch_size: int = 16  # maps per forward pass of the encoder
+    gpus_per_task: float = 0.0  # per Ray task (one task per shard); > 0 encodes on a GPU
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        check_positive("batch_size", self.batch_size)
+        check_positive("gpus_per_task", self.gpus_per_task, allow_zero=True)
+        for split in self.splits or ():
+            check_choice("splits", split, SPLITS)
 
 
 TUNE_SCHEDULERS = ("none", "asha")
@@ -182,6 +214,7 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="synth_schema", node=SynthConfig)
     store.store(name="shard_schema", node=ShardConfig)
+    store.store(name="encode_schema", node=EncodeConfig)
     store.store(name="demo_schema", node=DemoConfig)
     store.store(name="eval_schema", node=EvalConfig)
     store.store(name="sample_schema", node=SampleConfig)

@@ -38,6 +38,10 @@ class DataConfig:
     # A node-local folder (e.g. /tmp or local NVMe): shards are read through {cache_dir}/{sha256}.tar,
     # so the ranks of a node fetch each shard from data.shards once; None reads from data.shards only.
     cache_dir: Optional[str] = None
+    # Stage 2: a latent cache of data.shards (radiodiff-encode; the folder or URL holding its
+    # manifest.json). Training then reads the frozen VAE's posterior moments from it instead of
+    # encoding every batch; validation still reads data.shards. None: encode every batch.
+    latents: Optional[str] = None
 
     def __post_init__(self) -> None:
         check_choice("data.protocol", self.protocol, PROTOCOLS)

@@ -25,6 +25,19 @@ FORMAT_NAME = "radiodiff-shards"
 FORMAT_VERSION = 1
 
 
+@dataclass(frozen=True)
+class ManifestKind:
+    """Which kind of shard set a root must hold: its manifest's format and version, named in errors."""
+
+    format: str
+    version: int
+    what: str  # "shard manifest"
+    key: str  # the config key that names the root
+
+
+SHARD_MANIFEST = ManifestKind(FORMAT_NAME, FORMAT_VERSION, "shard manifest", "data.shards")
+
+
 def join_url(root: str, relative: str) -> str:
     return root.rstrip("/") + "/" + relative.lstrip("/")
 
@@ -53,21 +66,22 @@ def _check_split_entry(entry: object, where: str) -> None:
             )
 
 
-def read_manifest(root: str) -> dict:
-    """Read and check ``{root}/manifest.json``; raises DataFormatError naming the URL."""
+def read_manifest(root: str, kind: ManifestKind = SHARD_MANIFEST) -> dict:
+    """Read and check ``{root}/manifest.json`` (of a shard set, or another ``kind``); raises
+    DataFormatError naming the URL."""
     url = join_url(root, MANIFEST_NAME)
-    raw = read_bytes(url, "shard manifest (data.shards must be the folder or URL holding it)")
+    raw = read_bytes(url, f"{kind.what} ({kind.key} must be the folder or URL holding it)")
     try:
         manifest = json.loads(raw.decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataFormatError(f"{url}: shard manifest is not valid JSON ({err})") from err
+        raise DataFormatError(f"{url}: {kind.what} is not valid JSON ({err})") from err
     found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-    if found != FORMAT_NAME:
-        raise DataFormatError(f"{url}: not a radiodiff shard manifest (format {found!r}, expected "
-                              f"{FORMAT_NAME!r})")
-    if manifest.get("version") != FORMAT_VERSION:
+    if found != kind.format:
+        raise DataFormatError(f"{url}: not a radiodiff {kind.what} (format {found!r}, expected "
+                              f"{kind.format!r})")
+    if manifest.get("version") != kind.version:
         raise DataFormatError(f"{url}: manifest version {manifest.get('version')!r} is not supported "
-                              f"(this reader reads version {FORMAT_VERSION})")
+                              f"(this reader reads version {kind.version})")
     if not isinstance(manifest.get("splits"), dict):
         raise DataFormatError(f"{url}: manifest lacks the 'splits' object")
     for name, entry in manifest["splits"].items():

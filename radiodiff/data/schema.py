@@ -1,15 +1,18 @@
 """The sample format shared by the folder reader, the sharder and the shard reader.
 
 A sample is a transmitter of a map, keyed ``{map}_{tx}``. On disk (folder or shard) it is a set of
-members: PNG bytes exactly as RadioMapSeer stores them, plus a small JSON record. Only these member
-types are ever decoded; nothing is unpickled.
+members: PNG bytes exactly as RadioMapSeer stores them, plus a small JSON record. A latent cache's
+samples (``radiodiff-encode``) hold the condition PNGs and the record unchanged and, instead of the
+gain map, ``moments.npy``: the frozen VAE's posterior moments as a float32 ``.npy`` array, read with
+``allow_pickle=False``. Only these member types are ever decoded; nothing is unpickled.
 
 In memory a decoded sample is a dict::
 
-    key    str              "{map}_{tx}"
-    cond   float32 (3,H,W)  [buildings, tx, cars or buildings]
-    target float32 (1,H,W)  the gain map
-    map    int, tx int
+    key     str                 "{map}_{tx}"
+    cond    float32 (3,H,W)     [buildings, tx, cars or buildings]
+    target  float32 (1,H,W)     the gain map (image shards)
+    moments float32 (2Z,h,w)    the posterior's mean, then its log-variance (latent caches)
+    map     int, tx int
 """
 
 from __future__ import annotations
@@ -31,6 +34,20 @@ PNG_MEMBERS = ("buildings.png", "tx.png", "gain.png", "cars.png")
 MEMBERS = PNG_MEMBERS + ("json",)
 PER_MAP_MEMBERS = ("buildings.png", "cars.png")  # the same bytes for every transmitter of a map
 JSON_FIELDS = ("map", "tx", "split", "simulation", "buildings", "tx_row", "tx_col")
+MOMENTS_MEMBER = "moments.npy"  # a latent cache's float32 .npy array (radiodiff.data.latents)
+
+
+@dataclass(frozen=True)
+class SampleFormat:
+    """The member types a shard set's samples may hold (in tar order) and those each must hold."""
+
+    members: tuple[str, ...]
+    required: tuple[str, ...]
+
+
+IMAGE_SAMPLES = SampleFormat(MEMBERS, ("buildings.png", "tx.png", "gain.png", "json"))
+LATENT_SAMPLES = SampleFormat(("buildings.png", "tx.png", "cars.png", "json", MOMENTS_MEMBER),
+                              ("buildings.png", "tx.png", "json", MOMENTS_MEMBER))
 
 
 class DataFormatError(ValueError):
@@ -101,22 +118,34 @@ def decode_json(data: bytes, where: str) -> dict:
     return record
 
 
-def resize_maps(cond: torch.Tensor, target: torch.Tensor, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, 3, 256, 256) condition and (B, 1, 256, 256) target, already in value range -> image_size.
+def resize_cond(cond: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    """(B, 3, 256, 256) condition, already in value range -> image_size.
 
-    Binary maps resize nearest, the gain map bilinear (antialiased). The transmitter is one pixel:
-    nearest sampling would drop it at most positions, so shrinking keeps it with a max over each
-    output pixel's area.
+    Binary maps resize nearest. The transmitter is one pixel: nearest sampling would drop it at
+    most positions, so shrinking keeps it with a max over each output pixel's area.
     """
     size = cfg.image_size
     if size == NATIVE_SIZE:
-        return cond, target
-    low = -1.0 if cfg.value_range == "symmetric" else 0.0
+        return cond
     resized = F.interpolate(cond, size=(size, size), mode="nearest")
     if size < NATIVE_SIZE:
         resized[:, 1:2] = F.adaptive_max_pool2d(cond[:, 1:2], size)
+    return resized
+
+
+def resize_target(target: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    """(B, 1, 256, 256) gain map, already in value range -> image_size, bilinear (antialiased)."""
+    size = cfg.image_size
+    if size == NATIVE_SIZE:
+        return target
+    low = -1.0 if cfg.value_range == "symmetric" else 0.0
     target = F.interpolate(target, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return resized, target.clamp(low, 1.0)
+    return target.clamp(low, 1.0)
+
+
+def resize_maps(cond: torch.Tensor, target: torch.Tensor, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, 256, 256) condition and (B, 1, 256, 256) target, already in value range -> image_size."""
+    return resize_cond(cond, cfg), resize_target(target, cfg)
 
 
 def _gray_to_values(raw: np.ndarray, symmetric: bool, threshold: float | None) -> np.ndarray:
@@ -137,22 +166,23 @@ def _gray_to_values(raw: np.ndarray, symmetric: bool, threshold: float | None) -
     return values
 
 
+def stack_cond(buildings: np.ndarray, tx: np.ndarray, cars: np.ndarray | None, cfg: DataConfig) -> np.ndarray:
+    """uint8 maps -> the uint8 condition (3,H,W) = [buildings, tx, cars or buildings]."""
+    third = cars if cfg.cars_input else buildings
+    if third is None:
+        raise DataFormatError("data.cars_input=true but the sample has no cars map")
+    return np.stack([buildings, tx, third])
+
+
 def stack_maps(
     buildings: np.ndarray, tx: np.ndarray, gain: np.ndarray, cars: np.ndarray | None, cfg: DataConfig
 ) -> tuple[np.ndarray, np.ndarray]:
     """uint8 maps -> uint8 (cond (3,H,W) = [buildings, tx, cars or buildings], target (1,H,W))."""
-    third = cars if cfg.cars_input else buildings
-    if third is None:
-        raise DataFormatError("data.cars_input=true but the sample has no cars map")
-    return np.stack([buildings, tx, third]), gain[None]
+    return stack_cond(buildings, tx, cars, cfg), gain[None]
 
 
-def to_values(cond: torch.Tensor, target: torch.Tensor, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 (B, 3, 256, 256) condition and (B, 1, 256, 256) target -> float32 at ``data.image_size``.
-
-    Per pixel ([0,1] or [-1,1], the optional threshold on the target), then resized.
-    Done once per batch: the shard reader's workers send uint8 maps, a quarter of the bytes.
-    """
+def cond_values(cond: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    """uint8 (B, 3, 256, 256) condition -> float32 at ``data.image_size`` ([0,1] or [-1,1], resized)."""
     symmetric = cfg.value_range == "symmetric"
     raw = cond.numpy()
     if cfg.cars_input:
@@ -161,8 +191,23 @@ def to_values(cond: torch.Tensor, target: torch.Tensor, cfg: DataConfig) -> tupl
         values = np.empty(raw.shape, np.float32)
         values[:, :2] = _gray_to_values(raw[:, :2], symmetric, None)
         values[:, 2] = values[:, 0]
-    target = torch.from_numpy(_gray_to_values(target.numpy(), symmetric, cfg.threshold))
-    return resize_maps(torch.from_numpy(values), target, cfg)
+    return resize_cond(torch.from_numpy(values), cfg)
+
+
+def target_values(target: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    """uint8 (B, 1, 256, 256) gain map -> float32 at ``data.image_size`` (with the optional threshold)."""
+    values = _gray_to_values(target.numpy(), cfg.value_range == "symmetric", cfg.threshold)
+    return resize_target(torch.from_numpy(values), cfg)
+
+
+def to_values(cond: torch.Tensor, target: torch.Tensor, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (B, 3, 256, 256) condition and (B, 1, 256, 256) target -> float32 at ``data.image_size``.
+
+    Per pixel ([0,1] or [-1,1], the optional threshold on the target), then resized. Each sample's
+    values depend on that sample only, so the latent cache encodes exactly what training sees.
+    Done once per batch: the shard reader's workers send uint8 maps, a quarter of the bytes.
+    """
+    return cond_values(cond, cfg), target_values(target, cfg)
 
 
 def to_tensors(
@@ -172,6 +217,39 @@ def to_tensors(
     cond, target = stack_maps(buildings, tx, gain, cars, cfg)
     cond, target = to_values(torch.from_numpy(cond)[None], torch.from_numpy(target)[None], cfg)
     return cond[0], target[0]
+
+
+def check_members(members: Mapping[str, bytes], fmt: SampleFormat, prefix: str) -> None:
+    """Only ``fmt``'s member types, and every one it requires."""
+    unknown = sorted(set(members) - set(fmt.members))
+    if unknown:
+        raise DataFormatError(f"{prefix}: unexpected member types {unknown}; allowed: {list(fmt.members)}")
+    for name in fmt.required:
+        if name not in members:
+            raise DataFormatError(f"{prefix}: member {name} is missing")
+
+
+def decode_pngs(members: Mapping[str, bytes], where: Mapping[str, str],
+                map_cache: dict[bytes, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """The sample's PNG members -> (H, W) uint8 maps; per-map members through ``map_cache``."""
+    arrays = {}
+    for name in PNG_MEMBERS:
+        if name not in members:
+            continue
+        data = members[name]
+        cached = map_cache is not None and name in PER_MAP_MEMBERS
+        if cached and data in map_cache:
+            arrays[name] = map_cache[data]
+            continue
+        arrays[name] = decode_png(data, where[name])
+        if cached:
+            map_cache[data] = arrays[name]
+    return arrays
+
+
+def sample_fields(record: dict) -> dict:
+    """key, map and tx of a sample from its JSON record."""
+    return {"key": f"{record['map']}_{record['tx']}", "map": int(record["map"]), "tx": int(record["tx"])}
 
 
 def decode_members(
@@ -194,27 +272,11 @@ def decode_members(
         where = {name: f"{prefix}.{name}" for name in MEMBERS}
     else:
         prefix = where.get("json", next(iter(where.values())))
-    unknown = sorted(set(members) - set(MEMBERS))
-    if unknown:
-        raise DataFormatError(f"{prefix}: unexpected member types {unknown}; allowed: {list(MEMBERS)}")
-    for name in ("buildings.png", "tx.png", "gain.png", "json"):
-        if name not in members:
-            raise DataFormatError(f"{prefix}: member {name} is missing")
+    check_members(members, IMAGE_SAMPLES, prefix)
     record = decode_json(members["json"], where.get("json", f"{prefix} (json)"))
-    arrays = {}
-    for name in PNG_MEMBERS:
-        if name not in members:
-            continue
-        data = members[name]
-        cached = map_cache is not None and name in PER_MAP_MEMBERS
-        if cached and data in map_cache:
-            arrays[name] = map_cache[data]
-            continue
-        arrays[name] = decode_png(data, where[name])
-        if cached:
-            map_cache[data] = arrays[name]
+    arrays = decode_pngs(members, where, map_cache)
     maps = (arrays["buildings.png"], arrays["tx.png"], arrays["gain.png"], arrays.get("cars.png"))
-    sample = {"key": f"{record['map']}_{record['tx']}", "map": int(record["map"]), "tx": int(record["tx"])}
+    sample = sample_fields(record)
     if raw:
         cond, target = stack_maps(*maps, cfg)
         return {**sample, "cond_u8": torch.from_numpy(cond), "target_u8": torch.from_numpy(target)}

@@ -3,7 +3,9 @@
 A shard root (a folder or any fsspec URL) holds ``manifest.json`` and ``{split}/{split}-000000.tar``
 ... written by ``radiodiff-shard``. Each tar holds, per sample ``{map}_{tx}``, the adjacent members
 ``{key}.buildings.png``, ``{key}.tx.png``, ``{key}.gain.png``, optionally ``{key}.cars.png``, and
-``{key}.json``. Only those member types are accepted; nothing is ever unpickled.
+``{key}.json``; a latent cache's tars (``radiodiff-encode``) hold ``{key}.moments.npy`` instead
+of the gain map. Only the member types of the shard set's ``SampleFormat`` are accepted; nothing
+is ever unpickled.
 
 Cache. With ``data.cache_dir`` set, a shard is read through ``{cache_dir}/{sha256}.tar``: when that
 file exists with the manifest's size it is read from there (and, with ``verify``, its sha256
@@ -34,9 +36,8 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from radiodiff.data.manifest import ShardInfo, join_url, read_bytes
-from radiodiff.data.schema import MEMBERS, DataFormatError
+from radiodiff.data.schema import IMAGE_SAMPLES, DataFormatError, SampleFormat
 
-REQUIRED_MEMBERS = ("buildings.png", "tx.png", "gain.png", "json")
 # Shards a worker keeps in memory besides the one it prefetches: a micro-batch may straddle two.
 LRU_SHARDS = 2
 
@@ -44,14 +45,14 @@ LRU_SHARDS = 2
 TarIndex = list[tuple[str, dict[str, tuple[int, int]]]]
 
 
-def index_tar(data: bytes, where: str) -> TarIndex:
-    """Parse a shard held in memory into per-sample byte spans, checking every member."""
+def index_tar(data: bytes, where: str, fmt: SampleFormat = IMAGE_SAMPLES) -> TarIndex:
+    """Parse a shard held in memory into per-sample byte spans, checking every member against ``fmt``."""
     index: TarIndex = []
     seen: set[str] = set()
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as archive:
             for info in archive:
-                key, kind = _check_member(info, len(data), where)
+                key, kind = _check_member(info, len(data), where, fmt)
                 if not index or index[-1][0] != key:
                     if key in seen:
                         raise DataFormatError(f"{where}: members of sample {key} are not adjacent")
@@ -64,27 +65,28 @@ def index_tar(data: bytes, where: str) -> TarIndex:
     except (tarfile.TarError, EOFError) as err:
         raise DataFormatError(f"{where}: not a readable tar file ({type(err).__name__}: {err})") from err
     for key, spans in index:
-        missing = [kind for kind in REQUIRED_MEMBERS if kind not in spans]
+        missing = [kind for kind in fmt.required if kind not in spans]
         if missing:
             raise DataFormatError(f"{where}: sample {key} lacks member(s) {', '.join(missing)}")
     return index
 
 
-def _check_member(info: tarfile.TarInfo, size: int, where: str) -> tuple[str, str]:
+def _check_member(info: tarfile.TarInfo, size: int, where: str, fmt: SampleFormat) -> tuple[str, str]:
     if not info.isreg():
         raise DataFormatError(f"{where}: member {info.name!r} is not a regular file")
     key, _, kind = posixpath.basename(info.name).partition(".")
-    if not key or kind not in MEMBERS:
+    if not key or kind not in fmt.members:
         raise DataFormatError(f"{where}: member {info.name!r} is not an accepted member type; "
-                              f"allowed: {', '.join(MEMBERS)}")
+                              f"allowed: {', '.join(fmt.members)}")
     if info.offset_data + info.size > size:
         raise DataFormatError(f"{where}: member {info.name!r} is truncated")
     return key, kind
 
 
-def iter_tar(data: bytes, where: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_tar(data: bytes, where: str,
+             fmt: SampleFormat = IMAGE_SAMPLES) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Samples of a shard held in memory: (key, {member type: bytes}), in tar order."""
-    for key, spans in index_tar(data, where):
+    for key, spans in index_tar(data, where, fmt):
         yield key, {kind: data[start:end] for kind, (start, end) in spans.items()}
 
 
@@ -107,11 +109,13 @@ def fetch_shard(root: str, shard: ShardInfo, *, verify: bool = True) -> bytes:
 
 @dataclass(frozen=True)
 class ShardSource:
-    """Where shards are read from: the root, through the cache folder when one is set."""
+    """Where shards are read from: the root, through the cache folder when one is set, and what
+    their samples hold."""
 
     root: str
     verify: bool = True
     cache_dir: Optional[str] = None
+    sample_format: SampleFormat = IMAGE_SAMPLES
 
     def read(self, shard: ShardInfo) -> tuple[bytes, str, bool]:
         """(the shard's bytes, its name for errors, whether it came from the cache)."""
@@ -221,7 +225,7 @@ class ShardReader:
                 self.cache_bytes += len(data)
             else:
                 self.source_bytes += len(data)
-        index = index_tar(data, where)
+        index = index_tar(data, where, self.source.sample_format)
         if len(index) != shard.num_samples:
             raise DataFormatError(f"{where}: shard holds {len(index)} samples, the manifest says "
                                   f"{shard.num_samples}")

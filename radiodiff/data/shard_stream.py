@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from radiodiff.config import DataConfig
+from radiodiff.data.latents import decode_latent_members
 from radiodiff.data.manifest import ShardInfo
 from radiodiff.data.schema import DataFormatError, decode_members
 from radiodiff.data.shard_source import (
@@ -124,13 +125,15 @@ class ShardStream(IterableDataset):
     """One rank's micro-batches from stream position ``start`` on (set by the loader before each pass).
 
     Yields collated batches: ``key`` list[str] (B), ``cond_u8`` uint8 (B, 3, H, W), ``target_u8``
-    uint8 (B, 1, H, W) (``schema.to_values`` finishes them per batch), ``map``, ``tx``, ``pos`` int64
-    (B,) (``pos``: stream positions), and ``io_bytes`` int64 (2,): the bytes this worker read from the
+    uint8 (B, 1, H, W) (``schema.to_values`` finishes them per batch) or, from a latent cache
+    (``moments_shape`` set), ``moments`` float32 (B, 2Z, h, w), ``map``, ``tx``, ``pos`` int64 (B,)
+    (``pos``: stream positions), and ``io_bytes`` int64 (2,): the bytes this worker read from the
     shard root and from the cache since its previous batch.
     """
 
     def __init__(self, cfg: DataConfig, plan: StreamPlan, source: ShardSource, *, rank: int,
-                 world_size: int, micro_batch: int, drop_last: bool = False) -> None:
+                 world_size: int, micro_batch: int, drop_last: bool = False,
+                 moments_shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.plan = plan
@@ -139,6 +142,7 @@ class ShardStream(IterableDataset):
         self.world_size = world_size
         self.micro_batch = micro_batch
         self.drop_last = drop_last
+        self.moments_shape = moments_shape
         self.start = 0
 
     def chunk(self, k: int) -> tuple[int, int]:
@@ -189,10 +193,11 @@ class ShardStream(IterableDataset):
                     reader.prefetch(upcoming)
             order = self.plan.sample_order(shard, epoch)
             samples += [self._decode(loaded, int(i)) for i in order[first:stop]]
+        served = "target_u8" if self.moments_shape is None else "moments"
         return {
             "key": [s["key"] for s in samples],
             "cond_u8": torch.stack([s["cond_u8"] for s in samples]),  # (B, 3, H, W)
-            "target_u8": torch.stack([s["target_u8"] for s in samples]),  # (B, 1, H, W)
+            served: torch.stack([s[served] for s in samples]),  # (B, 1, H, W) uint8 | (B, 2Z, h, w) float32
             "map": torch.tensor([s["map"] for s in samples], dtype=torch.int64),
             "tx": torch.tensor([s["tx"] for s in samples], dtype=torch.int64),
             "pos": torch.arange(lo, hi, dtype=torch.int64),
@@ -201,7 +206,11 @@ class ShardStream(IterableDataset):
     def _decode(self, loaded: LoadedShard, i: int) -> dict:
         key, spans = loaded.index[i]
         members = {kind: loaded.data[start:end] for kind, (start, end) in spans.items()}
-        sample = decode_members(members, self.cfg, f"{loaded.where}:{key}", map_cache=loaded.map_cache, raw=True)
+        where = f"{loaded.where}:{key}"
+        if self.moments_shape is None:
+            sample = decode_members(members, self.cfg, where, map_cache=loaded.map_cache, raw=True)
+        else:
+            sample = decode_latent_members(members, self.cfg, where, self.moments_shape, map_cache=loaded.map_cache)
         if sample["key"] != key:
             raise DataFormatError(f"{loaded.where}: sample {key} has a JSON record for {sample['key']}")
         return sample

@@ -7,7 +7,8 @@ explains the stream, the remainder rule and the workers). A batch is::
 
     key    list[str] (B)
     cond   float32 (B, 3, H, W)
-    target float32 (B, 1, H, W)
+    target float32 (B, 1, H, W)    or, from a latent cache (``latents=True``):
+    moments float32 (B, 2Z, h, w)  the posterior's mean, then its log-variance (``data.latents``)
     map, tx, pos   int64 (B,)      pos: the samples' stream positions
 
 Training streams (``epochs=None``) never end. With ``epochs=1`` every sample of the split is served
@@ -36,13 +37,19 @@ import torch
 from torch.utils.data import DataLoader
 
 from radiodiff.config import ConfigError, DataConfig
+from radiodiff.data.latents import open_cache_split
 from radiodiff.data.manifest import (
     check_manifest_options,
     manifest_identity,
     read_manifest,
     split_shards,
 )
-from radiodiff.data.schema import to_values
+from radiodiff.data.schema import (
+    IMAGE_SAMPLES,
+    LATENT_SAMPLES,
+    cond_values,
+    target_values,
+)
 from radiodiff.data.shard_source import ShardSource, fetch_shard, index_tar, iter_tar
 from radiodiff.data.shard_stream import ShardStream, StreamPlan, chunk_count
 
@@ -67,40 +74,50 @@ class ShardLoader:
     ``seed`` (>= 0) seeds shard and sample order; ``epochs=None`` streams forever (training),
     ``epochs=1`` is one exact pass (evaluation, usually with ``shuffle=False``); ``drop_last`` drops
     partial micro-batches at the end of a finite stream; ``verify`` checks each shard's size and
-    sha256 against the manifest.
+    sha256 against the manifest. ``latents``: read the latent cache at ``cfg.latents`` (made with
+    ``cfg``'s data settings, else refused) instead of ``cfg.shards``: the same sample stream, with
+    ``moments`` in place of ``target``.
     """
 
     def __init__(self, cfg: DataConfig, split: str, *, batch_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, epochs: Optional[int] = None,
                  shuffle: Optional[bool] = None, num_workers: Optional[int] = None,
                  drop_last: bool = False, verify: bool = True, pin_memory: bool = False,
-                 prefetch_factor: Optional[int] = None) -> None:
-        if not cfg.shards:
-            raise ConfigError("data.shards is not set; it must be the folder or URL holding manifest.json")
+                 prefetch_factor: Optional[int] = None, latents: bool = False) -> None:
+        key = "data.latents" if latents else "data.shards"
+        root = cfg.latents if latents else cfg.shards
+        if not root:
+            raise ConfigError(f"{key} is not set; it must be the folder or URL holding manifest.json")
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank={rank} must be in [0, world_size={world_size})")
         if batch_size <= 0 or seed < 0 or (epochs is not None and epochs <= 0):
             raise ConfigError(f"batch_size={batch_size} and epochs={epochs} must be > 0, seed={seed} >= 0")
         if num_workers is not None and num_workers < 0:
             raise ConfigError(f"num_workers={num_workers} must be >= 0")
-        self.cfg, self.root, self.split = cfg, cfg.shards, split
+        self.cfg, self.root, self.split = cfg, root, split
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.epochs, self.drop_last = seed, epochs, drop_last
         self.shuffle = cfg.shuffle if shuffle is None else shuffle
         self.num_workers = cfg.num_workers if num_workers is None else num_workers
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         if self.num_workers > 0 and fsspec.utils.get_protocol(self.root) == "memory":
-            raise ConfigError(f"data.shards={self.root}: a memory:// filesystem exists only in this "
+            raise ConfigError(f"{key}={self.root}: a memory:// filesystem exists only in this "
                               f"process, so worker processes cannot read it; use num_workers=0")
-        manifest = read_manifest(self.root)
-        check_manifest_options(manifest, cfg)
-        shards = split_shards(manifest, split, self.root)
-        self.identity = manifest_identity(shards)
+        moments_shape = None
+        if latents:
+            cache = open_cache_split(cfg, split)
+            shards, self.identity, moments_shape = cache.shards, cache.identity, cache.moments_shape
+        else:
+            manifest = read_manifest(self.root)
+            check_manifest_options(manifest, cfg)
+            shards = split_shards(manifest, split, self.root)
+            self.identity = manifest_identity(shards)
         self.plan = StreamPlan(shards, seed=seed, shuffle=self.shuffle, epochs=epochs)
         if epochs is None and self.plan.epoch_size == 0:
             raise ConfigError(f"split {split!r} of {self.root} holds no samples; a training stream needs some")
-        self.dataset = ShardStream(cfg, self.plan, ShardSource(self.root, verify, cfg.cache_dir), rank=rank,
-                                   world_size=world_size, micro_batch=batch_size, drop_last=drop_last)
+        source = ShardSource(self.root, verify, cfg.cache_dir, LATENT_SAMPLES if latents else IMAGE_SAMPLES)
+        self.dataset = ShardStream(cfg, self.plan, source, rank=rank, world_size=world_size,
+                                   micro_batch=batch_size, drop_last=drop_last, moments_shape=moments_shape)
         self._start = 0  # stream position the current pass of micro-batches started at
         self._consumed = 0  # micro-batches handed to the caller since
         self.bytes_read = 0
@@ -146,7 +163,9 @@ class ShardLoader:
             self.cache_bytes_read += cache_bytes
             self._consumed += 1
             # Workers send uint8 maps (a quarter of the bytes); the values are made here, per batch.
-            batch["cond"], batch["target"] = to_values(batch.pop("cond_u8"), batch.pop("target_u8"), self.cfg)
+            batch["cond"] = cond_values(batch.pop("cond_u8"), self.cfg)
+            if "target_u8" in batch:  # a latent cache serves float32 moments instead
+                batch["target"] = target_values(batch.pop("target_u8"), self.cfg)
             yield batch
         self._start, self._consumed = 0, 0
 

@@ -135,6 +135,17 @@ def verify_checkpoint(folder: Path) -> None:
             raise CheckpointError(f"{path}: sha256 differs from the committed one (corrupt or replaced)")
 
 
+def committed_sha256(folder: Path, name: str) -> str:
+    """The sha256 of a checkpoint file as its commit recorded it (hashed now where the commit holds
+    no record): with ``verify_checkpoint`` passed, the identity of the file's content."""
+    try:
+        record = json.loads((folder / COMMITTED).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        record = None
+    entry = record.get("files", {}).get(name) if isinstance(record, dict) else None
+    return entry[1] if entry else _sha256(folder / name)
+
+
 def newest_verified(run_dir: Path, on_rejected: Callable[[Path, str], None]) -> Path | None:
     """The newest committed checkpoint that verifies; each one that does not is reported to
     ``on_rejected(folder, reason)`` (which may move it aside) and the next older one is tried."""

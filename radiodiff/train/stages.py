@@ -15,11 +15,12 @@ from radiodiff.data.shards import ShardLoader
 from radiodiff.diffusion.latent_scale import AUTO, LatentScale, latent_std
 from radiodiff.dist import DistInfo, all_reduce_sum, print0
 from radiodiff.losses.perceptual import LPIPSLoss
-from radiodiff.models.autoencoder import build_vae_gan_generator
+from radiodiff.models.autoencoder import DiagonalGaussian, build_vae_gan_generator
 from radiodiff.models.discriminator import build_discriminator
 from radiodiff.models.ema import EMA
 from radiodiff.models.unet import build_unet
 from radiodiff.runs import FrozenVae, LoadedModels, latent_scale, load_frozen_vae
+from radiodiff.runs.latent_cache import check_cache
 from radiodiff.runs.layout import (
     AUTOENCODER_WEIGHTS,
     EMA_STATE,
@@ -53,7 +54,12 @@ def _has_val_split(data: DataConfig) -> bool:
 
 
 def _native_val_batches(data: DataConfig, dist: DistInfo, batch_size: int, limit: int) -> Iterator[dict]:
-    """Up to ``limit`` native-size batches of this rank's share of the validation split (maybe none)."""
+    """Up to ``limit`` native-size batches of this rank's share of the validation split (maybe none).
+
+    Always from the image shards (``data.shards``), also when stage 2 trains from a latent cache:
+    validation scores sampled maps against the native 256x256 target, which no latent holds, and
+    the cache was checked to be made from these very shards (``check_cache``).
+    """
     loader = ShardLoader(replace(data, image_size=NATIVE_SIZE), "val", batch_size=batch_size, rank=dist.rank,
                          world_size=dist.world_size, epochs=1, shuffle=False, num_workers=0)
     for i, batch in enumerate(loader):
@@ -81,6 +87,9 @@ def validate_with(predict: Predict, data: DataConfig, dist: DistInfo, batch_size
 
 def build_vae_stage(cfg: TrainVaeConfig, dist: DistInfo, *, load_universal: bool = False) -> Stage:
     _check_zero_stage(cfg.deepspeed.zero_stage, "the VAE-GAN")
+    if cfg.data.latents is not None:
+        raise ConfigError(f"data.latents={cfg.data.latents}: a latent cache feeds stage 2 (radiodiff-train-ldm); "
+                          "the VAE-GAN trains on the images of data.shards: leave data.latents unset")
     generator = build_vae_gan_generator(cfg.model.autoencoder, cfg.loss)
     discriminator = build_discriminator(cfg.model.discriminator)
     engines = {name: build_engine(module, cfg.train, cfg.deepspeed, world_size=dist.world_size,
@@ -138,6 +147,8 @@ def build_ldm_stage(cfg: TrainLdmConfig, dist: DistInfo, *, load_universal: bool
     _check_zero_stage(cfg.deepspeed.zero_stage, "the latent diffusion model (with its EMA)")
     vae = load_frozen_vae(cfg.vae.checkpoint, dist.device)
     check_vae_data(cfg.data, vae, cfg.vae.checkpoint)
+    if cfg.data.latents is not None:
+        check_cache(cfg.data, vae, cfg.vae.checkpoint)
     latent = cfg.data.image_size // vae.config.downsample_factor
     if latent != cfg.model.unet.latent_size:
         raise ConfigError(f"model.unet.latent_size={cfg.model.unet.latent_size} but data.image_size="
@@ -161,9 +172,12 @@ SCALE_BATCHES = 4  # micro-batches of the train split whose latents are measured
 
 def measure_latent_std(cfg: TrainLdmConfig, vae: FrozenVae, dist: DistInfo) -> float:
     """Std of the posterior means of the first train batches (the same on every rank): logged at the
-    start of stage 2, and 1 / it is diffusion.scale_factor=auto."""
-    loader = ShardLoader(cfg.data, "train", batch_size=cfg.train.micro_batch, epochs=1, shuffle=False, num_workers=0)
+    start of stage 2, and 1 / it is diffusion.scale_factor=auto. From a latent cache, its stored means."""
+    cached = cfg.data.latents is not None
+    loader = ShardLoader(cfg.data, "train", batch_size=cfg.train.micro_batch, epochs=1, shuffle=False, num_workers=0,
+                         latents=cached)
     with torch.no_grad():
-        latents = [vae.model.encode(batch["target"].to(dist.device).float()).mode()
+        latents = [DiagonalGaussian(batch["moments"]).mode() if cached
+                   else vae.model.encode(batch["target"].to(dist.device).float()).mode()
                    for _, batch in zip(range(SCALE_BATCHES), loader)]
     return latent_std(latents)

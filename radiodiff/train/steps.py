@@ -198,6 +198,23 @@ def encode_latents(vae: torch.nn.Module, x: torch.Tensor, scale_factor: float,
         return scale_factor * vae.encode(x.float()).sample(noise=noise).float()
 
 
+def draw_z0(models: LdmModels, batch: dict, ctx: StepContext) -> torch.Tensor:
+    """(B, Z, h, w) fp32 z0 = scale * a sample of q(z | x), keyed by the samples' stream positions.
+
+    From a latent cache (``batch["moments"]``, fp32) the posterior is rebuilt from its stored moments
+    instead of encoding ``batch["target"]``; the keyed noise and ``DiagonalGaussian.sample`` are the
+    same, so both give the same z0 (bitwise in fp32 when the moments are).
+    """
+    if "moments" in batch:
+        posterior = DiagonalGaussian(batch["moments"].to(ctx.device))  # (B, 2Z, h, w): mean, logvar
+        noise = ctx.normal(batch, tuple(posterior.mean.shape[1:]), keyed.POSTERIOR)
+        return models.scale.value * posterior.sample(noise=noise).float()
+    x = batch["target"].to(ctx.device)
+    latent = models.vae.latent_shape(x.shape[-1])
+    with ctx.autocast():
+        return encode_latents(models.vae, x, models.scale.value, ctx.normal(batch, latent, keyed.POSTERIOR))
+
+
 def draw_time(batch: dict, size: int, ctx: StepContext, eps: float) -> torch.Tensor:
     """(B,) fp32 times in [eps, 1), keyed by the samples' stream positions when the batch has them."""
     if "pos" not in batch:
@@ -208,10 +225,9 @@ def draw_time(batch: dict, size: int, ctx: StepContext, eps: float) -> torch.Ten
 
 def ldm_step(models: LdmModels, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
     """Constant-SDE loss of the two-head U-Net on the frozen VAE's latents (loss reduced in fp32)."""
-    x, cond = batch["target"].to(ctx.device), batch["cond"].to(ctx.device)
-    latent = models.vae.latent_shape(x.shape[-1])
-    with ctx.autocast():
-        z0 = encode_latents(models.vae, x, models.scale.value, ctx.normal(batch, latent, keyed.POSTERIOR))
+    cond = batch["cond"].to(ctx.device)
+    z0 = draw_z0(models, batch, ctx)  # (B, Z, h, w) fp32
+    latent = tuple(z0.shape[1:])
     t = draw_time(batch, z0.shape[0], ctx, models.diffusion.eps)  # (B,) fp32
     noise = ctx.normal(batch, latent, keyed.NOISE)
     noise = torch.randn_like(z0) if noise is None else noise

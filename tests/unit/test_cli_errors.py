@@ -80,7 +80,8 @@ def test_a_missing_required_value_is_named(capsys) -> None:
     assert one_error_line(capsys) == "error: run_dir is required: give run_dir=<value>"
 
 
-REQUIRED = {"synth": ["out"], "shard": ["root", "out"], "train_vae": ["run_dir", "shards"],
+REQUIRED = {"synth": ["out"], "shard": ["root", "out"], "encode": ["checkpoint", "shards", "out"],
+            "train_vae": ["run_dir", "shards"],
             "train_ldm": ["run_dir", "shards", "checkpoint"], "tune": ["out_dir", "shards"],
             "eval": ["run_dir", "out_dir"], "sample": ["run_dir"], "demo": []}
 

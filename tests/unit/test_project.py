@@ -13,6 +13,7 @@ from radiodiff.cli import compose, run_app
 from radiodiff.config import (
     ConfigError,
     DemoConfig,
+    EncodeConfig,
     EvalConfig,
     SampleConfig,
     ShardConfig,
@@ -23,7 +24,7 @@ from radiodiff.config import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPTS = ["radiodiff-synth", "radiodiff-shard", "radiodiff-train-vae", "radiodiff-train-ldm",
+SCRIPTS = ["radiodiff-synth", "radiodiff-shard", "radiodiff-encode", "radiodiff-train-vae", "radiodiff-train-ldm",
            "radiodiff-tune", "radiodiff-eval", "radiodiff-sample", "radiodiff-demo"]
 
 
@@ -50,6 +51,7 @@ def test_every_console_script_resolves() -> None:
 
 
 REQUIRED = {"synth": ["out=/tmp/x"], "shard": ["data.root=/tmp/r", "out=/tmp/s"], "demo": [],
+            "encode": ["vae.checkpoint=/tmp/v", "data.shards=/tmp/s", "out=/tmp/l"],
             "train_vae": ["run_dir=/tmp/r", "data.shards=/tmp/s"],
             "train_ldm": ["run_dir=/tmp/r", "data.shards=/tmp/s", "vae.checkpoint=/tmp/v"],
             "tune": ["out_dir=/tmp/o", "data.shards=/tmp/s"], "eval": ["run_dir=/tmp/r", "out_dir=/tmp/o"],
@@ -57,6 +59,7 @@ REQUIRED = {"synth": ["out=/tmp/x"], "shard": ["data.root=/tmp/r", "out=/tmp/s"]
 
 
 @pytest.mark.parametrize("name,schema", [("synth", SynthConfig), ("shard", ShardConfig), ("demo", DemoConfig),
+                                         ("encode", EncodeConfig),
                                          ("train_vae", TrainVaeConfig), ("train_ldm", TrainLdmConfig),
                                          ("tune", TuneConfig), ("eval", EvalConfig), ("sample", SampleConfig)])
 def test_configs_compose_to_their_schema(name: str, schema: type) -> None:

@@ -20,6 +20,7 @@ from radiodiff.config import ConfigError, DataConfig
 from radiodiff.data.schema import DataFormatError, decode_members
 from radiodiff.data.shard_source import ShardReader, ShardSource
 from radiodiff.data.shards import ShardLoader, ShardStateError, iter_tar, read_manifest
+from tests.pickle_probe import UNPICKLED, Payload
 from tests.shard_fixtures import make_sample, make_tar, write_bytes, write_shards
 
 TRAIN_SHARDS = [3, 4, 2, 3, 5, 3, 4, 2]  # 26 samples, uneven so that micro-batches straddle shards
@@ -139,23 +140,9 @@ def test_iter_tar_groups_members_by_key() -> None:
     assert parsed == samples
 
 
-UNPICKLED: list[int] = []
-
-
-def _record_unpickling() -> None:
-    UNPICKLED.append(1)
-
-
-class _Payload:
-    """Unpickling this calls ``_record_unpickling``, so a test can see whether anything unpickled it."""
-
-    def __reduce__(self) -> tuple:
-        return (_record_unpickling, ())
-
-
 @pytest.mark.parametrize("member", ["0_0.pickle", "0_0.pyd", "0_0.pth", "0_0.gain.npy", "0_0"])
 def test_foreign_member_types_are_rejected_and_never_unpickled(member: str) -> None:
-    payload = pickle.dumps(_Payload())
+    payload = pickle.dumps(Payload())
     assert pickle.loads(payload) is None and UNPICKLED == [1]  # the payload is live
     UNPICKLED.clear()
     data = make_tar([make_sample(0, np.random.default_rng(0))], extra=[(member, payload)])
