@@ -41,28 +41,33 @@ def tx_distance_map(cond: torch.Tensor, channel: int = TX_CHANNEL) -> torch.Tens
 
 
 class ConditionStem(nn.Module):
-    """Small conv stack on the raw condition: features at strides 4, 8, 16, 32, widths ``dim*(1,2,4,4)``.
+    """Conv stack on the raw condition: features at strides 4, 8, 16, 32, widths ``dim*(1,2,4,4)``.
 
-    3x3 kernels with stride 2 overlap, so every input pixel (the transmitter included) reaches every
-    output level, where a non-overlapping 4x4 patch embedding averages it with 15 neighbours.
+    Two 3x3 conv-GroupNorm-SiLU layers per resolution (full, 1/2, then one pair per level) with 2x2
+    max-pooling between resolutions. Max-pooling is what lets the network *learn* to use the one-pixel
+    transmitter: the peak it makes in the first layers survives every pooling at full strength. With
+    stride-2 convolutions instead (every pixel still reaches every level), the transmitter's share of
+    each output is a few percent of the buildings', and the U-Net trained as a direct latent regressor
+    did not learn to use it in 400 updates (radiodiff/models/README.md).
     """
 
     def __init__(self, in_channels: int, dim: int, groups: int) -> None:
         super().__init__()
         self.widths = [dim, 2 * dim, 4 * dim, 4 * dim]
 
-        def conv(cin: int, cout: int, stride: int) -> list[nn.Module]:
-            return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.GroupNorm(groups, cout), nn.SiLU()]
+        def pair(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(groups, cout), nn.SiLU(),
+                                 nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(groups, cout), nn.SiLU())
 
-        self.levels = nn.ModuleList()
-        self.levels.append(nn.Sequential(*conv(in_channels, dim, 1), *conv(dim, dim, 2), *conv(dim, dim, 2)))
-        for prev, width in zip(self.widths, self.widths[1:]):
-            self.levels.append(nn.Sequential(*conv(prev, width, 2), *conv(width, width, 1)))
+        self.full = pair(in_channels, dim)  # stride 1
+        self.half_res = pair(dim, dim)  # stride 2
+        self.levels = nn.ModuleList(pair(cin, cout) for cin, cout in zip([dim, *self.widths[:-1]], self.widths))
 
     def forward(self, cond: torch.Tensor) -> list[torch.Tensor]:
-        features, x = [], cond  # (B, C_in, H, W)
+        x = self.half_res(F.max_pool2d(self.full(cond), 2))  # (B, dim, H / 2, W / 2)
+        features = []
         for level in self.levels:
-            x = level(x)
+            x = level(F.max_pool2d(x, 2))
             features.append(x)  # (B, widths[i], H / (4 * 2**i), W / (4 * 2**i))
         return features
 

@@ -104,7 +104,7 @@ def test_tx_distance_matches_numpy(row: int, col: int) -> None:
 def test_tx_distance_adds_an_encoder_channel() -> None:
     model = tiny_unet(tx_distance=True, cond_stem_dim=4)
     assert model.cond_encoder.patch_embed.proj.in_channels == 4
-    assert model.cond_stem.levels[0][0].in_channels == 4
+    assert model.cond_stem.full[0].in_channels == 4
     # Moving the transmitter moves the distance map, so the condition features change everywhere.
     with torch.no_grad():
         fa = model.condition_features(city_with_tx(10, 12))[0]
