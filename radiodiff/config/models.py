@@ -256,10 +256,10 @@ CONDITION_PRESETS: dict[str, ConditionEncoderConfig] = {
 }
 
 UNET_PRESETS: dict[str, UNetConfig] = {
-    "reference": UNetConfig(),
+    # cond_stem_dim: a max-pooling conv stem, so that the network learns to use the one-pixel
+    # transmitter (radiodiff/models/README.md); cond_stem_dim=0 gives the published layout.
+    "reference": UNetConfig(cond_stem_dim=32),
     # A 3x16x16 latent (64 px condition) with widths 16..64.
-    # cond_stem_dim=16: the tiny patch embedding (4x4x3 = 48 inputs -> 16 channels) cannot keep the
-    # position of a one-pixel transmitter inside its patch; the stem's overlapping convs do.
     "tiny": UNetConfig(dim=16, dim_mults=[1, 2, 4, 4], cond_token_grid=2, fourier_features=8,
                        attn_heads=2, attn_dim_head=8, latent_size=16, norm_groups=4, cond_stem_dim=16),
 }

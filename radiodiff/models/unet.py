@@ -26,9 +26,11 @@ radiodiff/models/README.md):
 The module owns the condition encoder, so one optimizer trains both.
 
 Parameter count with the reference configs (asserted in tests/models/test_unet.py and
-tests/models/test_condition.py): condition encoder 86,766,072; U-Net without it 139,112,454
-(encoder 33.1M, bottleneck 10.8M, each decoder 47.1M, of which 11.3M are the 12 level fusions);
-total 225,878,526, against the reference's 225M (88M of it Swin-B). Differences:
+tests/models/test_condition.py): condition encoder 86,766,072; U-Net without it 140,646,694 with
+the default stem (``cond_stem_dim=32``: 0.62M in the stem, 0.91M in the fusions' wider inputs) and
+139,112,454 without it (encoder 33.1M, bottleneck 10.8M, each decoder 47.1M, of which 11.3M are the
+12 level fusions); total 227,412,766, or 225,878,526 in the published layout against the
+reference's 225M (88M of it Swin-B). Differences:
 - condition encoder (-1.2M): no ImageNet classification head (1.03M) and final norm; four output
   norms instead; 8x8 windows give 225-entry relative bias tables instead of Swin-B's 169;
 - U-Net: our own layout built from the published description, not a layer-by-layer copy (one

@@ -16,7 +16,7 @@ from radiodiff.models.unet_blocks import FrequencyFilter
 
 # Counted once with the reference presets, then fixed here: a change of architecture must be deliberate.
 REFERENCE_CONDITION_PARAMETERS = 86_766_072
-REFERENCE_UNET_PARAMETERS = 139_112_454  # without the condition encoder
+REFERENCE_UNET_PARAMETERS = 140_646_694  # without the condition encoder; 139,112,454 without the stem
 TINY_TOTAL_PARAMETERS = 2_780_660
 
 
