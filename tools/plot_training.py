@@ -2,9 +2,10 @@
 
     python tools/plot_training.py <run_dir> [--out DIR]     (default DIR: <run_dir>/figures)
 
-Writes training_phases.png, loss_components.png, multi_axis.png, normalized_comparison.png and
-summary_dashboard.png, and prints their paths. Exits 2, naming the file, when metrics.jsonl is
-missing or corrupt. The figures themselves are drawn by radiodiff.eval.figures.
+Writes training_phases.png, loss_components.png, multi_axis.png, normalized_comparison.png,
+summary_dashboard.png and, when metrics.jsonl has perf/* telemetry, throughput.png (maps/s, data
+wait, TFLOP/s and MFU, peak memory), and prints their paths. Exits 2, naming the file, when
+metrics.jsonl is missing or corrupt. The figures themselves are drawn by radiodiff.eval.figures.
 """
 
 from __future__ import annotations

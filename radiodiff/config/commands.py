@@ -44,6 +44,8 @@ class EvalConfig:
     num_grid: int = 4  # rows of the PNG grid
     # Networks under bf16 autocast (autocast) or in fp32; auto: autocast on GPUs, fp32 on CPUs.
     precision: str = "auto"
+    # After the pass, time a few maps one at a time (after a warm-up call): seconds_per_map_batch1.
+    time_batch1: bool = True
 
     def __post_init__(self) -> None:
         check_choice("split", self.split, SPLITS)
@@ -53,6 +55,7 @@ class EvalConfig:
         check_positive("seed", self.seed, allow_zero=True)
         check_positive("num_grid", self.num_grid, allow_zero=True)
         check_choice("precision", self.precision, INFERENCE_PRECISIONS)
+        check_choice("time_batch1", self.time_batch1, (True, False))
 
 
 @dataclass
@@ -74,9 +77,12 @@ class SampleConfig:
     batch_size: int = 8  # folder mode
     seed: int = 0
     precision: str = "auto"  # autocast | fp32 | auto (autocast on GPUs, fp32 on CPUs)
+    # Folder mode: after the maps are written, time a few of them one at a time (after a warm-up call).
+    time_batch1: bool = True
 
     def __post_init__(self) -> None:
         check_choice("precision", self.precision, INFERENCE_PRECISIONS)
+        check_choice("time_batch1", self.time_batch1, (True, False))
         single = [self.buildings, self.out]
         folder = [self.input_dir, self.out_dir]
         if any(v is not None for v in folder):

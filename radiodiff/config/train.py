@@ -62,6 +62,8 @@ class TrainConfig:
     deterministic: bool = False
     # The run directory's lock is taken over when its owner's heartbeat is older than this (a killed job).
     lock_stale_s: float = 300.0
+    # [a, b]: a torch.profiler trace of updates a..b (1-based), one per rank, in {run_dir}/profile/.
+    profile_steps: Optional[list[int]] = None
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "global_batch", "micro_batch", "ckpt_every", "log_every", "keep_last",
@@ -75,6 +77,11 @@ class TrainConfig:
             raise ConfigError(f"train.min_lr={self.min_lr} must not exceed train.lr={self.lr}")
         if len(self.betas) != 2 or not all(0.0 <= b <= 1.0 for b in self.betas):
             raise ConfigError(f"train.betas={self.betas} must be two values in [0, 1]")
+        steps = self.profile_steps
+        if steps is not None and not (len(steps) == 2 and all(isinstance(s, int) for s in steps)
+                                      and 1 <= steps[0] <= steps[1] <= self.max_steps):
+            raise ConfigError(f"train.profile_steps={steps} must be two steps [a, b] with "
+                              f"1 <= a <= b <= train.max_steps={self.max_steps}")
 
     def grad_accum(self, world_size: int) -> int:
         """Micro-batches per update on ``world_size`` ranks; a one-line error says what works."""

@@ -4,7 +4,8 @@ Every rank reads its share of the split (a finite, unshuffled pass) at the nativ
 (``predict.make_predictor``) and computes per-image metrics on the [0, 1] gray scale; rank 0
 gathers the per-sample rows and writes::
 
-    metrics.json     means of every metric, the mean-map baseline's, and what was evaluated
+    metrics.json     means of every metric, the mean-map baseline's, model seconds per map (at
+                     batch_size, and at batch 1 unless time_batch1=false), and what was evaluated
     per_sample.csv   key, map, tx, every metric and every baseline metric, per sample
     grid.png         rows of [buildings | transmitter | ground truth | prediction | |error|]
 
@@ -36,11 +37,13 @@ from radiodiff.dist import DistInfo, broadcast_object
 from radiodiff.metrics import all_metrics
 from radiodiff.runs import TrainedRun, load_models
 from radiodiff.runs.predict import (
+    BATCH1_MAPS,
     Predict,
     inference_precision,
     make_predictor,
     predict_native,
     sampler_generator,
+    seconds_per_map_batch1,
     to_unit_scale,
 )
 
@@ -54,6 +57,8 @@ class RankResult:
     rows: list[dict] = field(default_factory=list)
     grid: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (key, (5, 256, 256) uint8)
     seconds: float = 0.0  # model time (prediction only)
+    # Rank 0's first maps (native cond, target), timed at batch 1 after the pass; never gathered.
+    batch1_maps: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 def check_split(data: DataConfig, split: str) -> dict:
@@ -124,11 +129,22 @@ def evaluate_rank(cfg: EvalConfig, predict: Predict, baseline_map: torch.Tensor,
         result.rows += sample_rows(batch, all_metrics(pred, gt), all_metrics(base, gt))
         for i in range(min(len(batch["key"]), cfg.num_grid - len(result.grid))):
             result.grid.append((batch["key"][i], grid_row(cond[i], gt[i], pred[i], cfg.data)))
+        if cfg.time_batch1 and dist.is_main:
+            result.batch1_maps += [(cond[i:i + 1].clone(), target[i:i + 1].clone())
+                                   for i in range(min(len(cond), BATCH1_MAPS - len(result.batch1_maps)))]
         bar.update(1)
         if cap is not None and len(result.rows) >= cap:
             break
     bar.close()
     return result
+
+
+def time_batch1(predict: Predict, maps: list[tuple[torch.Tensor, torch.Tensor]], data: DataConfig,
+                device: torch.device) -> float | None:
+    """Model seconds per map at batch 1 over ``maps`` (None without maps), timed like the pass."""
+    if not maps:
+        return None
+    return seconds_per_map_batch1(lambda i: predict_native(predict, *maps[i], data, device), len(maps), device)
 
 
 def gather(result: RankResult, dist: DistInfo) -> list[RankResult] | None:
@@ -169,7 +185,7 @@ def write_outputs(cfg: EvalConfig, run: TrainedRun, results: list[RankResult], i
     metrics = {**summary(rows), "num_samples": len(rows), "split": cfg.split, "stage": run.stage,
                "checkpoint_step": run.step, "checkpoint": str(run.checkpoint), "run_dir": str(run.run_dir),
                # Model seconds per map on one device: all ranks' model time over all maps.
-               "seconds_per_map": sum(r.seconds for r in results) / len(rows),
+               "seconds_per_map": sum(r.seconds for r in results) / len(rows), "batch_size": cfg.batch_size,
                "baseline": {"name": "mean_train_map", **summary(rows, "baseline_"),
                             "num_train_samples": info.pop("num_train_samples")}, **info}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
@@ -195,12 +211,17 @@ def evaluate(cfg: EvalConfig, run: TrainedRun, dist: DistInfo) -> dict | None:
     generator = sampler_generator(cfg.seed, dist.rank, dist.device)
     precision = inference_precision(cfg.precision, dist.device)
     predict = make_predictor(models, cfg.data, steps=cfg.sampler.steps, generator=generator, precision=precision)
-    results = gather(evaluate_rank(cfg, predict, baseline, dist), dist)
+    result = evaluate_rank(cfg, predict, baseline, dist)
+    # After the pass, so that the pass draws the same sampler noise with or without this timing.
+    batch1 = time_batch1(predict, result.batch1_maps, cfg.data, dist.device)
+    result.batch1_maps = []
+    results = gather(result, dist)
     if not dist.is_main:
         return None
     ldm = run.stage == "ldm"
     info = {"protocol": manifest.get("protocol"), "simulation": manifest.get("simulation"),
             "shards": cfg.data.shards, "image_size": cfg.data.image_size, "world_size": dist.world_size,
             "sampler_steps": cfg.sampler.steps if ldm else None, "use_ema": models.ema if ldm else None,
-            "seed": cfg.seed, "precision": precision, "num_train_samples": train_count(cfg.data, cfg.baseline_max_samples)}
+            "seed": cfg.seed, "precision": precision, "seconds_per_map_batch1": batch1,
+            "num_train_samples": train_count(cfg.data, cfg.baseline_max_samples)}
     return write_outputs(cfg, run, results, info)

@@ -2,7 +2,9 @@
 
 The five figures the reference RadioDiff project's users rely on: the training phases (the
 discriminator start of stage 1, the EMA start of stage 2), the loss components, loss/KL/lr on twin
-axes, the components normalized to compare trends, and a 2x3 dashboard with the final values.
+axes, the components normalized to compare trends, and a 2x3 dashboard with the final values. A
+sixth, the throughput (the ``perf/*`` telemetry: maps/s, data wait, TFLOP/s and MFU, peak memory),
+is written when the log has any of it.
 
 The log interleaves training lines and validation lines (same step, ``val/*`` keys); every key is
 read from the lines that have it. A skipped update logs NaN losses: they stay NaN (a gap in the
@@ -18,10 +20,18 @@ from typing import Any
 
 import numpy as np
 
-from radiodiff.eval.run_log import Panel, RunLog, load_run, moving_average, normalize
+from radiodiff.eval.run_log import (
+    PERF_PANELS,
+    Panel,
+    RunLog,
+    load_run,
+    moving_average,
+    normalize,
+)
 
 FIGURE_NAMES = ("training_phases.png", "loss_components.png", "multi_axis.png", "normalized_comparison.png",
                 "summary_dashboard.png")
+THROUGHPUT_FIGURE = "throughput.png"  # only when the log has perf/* metrics
 DPI = 110
 MARKER_MAX_POINTS = 60
 
@@ -272,10 +282,44 @@ def plot_dashboard(run: RunLog, path: Path) -> Path:
     return _save(figure, path)
 
 
+def throughput_panels(run: RunLog) -> list[Panel]:
+    """The throughput panels with at least one logged perf/* key, each keeping only its logged keys."""
+    panels = []
+    for panel in PERF_PANELS:
+        left, right = tuple(k for k in panel.left if run.has(k)), tuple(k for k in panel.right if run.has(k))
+        if left or right:
+            panels.append(Panel(panel.title, left or right, right if left else ()))
+    return panels
+
+
+def throughput_figure(run: RunLog):
+    """maps/s, data wait, TFLOP/s and MFU, peak memory over steps, one panel per logged kind;
+    None when the log has no perf/* metrics."""
+    panels = throughput_panels(run)
+    if not panels:
+        return None
+    columns = min(len(panels), 2)
+    rows = math.ceil(len(panels) / columns)
+    figure = _new_figure(6 * columns, 4 * rows)
+    for index, panel in enumerate(panels):
+        _draw_panel(figure.add_subplot(rows, columns, index + 1), run, panel)
+    figure.suptitle(f"Throughput - {run.run_dir.name}")
+    figure.tight_layout()
+    return figure
+
+
+def plot_throughput(run: RunLog, path: Path) -> Path | None:
+    figure = throughput_figure(run)
+    return None if figure is None else _save(figure, path)
+
+
 def write_figures(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
-    """Write the five training figures of ``run_dir`` into ``out_dir`` (default run_dir/figures)."""
+    """Write the five training figures of ``run_dir`` into ``out_dir`` (default run_dir/figures), and
+    the throughput figure when the log has perf/* metrics."""
     run = load_run(Path(run_dir))
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "figures"
     out.mkdir(parents=True, exist_ok=True)
     plots = (plot_training_phases, plot_loss_components, plot_multi_axis, plot_normalized, plot_dashboard)
-    return [plot(run, out / name) for plot, name in zip(plots, FIGURE_NAMES)]
+    paths = [plot(run, out / name) for plot, name in zip(plots, FIGURE_NAMES)]
+    throughput = plot_throughput(run, out / THROUGHPUT_FIGURE)
+    return paths + ([throughput] if throughput is not None else [])

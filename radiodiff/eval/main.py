@@ -16,6 +16,7 @@ from radiodiff.dist import print0, setup, teardown
 from radiodiff.eval.evaluate import evaluate
 from radiodiff.eval.sample import run_sample
 from radiodiff.runs import merge_data, open_run
+from radiodiff.runs.predict import speed_text
 
 DATA_OVERRIDE = re.compile(r"^\+{0,2}data\.(\w+)=")
 
@@ -37,6 +38,8 @@ def evaluate_command(cfg: EvalConfig, given_data_keys: set[str]) -> int:
                    f"{metrics['num_samples']} samples: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
                    f"NMSE {metrics['nmse']:.5f}, RMSE {metrics['rmse']:.5f} (baseline PSNR "
                    f"{metrics['baseline']['psnr']:.2f} dB) -> {cfg.out_dir}")
+            speed = speed_text(metrics["seconds_per_map"], cfg.batch_size, metrics["seconds_per_map_batch1"])
+            print0(f"radiodiff-eval: model time {speed}")
     finally:
         teardown()
     return 0

@@ -56,6 +56,14 @@ STAGE_KEYS = {
         normalized=("loss", "ldm/loss_c", "ldm/loss_eps", "ldm/mse_l1_c", "ldm/mse_l1_eps")),
 }
 
+# The throughput figure, from the training telemetry (radiodiff/train/telemetry.py), for both stages.
+PERF_PANELS = (
+    Panel("Maps per second (global, per rank)", ("perf/maps_per_s", "perf/maps_per_s_rank")),
+    Panel("Time waiting for data (fraction)", ("perf/data_wait_frac",)),
+    Panel("Achieved TFLOP/s per rank / MFU", ("perf/tflops_rank",), ("perf/mfu",)),
+    Panel("Peak memory (GB)", ("perf/peak_memory_gb",)),
+)
+
 
 @dataclass
 class RunLog:

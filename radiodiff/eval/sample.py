@@ -3,12 +3,14 @@
 Inputs are RadioMapSeer PNGs (256x256 mode L: buildings 255 on buildings, the antenna 255 at the
 transmitter) and go through ``schema.to_tensors``, the training transforms. Output is the dataset's
 gain convention: mode L 256x256, gray = round(255 * prediction), building pixels 0 when
-``mask_buildings``.
+``mask_buildings``. The model time is printed: seconds per map at ``batch_size`` in folder mode
+(then, unless ``time_batch1=false``, at batch 1 on a few of the maps), the one call's in one-map mode.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +23,15 @@ from radiodiff.data.radiomapseer import Layout
 from radiodiff.data.schema import NATIVE_SIZE, check_antenna, decode_png, to_tensors
 from radiodiff.runs import load_models, open_run
 from radiodiff.runs.predict import (
+    BATCH1_MAPS,
     Predict,
     default_device,
     inference_precision,
     make_predictor,
     sampler_generator,
+    seconds_per_map_batch1,
+    speed_text,
+    synchronize,
 )
 
 ANTENNA = re.compile(r"^(\d+)_(\d+)\.png$")
@@ -100,14 +106,24 @@ def read_inputs(cfg: SampleConfig) -> tuple[np.ndarray, np.ndarray]:
     return buildings, tx
 
 
+def timed(predict: Predict, cond: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, float]:
+    """The prediction of (B, 3, s, s) ``cond`` and its model seconds."""
+    synchronize(device)
+    started = time.perf_counter()
+    pred = predict(cond, torch.zeros_like(cond[:, :1]))
+    synchronize(device)
+    return pred, time.perf_counter() - started
+
+
 def sample_one(cfg: SampleConfig, inputs: tuple[np.ndarray, np.ndarray, np.ndarray | None], predict: Predict,
-               data: DataConfig, device: torch.device) -> Path:
+               data: DataConfig, device: torch.device) -> tuple[Path, float]:
+    """Writes the one map; returns its path and the model seconds (a first call: warm-up included)."""
     buildings, tx, cars = inputs  # (256, 256) uint8 maps, cars None unless data.cars_input
     cond = condition(buildings, tx, cars, data)[None].to(device)
-    pred = predict(cond, torch.zeros_like(cond[:, :1]))
+    pred, seconds = timed(predict, cond, device)
     out = Path(cfg.out).expanduser()
     _write(to_gray(pred[0], buildings, cfg.mask_buildings), out)
-    return out
+    return out, seconds
 
 
 def folder_samples(root: Path) -> list[tuple[int, int]]:
@@ -121,10 +137,14 @@ def folder_samples(root: Path) -> list[tuple[int, int]]:
     return sorted(found)
 
 
-def sample_folder(cfg: SampleConfig, predict: Predict, data: DataConfig, device: torch.device) -> int:
+def sample_folder(cfg: SampleConfig, predict: Predict, data: DataConfig,
+                  device: torch.device) -> tuple[int, float, float | None]:
+    """Writes every map; returns their count and the model seconds per map at batch_size and at
+    batch 1 (None when not timed)."""
     layout = Layout(Path(cfg.input_dir).expanduser())
     items = folder_samples(layout.root)
     out_dir = Path(cfg.out_dir).expanduser()
+    seconds, first_conds = 0.0, []
     for start in range(0, len(items), cfg.batch_size):
         batch = items[start:start + cfg.batch_size]
         maps, conds = [], []
@@ -134,10 +154,16 @@ def sample_folder(cfg: SampleConfig, predict: Predict, data: DataConfig, device:
             conds.append(condition(buildings, read_antenna(layout.antenna(map_id, tx_id)), cars, data))
             maps.append(buildings)
         cond = torch.stack(conds).to(device)  # (B, 3, s, s)
-        preds = predict(cond, torch.zeros_like(cond[:, :1]))
+        preds, batch_seconds = timed(predict, cond, device)
+        seconds += batch_seconds
+        if cfg.time_batch1:
+            first_conds += [cond[i:i + 1] for i in range(min(len(cond), BATCH1_MAPS - len(first_conds)))]
         for (map_id, tx_id), buildings, pred in zip(batch, maps, preds):
             _write(to_gray(pred, buildings, cfg.mask_buildings), out_dir / f"{map_id}_{tx_id}.png")
-    return len(items)
+    # After every map is written, so that the maps get the same sampler noise with or without this timing.
+    batch1 = seconds_per_map_batch1(lambda i: timed(predict, first_conds[i], device), len(first_conds),
+                                    device) if first_conds else None
+    return len(items), seconds / len(items), batch1
 
 
 def run_sample(cfg: SampleConfig) -> int:
@@ -154,11 +180,13 @@ def run_sample(cfg: SampleConfig) -> int:
     predict = make_predictor(models, data, steps=cfg.sampler.steps, generator=generator,
                              precision=inference_precision(cfg.precision, device))
     if inputs is None:
-        count = sample_folder(cfg, predict, data, device)
-        print(f"radiodiff-sample: {count} maps from {cfg.input_dir} -> {cfg.out_dir} (step {run.step})")
+        count, seconds_per_map, batch1 = sample_folder(cfg, predict, data, device)
+        print(f"radiodiff-sample: {count} maps from {cfg.input_dir} -> {cfg.out_dir} (step {run.step}); "
+              f"model time {speed_text(seconds_per_map, cfg.batch_size, batch1)}")
     else:
-        out = sample_one(cfg, inputs, predict, data, device)
-        print(f"radiodiff-sample: {out} (run {run.run_dir}, step {run.step})")
+        out, seconds = sample_one(cfg, inputs, predict, data, device)
+        print(f"radiodiff-sample: {out} (run {run.run_dir}, step {run.step}); model time {seconds:.4g} s "
+              "(one map, a first call: warm-up included)")
     return 0
 
 

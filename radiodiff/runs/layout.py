@@ -12,6 +12,7 @@ Layout of a run directory (``train/checkpoint.py`` writes it; everything else re
         COMMITTED                   written last, after a barrier: only then is the checkpoint valid.
                                     JSON: the step and the size and sha256 of every file above,
                                     verified before anything of the checkpoint is deserialised
+    profile/rank{r}_steps{a}-{b}.json   torch.profiler traces of updates a..b (train.profile_steps)
 
 Every ``.pt`` file is read with ``weights_only=True``: nothing in a run directory is unpickled.
 """
@@ -32,6 +33,7 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 META_FILE = "meta.json"
 COMMITTED = "COMMITTED"
+PROFILE_DIR = "profile"
 STEP_PATTERN = re.compile(r"^step_(\d{8})$")
 
 AUTOENCODER_WEIGHTS = "autoencoder_weights"  # the bare autoencoder (CompVis layout), with each VAE checkpoint

@@ -8,7 +8,8 @@ output resized back bilinearly, so metrics and written maps are comparable with 
 
 from __future__ import annotations
 
-from typing import Callable
+import time
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ from radiodiff.precision import autocast
 from radiodiff.runs.artifact import LoadedModels
 
 Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+BATCH1_MAPS = 3  # maps timed one at a time for the batch-1 speed (after one warm-up call)
 
 
 def generator_seed(seed: int, rank: int) -> int:
@@ -96,6 +98,33 @@ def score_batch(predict: Predict, cond: torch.Tensor, target: torch.Tensor, data
     """Per-image metrics (B,) of one native-size batch, as radiodiff-eval computes them."""
     pred, gt = predict_native(predict, cond, target, data, device)
     return all_metrics(pred, gt)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously), so that a clock read measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds_per_map_batch1(predict_one: Callable[[int], Any], num_maps: int, device: torch.device) -> float:
+    """Seconds per map at batch 1: ``predict_one(i)`` predicts map i alone; one warm-up call (map 0),
+    then maps 0..num_maps-1 each timed with the device synchronised before and after."""
+    assert num_maps > 0
+    predict_one(0)
+    seconds = 0.0
+    for index in range(num_maps):
+        synchronize(device)
+        started = time.perf_counter()
+        predict_one(index)
+        synchronize(device)
+        seconds += time.perf_counter() - started
+    return seconds / num_maps
+
+
+def speed_text(seconds_per_map: float, batch_size: int, batch1: float | None) -> str:
+    """Seconds per map at the configured batch, and at batch 1 when it was timed."""
+    text = f"{seconds_per_map:.4g} s/map at batch {batch_size}"
+    return text if batch1 is None else f"{text}, {batch1:.4g} s/map at batch 1"
 
 
 def inference_precision(setting: str, device: torch.device) -> str:

@@ -25,6 +25,7 @@ from radiodiff.runs.layout import load_extra
 from radiodiff.train import checkpoint
 from radiodiff.train.engines import lr_at, set_lr
 from radiodiff.train.preemption import EXIT_PREEMPTED, PreemptionFlag, requeue_slurm_job
+from radiodiff.train.profiling import StepProfiler
 from radiodiff.train.steps import StepContext
 from radiodiff.train.telemetry import Telemetry, count_flops, peak_tflops
 
@@ -168,7 +169,9 @@ def train(stage: Stage, loader: Any, state: RunState, loop: LoopConfig, dist: Di
     telemetry = Telemetry(global_batch=cfg.global_batch, rank_maps_per_update=cfg.micro_batch * loop.grad_accum,
                           device=dist.device, peak=peak_tflops(dist.device, cfg.peak_tflops))
     telemetry.flops_per_update = state.flops_per_update or None
+    profiler = StepProfiler(cfg.profile_steps, loop.run_dir, dist)
     while state.step < cfg.max_steps:
+        profiler.update_started(state.step + 1)
         first = telemetry.flops_per_update is None
         with count_flops() if first else contextlib.nullcontext() as counter:
             metrics, ctx = _run_update(stage, batches, state, loop, dist, telemetry, flag)
@@ -189,6 +192,7 @@ def train(stage: Stage, loader: Any, state: RunState, loop: LoopConfig, dist: Di
         if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
             rate = (state.step - first_step) / max(time.perf_counter() - started, 1e-9)
             _log_update(stage, metrics, bad, state, loop, dist, log, rate, telemetry)
+        profiler.update_done(state.step)
         if ctx.stop and state.step < cfg.max_steps:  # agreed in this update's micro-batches: all stop together
             return _preempt(stage, state, loop, dist, loader)
         if stage.validate and cfg.val_every and state.step % cfg.val_every == 0:

@@ -64,3 +64,20 @@ def test_vae_gan_micro_batches_synchronise_only_where_the_ranks_agree(train_shar
         update(1)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_profiler_records_cuda_kernels_of_the_window(tmp_path) -> None:
+    import json
+
+    from radiodiff.dist import DistInfo
+    from radiodiff.train.profiling import StepProfiler
+
+    device = torch.device("cuda", 0)
+    profiler = StepProfiler([1, 1], tmp_path, DistInfo(rank=0, world_size=1, local_rank=0, device=device))
+    profiler.update_started(1)
+    x = torch.randn(512, 512, device=device)
+    (x @ x).sum()
+    path = profiler.update_done(1)
+    events = json.loads(path.read_text())["traceEvents"]
+    assert path == tmp_path / "profile" / "rank0_steps1-1.json"
+    assert any(e.get("cat") == "kernel" for e in events) and any(e.get("name") == "update 1" for e in events)

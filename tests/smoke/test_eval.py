@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import re
 import subprocess
 from pathlib import Path
 
@@ -58,6 +60,11 @@ def vae_eval(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) ->
     return out
 
 
+def timed_at_batch1(metrics: dict) -> bool:
+    seconds = metrics["seconds_per_map_batch1"]
+    return isinstance(seconds, float) and math.isfinite(seconds) and seconds > 0
+
+
 def check_outputs(out: Path, metrics: dict, num_grid: int) -> None:
     rows = read_rows(out)
     assert len(rows) == metrics["num_samples"]
@@ -77,13 +84,14 @@ def test_eval_of_a_vae_run_writes_metrics_matching_per_sample_rows(runs, vae_eva
     assert metrics["protocol"] == "radiounet" and metrics["sampler_steps"] is None
     assert metrics["seconds_per_map"] > 0 and metrics["baseline"]["num_train_samples"] == split_size(
         runs["shards"], "train")
+    assert metrics["batch_size"] == 3 and timed_at_batch1(metrics)
     check_outputs(vae_eval, metrics, 3)
 
 
 def test_eval_on_two_ranks_equals_one_rank_for_a_vae_run(runs, vae_eval: Path, tmp_path: Path) -> None:
     one = json.loads((vae_eval / "metrics.json").read_text())
     two = run_eval(runs["vae"], runs["shards"], tmp_path, "batch_size=3", "num_grid=3", nproc=2)
-    assert two["world_size"] == 2 and two["num_samples"] == one["num_samples"]
+    assert two["world_size"] == 2 and two["num_samples"] == one["num_samples"] and timed_at_batch1(two)
     for name in ("psnr", "ssim", "nmse", "rmse"):
         assert two[name] == pytest.approx(one[name], abs=1e-6)
         assert two["baseline"][name] == pytest.approx(one["baseline"][name], abs=1e-6)
@@ -93,14 +101,17 @@ def test_eval_on_two_ranks_equals_one_rank_for_a_vae_run(runs, vae_eval: Path, t
 def test_eval_of_an_ldm_run_covers_the_split(runs, tmp_path: Path) -> None:
     metrics = run_eval(runs["ldm"], runs["shards"], tmp_path, "sampler.steps=2", "num_grid=2")
     assert metrics["stage"] == "ldm" and metrics["sampler_steps"] == 2 and metrics["use_ema"] is True
+    assert timed_at_batch1(metrics)
     assert metrics["num_samples"] == split_size(runs["shards"], "test")
     check_outputs(tmp_path, metrics, 2)
 
 
 def test_bf16_inference_agrees_with_fp32_within_0_05_db(runs, tmp_path: Path) -> None:
     """The sampler and decoder under bf16 autocast (the GPU default) score like fp32 (here on CPU)."""
-    fp32 = run_eval(runs["ldm"], runs["shards"], tmp_path / "fp32", "sampler.steps=2", "precision=fp32")
+    fp32 = run_eval(runs["ldm"], runs["shards"], tmp_path / "fp32", "sampler.steps=2", "precision=fp32",
+                    "time_batch1=false")
     bf16 = run_eval(runs["ldm"], runs["shards"], tmp_path / "bf16", "sampler.steps=2", "precision=autocast")
+    assert fp32["seconds_per_map_batch1"] is None and timed_at_batch1(bf16)
     assert (fp32["precision"], bf16["precision"]) == ("fp32", "autocast")
     assert abs(bf16["psnr"] - fp32["psnr"]) <= 0.05 and bf16["psnr"] != fp32["psnr"]
 
@@ -163,9 +174,12 @@ def test_sample_at_tx_row_col_equals_the_antenna_png(runs, synth_root: Path, tmp
     assert np.array_equal(from_png, from_position) and not np.array_equal(from_png, moved)
 
 
-def test_sample_folder_mode_writes_one_map_per_antenna(runs, synth_root: Path, tmp_path: Path) -> None:
+def test_sample_folder_mode_writes_one_map_per_antenna_and_prints_the_model_time(runs, synth_root: Path,
+                                                                                  tmp_path: Path, capsys) -> None:
     assert sample_main([f"run_dir={runs['ldm']}", f"input_dir={synth_root}", f"out_dir={tmp_path}",
                         "sampler.steps=1", "batch_size=16"]) == 0
+    speed = re.search(r"model time (\S+) s/map at batch 16, (\S+) s/map at batch 1$", capsys.readouterr().out, re.M)
+    assert speed and all(0 < float(seconds) < math.inf for seconds in speed.groups())
     antennas = sorted(p.name for p in (synth_root / "png" / "antennas").glob("*.png"))
     assert sorted(p.name for p in tmp_path.glob("*.png")) == antennas
     with Image.open(tmp_path / antennas[0]) as image:

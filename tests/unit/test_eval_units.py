@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from radiodiff.config import ConfigError, DataConfig, SampleConfig
+from radiodiff.config import ConfigError, DataConfig, EvalConfig, SampleConfig
 from radiodiff.data.schema import to_tensors
 from radiodiff.eval.evaluate import rank_cap
 from radiodiff.eval.main import data_keys
-from radiodiff.runs.predict import to_model_size, to_native_unit
+from radiodiff.runs.predict import seconds_per_map_batch1, speed_text, to_model_size, to_native_unit
 from radiodiff.runs import merge_data
 from radiodiff.eval.sample import antenna_at, to_gray
 from radiodiff.dist import DistInfo
@@ -86,3 +87,26 @@ def test_antenna_at_marks_one_pixel() -> None:
 def test_sample_config_rejects_incomplete_inputs(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         SampleConfig(run_dir="r", **kwargs)
+
+
+def test_batch1_timing_warms_up_once_then_times_each_map_alone() -> None:
+    calls: list[int] = []
+
+    def predict_one(index: int) -> None:
+        calls.append(index)
+        time.sleep(0.2 if len(calls) == 1 else 0.01 * index)  # a slow first (warm-up) call is left out
+
+    seconds = seconds_per_map_batch1(predict_one, 3, torch.device("cpu"))
+    assert calls == [0, 0, 1, 2]
+    assert 0.01 <= seconds < 0.1  # mean of about 0, 0.01 and 0.02 s, without the 0.2 s warm-up
+
+
+def test_speed_text_names_both_batches() -> None:
+    assert speed_text(0.5, 8, 0.125) == "0.5 s/map at batch 8, 0.125 s/map at batch 1"
+    assert speed_text(0.5, 8, None) == "0.5 s/map at batch 8"
+
+
+def test_time_batch1_must_be_a_bool() -> None:
+    with pytest.raises(ConfigError, match="time_batch1"):
+        SampleConfig(run_dir="r", input_dir="i", out_dir="o", time_batch1="no")
+    assert EvalConfig(run_dir="r", out_dir="o").time_batch1 is True

@@ -1,4 +1,5 @@
-"""tools/plot_training.py: the five figures of a real tiny VAE run, of synthetic logs, and its errors."""
+"""tools/plot_training.py: the five figures (and the throughput figure) of a real tiny VAE run, of
+synthetic logs, and its errors."""
 
 from __future__ import annotations
 
@@ -12,7 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from radiodiff.eval.figures import FIGURE_NAMES, write_figures
+from radiodiff.eval.figures import (
+    FIGURE_NAMES,
+    THROUGHPUT_FIGURE,
+    throughput_figure,
+    write_figures,
+)
 from radiodiff.eval.run_log import MetricsFileError, load_run, moving_average, normalize
 from tests.dist.conftest import train
 
@@ -24,8 +30,8 @@ def plot(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(TOOL), *map(str, args)], capture_output=True, text=True, timeout=120)
 
 
-def assert_figures(folder: Path, printed: str | None = None) -> None:
-    for name in FIGURE_NAMES:
+def assert_figures(folder: Path, printed: str | None = None, names: tuple[str, ...] = FIGURE_NAMES) -> None:
+    for name in names:
         path = folder / name
         with Image.open(path) as image:
             image.verify()
@@ -59,7 +65,7 @@ def vae_run(train_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 def test_real_vae_run_gives_the_five_figures_in_run_dir_figures(vae_run: Path) -> None:
     done = plot(vae_run)
     assert done.returncode == 0, done.stderr
-    assert_figures(vae_run / "figures", done.stdout)
+    assert_figures(vae_run / "figures", done.stdout, (*FIGURE_NAMES, THROUGHPUT_FIGURE))  # CPU telemetry is logged
 
 
 @pytest.mark.slow
@@ -137,3 +143,50 @@ def test_normalize_divides_positive_series_by_the_first_value_else_min_max() -> 
     scaled, how = normalize(np.array([0.0, -1.0, 3.0]))
     assert how == "min-max"
     np.testing.assert_allclose(scaled, [0.25, 0.0, 1.0])
+
+
+def perf_records(keys: tuple[str, ...]) -> list[dict]:
+    """Six logged steps as the loop writes them: the first (counted) update has no rates."""
+    records = []
+    for step in range(1, 7):
+        record = {"step": step, "ae/loss": 1.0 / step, "lr": 1e-4}
+        if step > 1:
+            record.update({key: (index + 1) * 0.1 * step for index, key in enumerate(keys)})
+        records.append(record)
+    return records
+
+
+def plotted(figure) -> dict[str, np.ndarray]:
+    """label -> y data of every curve drawn on the figure's axes (twin axes included)."""
+    return {line.get_label(): np.asarray(line.get_ydata()) for ax in figure.axes for line in ax.get_lines()}
+
+
+def test_throughput_figure_draws_every_logged_perf_series(tmp_path: Path) -> None:
+    keys = ("perf/maps_per_s", "perf/maps_per_s_rank", "perf/data_wait_frac", "perf/tflops_rank", "perf/mfu",
+            "perf/peak_memory_gb", "perf/step_time_s")
+    run_dir = write_log(tmp_path / "run", perf_records(keys))
+    paths = write_figures(run_dir, tmp_path / "figs")
+    assert [p.name for p in paths] == [*FIGURE_NAMES, THROUGHPUT_FIGURE]
+    assert_figures(tmp_path / "figs", names=(THROUGHPUT_FIGURE,))
+    curves = plotted(throughput_figure(load_run(run_dir)))
+    drawn = [key for key in keys if key in curves]
+    assert drawn == list(keys[:-1])  # step time is maps/s inverted: not drawn twice
+    for index, key in enumerate(drawn):
+        np.testing.assert_allclose(curves[key], [(index + 1) * 0.1 * s for s in range(2, 7)])
+
+
+def test_throughput_figure_of_a_cpu_run_has_the_panels_it_logged(tmp_path: Path) -> None:
+    """On CPU without train.peak_tflops the loop logs no MFU and no peak memory."""
+    keys = ("perf/maps_per_s", "perf/maps_per_s_rank", "perf/data_wait_frac", "perf/tflops_rank")
+    figure = throughput_figure(load_run(write_log(tmp_path / "run", perf_records(keys))))
+    titles = [ax.get_title() for ax in figure.axes if ax.get_title()]
+    assert titles == ["Maps per second (global, per rank)", "Time waiting for data (fraction)",
+                      "Achieved TFLOP/s per rank / MFU"]
+    assert sorted(k for k in plotted(figure) if k.startswith("perf/")) == sorted(keys)
+
+
+def test_a_log_without_perf_metrics_gives_no_throughput_figure(tmp_path: Path) -> None:
+    run_dir = write_log(tmp_path / "run", perf_records(()))
+    paths = write_figures(run_dir, tmp_path / "figs")
+    assert [p.name for p in paths] == list(FIGURE_NAMES)
+    assert not (tmp_path / "figs" / THROUGHPUT_FIGURE).exists() and throughput_figure(load_run(run_dir)) is None
