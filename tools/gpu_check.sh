@@ -30,11 +30,13 @@ run() {  # run <name> <timeout s> <command...>: output to $out/<name>.txt, never
   tail -n 30 "$out/$name.txt" | sed 's/^/    /' >> "$out/check.md"
 }
 run gpu_tests 120 pytest -q -m gpu tests
-run models_b2 150 python tools/bench.py models --presets reference --image-size 256 --batch 2 --iters 5 \
+run models_b2 120 python tools/bench.py models --presets reference --image-size 256 --batch 2 --iters 5 \
   --device cuda --channels-last off,on
 run models_b16 120 python tools/bench.py models --presets reference --image-size 256 --batch 16 --iters 3 \
   --device cuda --channels-last on --precisions bf16
-run train 150 python tools/bench.py train --preset tiny --steps 12 --batch 8 --precisions autocast,bf16,fp32
+run cache 90 python tools/bench.py cache --presets reference --image-size 256 --batch 8 --iters 3 --warmup 1 \
+  --repeats 2 --precision bf16 --device cuda
+run train 120 python tools/bench.py train --preset tiny --steps 12 --batch 8 --precisions autocast,bf16,fp32
 python - "$out" <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
