@@ -56,8 +56,12 @@ class StepContext:
             return None
         return keyed_normal(batch["pos"].tolist(), shape, seed=self.seed, purpose=purpose, device=self.device)
 
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host batch tensor on the device; non-blocking, so the copy does not synchronise."""
+        return tensor.to(self.device, non_blocking=True)
+
     def inputs(self, tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.to(self.device, non_blocking=True)
+        tensor = self.to_device(tensor)
         return tensor.to(torch.bfloat16) if self.precision == "bf16" else tensor
 
 
@@ -206,10 +210,10 @@ def draw_z0(models: LdmModels, batch: dict, ctx: StepContext) -> torch.Tensor:
     same, so both give the same z0 (bitwise in fp32 when the moments are).
     """
     if "moments" in batch:
-        posterior = DiagonalGaussian(batch["moments"].to(ctx.device))  # (B, 2Z, h, w): mean, logvar
+        posterior = DiagonalGaussian(ctx.to_device(batch["moments"]))  # (B, 2Z, h, w): mean, logvar
         noise = ctx.normal(batch, tuple(posterior.mean.shape[1:]), keyed.POSTERIOR)
         return models.scale.value * posterior.sample(noise=noise).float()
-    x = batch["target"].to(ctx.device)
+    x = ctx.to_device(batch["target"])
     latent = models.vae.latent_shape(x.shape[-1])
     with ctx.autocast():
         return encode_latents(models.vae, x, models.scale.value, ctx.normal(batch, latent, keyed.POSTERIOR))
@@ -225,7 +229,7 @@ def draw_time(batch: dict, size: int, ctx: StepContext, eps: float) -> torch.Ten
 
 def ldm_step(models: LdmModels, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
     """Constant-SDE loss of the two-head U-Net on the frozen VAE's latents (loss reduced in fp32)."""
-    cond = batch["cond"].to(ctx.device)
+    cond = ctx.to_device(batch["cond"])
     z0 = draw_z0(models, batch, ctx)  # (B, Z, h, w) fp32
     latent = tuple(z0.shape[1:])
     t = draw_time(batch, z0.shape[0], ctx, models.diffusion.eps)  # (B,) fp32
