@@ -180,7 +180,13 @@ def read_run_config(run_dir: Path, schema: type) -> Any:
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {run_dir} is not a training run directory")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(path)))
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(path)))
+    except OmegaConfBaseException as err:  # e.g. a key this version does not know
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: {first} (a config written by another radiodiff version, or edited?)") from err
 
 
 def load_tensor_file(path: Path) -> Any:

@@ -124,3 +124,12 @@ def test_a_planted_pickle_is_refused_without_running(world_of_one, tmp_path: Pat
     with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
         checkpoint.load(folder, {"net": make_engine(1)}, world_of_one)
     assert not marker.exists()
+
+
+def test_a_run_config_with_an_unknown_key_is_one_error_naming_the_file(tmp_path: Path) -> None:
+    """A config.yaml written by another version (a key this one does not know) names the file and the key."""
+    from radiodiff.config import TrainVaeConfig
+
+    (tmp_path / layout.CONFIG_FILE).write_text("train:\n  no_such_key: 3\n")
+    with pytest.raises(ValueError, match=r"config\.yaml: Key 'no_such_key' not in 'TrainConfig'.*another radiodiff version"):
+        layout.read_run_config(tmp_path, TrainVaeConfig)
