@@ -19,7 +19,6 @@ others; a re-run that changes nothing leaves ``manifest.json`` untouched.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -31,8 +30,11 @@ import torch
 from pipeline.shard import (
     PROCESS_LOCAL_PROTOCOLS,
     check_output,
+    commit_manifest,
+    previous_manifest,
     read_json,
     run_tasks,
+    set_manifest_aside,
     write_atomically,
 )
 from radiodiff.config import AutoencoderConfig, ConfigError, DataConfig, EncodeConfig
@@ -175,12 +177,9 @@ def build_cache(tasks: list[EncodeTask], cfg: EncodeConfig, data: DataConfig, va
     checked = dict(zip(map(id, checking), run_tasks(kept_shard, checking, cfg, desc="checking latent shards")))
     kept = [checked.get(id(task)) for task in tasks]
     todo = [task for task, result in zip(tasks, kept) if result is None]
-    fs, root = fsspec.core.url_to_fs(cfg.out)
-    manifest_path = f"{root.rstrip('/')}/{MANIFEST_NAME}"
     if todo:
-        fs.makedirs(root, exist_ok=True)
-        if fs.exists(manifest_path):
-            fs.mv(manifest_path, f"{manifest_path}.previous")  # no longer valid while shards change
+        fs, root = fsspec.core.url_to_fs(cfg.out)
+        set_manifest_aside(fs, root.rstrip("/"))
         weights = ray.put({k: v.detach().cpu() for k, v in vae.model.state_dict().items()})
         resources = {"num_gpus": cfg.gpus_per_task} if cfg.gpus_per_task else None
         built = iter(run_tasks(encode_task, todo, cfg, data, vae.config, weights, desc="latent shards",
@@ -203,8 +202,7 @@ def run_encode(cfg: EncodeConfig) -> dict:
     record = vae_record(vae)
     settings = {"format": LATENT_MANIFEST.format, "version": LATENT_MANIFEST.version,
                 "vae": record["weights_sha256"], "data": cache_data(data)}
-    manifest_path, previous_path = f"{root}/{MANIFEST_NAME}", f"{root}/{MANIFEST_NAME}.previous"
-    tasks = plan_tasks(cfg, source, settings, read_json(fs, manifest_path) or read_json(fs, previous_path))
+    tasks = plan_tasks(cfg, source, settings, previous_manifest(fs, root))
     with ray_session(cfg.ray):
         results = build_cache(tasks, cfg, data, vae)
     written = sum(r.status == "written" for r in results)
@@ -213,11 +211,7 @@ def run_encode(cfg: EncodeConfig) -> dict:
     manifest = build_latent_manifest(moments_shape=(2 * channels, height, width), vae=record, data=cache_data(data),
                                      source_root=cfg.data.shards, source=source,
                                      shards=[(r.split, r.entry()) for r in results])
-    encoded = json.dumps(manifest, indent=1).encode()
-    if not (fs.exists(manifest_path) and fs.cat_file(manifest_path) == encoded):
-        write_atomically(fs, manifest_path, encoded)  # an unchanged cache keeps its file untouched
-    if fs.exists(previous_path):
-        fs.rm(previous_path)
+    commit_manifest(fs, root, manifest)
     return manifest
 
 

@@ -200,6 +200,35 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict | None:
         return None  # a corrupt manifest only means nothing can be skipped
 
 
+def manifest_paths(root: str) -> tuple[str, str]:
+    """The manifest of the set at ``root`` and the place it is kept aside while shards change."""
+    return f"{root}/{MANIFEST_NAME}", f"{root}/{MANIFEST_NAME}.previous"
+
+
+def previous_manifest(fs: fsspec.AbstractFileSystem, root: str) -> dict | None:
+    """The last committed manifest, or the one kept aside by a run that did not finish."""
+    manifest_path, previous_path = manifest_paths(root)
+    return read_json(fs, manifest_path) or read_json(fs, previous_path)
+
+
+def set_manifest_aside(fs: fsspec.AbstractFileSystem, root: str) -> None:
+    """Before shards change: the old manifest no longer describes the set, so no reader may trust it."""
+    fs.makedirs(root, exist_ok=True)
+    manifest_path, previous_path = manifest_paths(root)
+    if fs.exists(manifest_path):
+        fs.mv(manifest_path, previous_path)
+
+
+def commit_manifest(fs: fsspec.AbstractFileSystem, root: str, manifest: dict) -> None:
+    """Write the manifest last (an unchanged set keeps its file untouched), then drop the aside copy."""
+    manifest_path, previous_path = manifest_paths(root)
+    encoded = json.dumps(manifest, indent=1).encode()
+    if not (fs.exists(manifest_path) and fs.cat_file(manifest_path) == encoded):
+        write_atomically(fs, manifest_path, encoded)
+    if fs.exists(previous_path):
+        fs.rm(previous_path)
+
+
 def run_tasks(function: Callable, tasks: list, cfg: object, *args: object, desc: str,
               resources: dict | None = None) -> list:
     """``function(task, cfg, *args)`` as one Ray task per shard (in a ``ray_session``; ``resources``:
@@ -286,9 +315,7 @@ def run_shard(cfg: ShardConfig) -> dict:
     root = root.rstrip("/")
     process_local = bool(PROCESS_LOCAL_PROTOCOLS & set(np.atleast_1d(fs.protocol)))
     source = RadioMapSeer(cfg.data, validate=False)
-    manifest_path, previous_path = f"{root}/{MANIFEST_NAME}", f"{root}/{MANIFEST_NAME}.previous"
-    previous = read_json(fs, manifest_path) or read_json(fs, previous_path)
-    tasks = plan_shards(source, cfg, previous)
+    tasks = plan_shards(source, cfg, previous_manifest(fs, root))
     known_bad = [bad for task in tasks if task.previous is not None for bad in task.previous_bad]
     if known_bad and cfg.on_error == "fail":  # unchanged since they were skipped: fail before any work
         raise sharding_error(known_bad)
@@ -296,17 +323,11 @@ def run_shard(cfg: ShardConfig) -> dict:
         kept = check_kept(tasks, cfg, process_local)
         num_kept = sum(r is not None for r in kept)
         if num_kept < len(tasks):
-            fs.makedirs(root, exist_ok=True)
-            if fs.exists(manifest_path):
-                fs.mv(manifest_path, previous_path)  # the old set is no longer valid while we change it
+            set_manifest_aside(fs, root)
         results = build_missing(tasks, kept, cfg, process_local)
     print(f"shards: {len(results) - num_kept} written, {num_kept} kept (plan and checksum matched)")
     manifest = manifest_of(cfg, source, results)
-    encoded = json.dumps(manifest, indent=1).encode()
-    if not (fs.exists(manifest_path) and fs.cat_file(manifest_path) == encoded):
-        write_atomically(fs, manifest_path, encoded)  # an unchanged set keeps its file untouched
-    if fs.exists(previous_path):
-        fs.rm(previous_path)
+    commit_manifest(fs, root, manifest)
     return manifest
 
 
