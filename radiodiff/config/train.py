@@ -60,6 +60,11 @@ class TrainConfig:
     peak_tflops: Optional[float] = None  # the device's peak for MFU; None: from the GPU's name
     # On CUDA, TF32 and cuDNN autotuning are on; True turns both off for bitwise-reproducible work.
     deterministic: bool = False
+    # Compile the networks' repeated blocks in place (radiodiff/train/acceleration.py); the first
+    # updates pay the compilation (about a minute per stage on a CPU, less on a GPU).
+    compile: bool = False
+    # The step's 4-d inputs and the frozen modules' conv weights channels-last (tensor-core layout).
+    channels_last: bool = False
     # The run directory's lock is taken over when its owner's heartbeat is older than this (a killed job).
     lock_stale_s: float = 300.0
     # [a, b]: a torch.profiler trace of updates a..b (1-based), one per rank, in {run_dir}/profile/.

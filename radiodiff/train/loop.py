@@ -116,7 +116,8 @@ def _run_update(stage: Stage, batches: Iterator[dict], state: RunState, loop: Lo
         set_lr(engine, lr_at(state.step, train))
     inject = (state.step + 1) in train.nan_steps and train.nan_rank in (-1, dist.rank)
     ctx = StepContext(step=state.step, device=dist.device, precision=loop.deepspeed.precision, seed=loop.seed,
-                      inject_nan=inject, stop_requested=lambda: flag.received is not None)
+                      inject_nan=inject, stop_requested=lambda: flag.received is not None,
+                      channels_last=train.channels_last)
     totals: dict[str, torch.Tensor] = {}
     for _ in range(loop.grad_accum):
         buffers = [b for engine in stage.engines.values() for b in engine.module.buffers()]

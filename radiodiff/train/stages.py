@@ -33,6 +33,7 @@ from radiodiff.runs.predict import (
     sampler_generator,
     score_batch,
 )
+from radiodiff.train.acceleration import compile_regions, restride_frozen
 from radiodiff.train.engines import build_engine
 from radiodiff.train.loop import Stage
 from radiodiff.train.steps import LdmModels, VaeGanModels, ldm_step, vae_gan_step
@@ -85,6 +86,13 @@ def validate_with(predict: Predict, data: DataConfig, dist: DistInfo, batch_size
     return {f"val/{m}": float(totals[i] / totals[-1]) for i, m in enumerate(VAL_METRICS)}
 
 
+def _compile(enabled: bool, **modules: torch.nn.Module) -> None:
+    """train.compile: each module's repeated blocks compiled in place (before its engine is built)."""
+    if enabled:
+        counts = ", ".join(f"{name} {compile_regions(module)}" for name, module in modules.items())
+        print0(f"train.compile: blocks compiled in place ({counts}); the first updates compile them")
+
+
 def build_vae_stage(cfg: TrainVaeConfig, dist: DistInfo, *, load_universal: bool = False) -> Stage:
     _check_zero_stage(cfg.deepspeed.zero_stage, "the VAE-GAN")
     if cfg.data.latents is not None:
@@ -92,12 +100,13 @@ def build_vae_stage(cfg: TrainVaeConfig, dist: DistInfo, *, load_universal: bool
                           "the VAE-GAN trains on the images of data.shards: leave data.latents unset")
     generator = build_vae_gan_generator(cfg.model.autoencoder, cfg.loss)
     discriminator = build_discriminator(cfg.model.discriminator)
+    _compile(cfg.train.compile, generator=generator, discriminator=discriminator)
     engines = {name: build_engine(module, cfg.train, cfg.deepspeed, world_size=dist.world_size,
                                   load_universal=load_universal)
                for name, module in (("autoencoder", generator), ("discriminator", discriminator))}
     perceptual = None
     if cfg.loss.perceptual_weight > 0:
-        perceptual = LPIPSLoss(cfg.perceptual).to(dist.device)
+        perceptual = restride_frozen(LPIPSLoss(cfg.perceptual), cfg.train.channels_last).to(dist.device)
     models = VaeGanModels(engines["autoencoder"], engines["discriminator"], perceptual, cfg.loss)
     autoencoder = engines["autoencoder"].module.autoencoder
     predict = make_predictor(LoadedModels(autoencoder), cfg.data, steps=1, generator=torch.Generator(),
@@ -147,6 +156,7 @@ def build_ldm_stage(cfg: TrainLdmConfig, dist: DistInfo, *, load_universal: bool
     _check_zero_stage(cfg.deepspeed.zero_stage, "the latent diffusion model (with its EMA)")
     vae = load_frozen_vae(cfg.vae.checkpoint, dist.device)
     check_vae_data(cfg.data, vae, cfg.vae.checkpoint)
+    restride_frozen(vae.model, cfg.train.channels_last)
     if cfg.data.latents is not None:
         check_cache(cfg.data, vae, cfg.vae.checkpoint)
     latent = cfg.data.image_size // vae.config.downsample_factor
@@ -157,8 +167,9 @@ def build_ldm_stage(cfg: TrainLdmConfig, dist: DistInfo, *, load_universal: bool
     scale = LatentScale(1.0 / std if cfg.diffusion.scale_factor == AUTO else latent_scale(cfg.diffusion, vae.config))
     print0(f"latent std {std:.4f}: scale factor {scale.value:.4f} ({cfg.diffusion.scale_factor or 'the VAE config'}) "
            f"gives z0 a std of {scale.value * std:.3f} against the noise's 1 (a resumed run keeps its stored scale)")
-    engine = build_engine(build_unet(cfg.model.unet, cfg.model.condition), cfg.train, cfg.deepspeed,
-                          world_size=dist.world_size, load_universal=load_universal)
+    unet = build_unet(cfg.model.unet, cfg.model.condition)
+    _compile(cfg.train.compile, unet=unet, frozen_vae=vae.model)
+    engine = build_engine(unet, cfg.train, cfg.deepspeed, world_size=dist.world_size, load_universal=load_universal)
     ema = EMA(engine.module, cfg.ema)
     models = LdmModels(engine, vae.model, scale, cfg.diffusion)
     validate = _ldm_validation(cfg, dist, vae, engine, ema, scale) if _has_val_split(cfg.data) else None

@@ -46,6 +46,7 @@ class StepContext:
     stop: bool = False  # some rank received one (agreed by all ranks); sticky for the update
     window_bad: dict[str, bool] = field(default_factory=dict)  # engine name -> a bad micro-batch this update
     micro_bad: bool = False  # the current micro-batch was bad for some engine (reset by the loop)
+    channels_last: bool = False  # train.channels_last: 4-d inputs restrided on the device
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.precision)
@@ -58,7 +59,8 @@ class StepContext:
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         """A host batch tensor on the device; non-blocking, so the copy does not synchronise."""
-        return tensor.to(self.device, non_blocking=True)
+        tensor = tensor.to(self.device, non_blocking=True)
+        return tensor.contiguous(memory_format=torch.channels_last) if self.channels_last and tensor.dim() == 4 else tensor
 
     def inputs(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = self.to_device(tensor)
