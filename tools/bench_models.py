@@ -1,7 +1,8 @@
 """The `models` benchmark of tools/bench.py: time per image of the two real training steps.
 
     python tools/bench.py models [--presets tiny,reference --image-size 256 --batch 4 --iters 5
-                                  --warmup 2 --device auto|cpu|cuda --threads N]
+                                  --warmup 2 --device auto|cpu|cuda --threads N --compile off,on
+                                  --stages vae-gan,ldm,vae-gan-ref]
 
 Each configuration times the loop's own step function on its real models, built as
 radiodiff/train/stages.py builds them, in the one-process DeepSpeed world of radiodiff.dist.setup().
@@ -12,8 +13,11 @@ vae-gan: vae_gan_step at loss.disc_start (GAN terms on): the autoencoder engine 
     engine with its condition encoder, the constant-SDE loss.
 A step includes each engine's backward and optimizer step (DeepSpeed engine.step at accumulation 1;
 ZeRO stage and AdamW as configs' defaults). bf16 is DeepSpeed precision "autocast" (fp32 master
-weights, bf16 compute). channels_last: the inputs and the frozen modules' conv weights (see
-_set_layout). Every configuration gets fresh models and engines from seed 0 in this one process, so
+weights, bf16 compute). channels_last: the inputs and the frozen modules' conv weights, as
+train.channels_last (radiodiff/train/acceleration.py); compile: train.compile's regional compilation
+(two more untimed iterations compile it). vae-gan-ref: the reference's formulation of the same
+update (tools/bench_reference.py: fp32, eager, two autoencoder forwards, the adaptive weight through
+the full graph), reported as the speed-up of each vae-gan configuration over it. Every configuration gets fresh models and engines from seed 0 in this one process, so
 ratios compare like with like. GFLOPs are those FlopCounterMode counts (convolutions, matmuls,
 attention; not norms, element-wise ops or the optimizer) on each configuration's first, untimed, step.
 """
@@ -21,6 +25,7 @@ attention; not norms, element-wise ops or the optimizer) on each configuration's
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import gc
@@ -33,7 +38,11 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from radiodiff.train.acceleration import compile_regions, memory_format, restride_frozen
+
 STAGES = ("vae-gan", "ldm")
+REFERENCE_STAGE = "vae-gan-ref"  # the reference's VAE-GAN update (tools/bench_reference.py): fp32 eager only
+ALL_STAGES = STAGES + (REFERENCE_STAGE,)
 PRECISIONS = ("fp32", "bf16")
 # The table's precisions as DeepSpeedConfig.precision names: bf16 is autocast (fp32 master weights).
 DEEPSPEED_PRECISION = {"fp32": "fp32", "bf16": "autocast"}
@@ -77,11 +86,12 @@ class ModelBenchOptions:
     stages: tuple[str, ...] = STAGES
     precisions: tuple[str, ...] = PRECISIONS
     channels_last: tuple[bool, ...] = (False, True)
+    compiled: tuple[bool, ...] = (False,)  # train.compile off / on (regional torch.compile)
     threads: Optional[int] = None  # CPU threads (torch.set_num_threads); None keeps torch's
 
     def __post_init__(self) -> None:
         _check_subset("--presets", self.presets, tuple(MODEL_PRESETS))
-        _check_subset("--stages", self.stages, STAGES)
+        _check_subset("--stages", self.stages, ALL_STAGES)
         _check_subset("--precisions", self.precisions, PRECISIONS)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device={self.device!r}: expected auto, cpu or cuda")
@@ -113,6 +123,7 @@ class BenchRow:
     preset: str
     precision: str
     channels_last: bool
+    compiled: bool
     ms_per_image: float
     images_per_s: float
     gflops_per_image: float
@@ -149,26 +160,9 @@ def peak_tflops(device: torch.device, precision: str) -> Optional[float]:
     return None
 
 
-def _memory_format(channels_last: bool) -> torch.memory_format:
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
-def _set_layout(frozen: nn.Module, channels_last: bool) -> None:
-    """With ``channels_last``, restride the convolution weights of a frozen (non-engine) module.
-
-    The engines' weights stay contiguous: they are views into ZeRO's flat buffers, which DeepSpeed
-    cannot build from restrided weights (its broadcast views them as bytes) and which restriding
-    after ``build_engine`` would break (its gradient hooks flatten them with ``view(-1)``). Their
-    convolutions still run channels_last: cuDNN and oneDNN pick it when the input has it.
-    ``module.to(memory_format=...)`` is avoided: it would restride every 4-d parameter.
-    """
-    for conv in (m for m in frozen.modules() if isinstance(m, nn.Conv2d)):
-        conv.to(memory_format=_memory_format(channels_last))
-
-
 def _image(batch: int, channels: int, size: int, device: torch.device, channels_last: bool) -> torch.Tensor:
     x = torch.rand(batch, channels, size, size, device=device) * 2 - 1  # (B, C, H, W) in [-1, 1]
-    return x.contiguous(memory_format=_memory_format(channels_last))
+    return x.contiguous(memory_format=memory_format(channels_last))
 
 
 def _batch(batch: int, size: int, device: torch.device, channels_last: bool) -> dict[str, torch.Tensor]:
@@ -188,18 +182,20 @@ def _engine(module: nn.Module, batch: int, precision: str) -> Any:
 
 
 def _train_step(step_fn: Callable, models: Any, engines: tuple[Any, ...], batch: dict[str, torch.Tensor],
-                step: int, device: torch.device, precision: str) -> TrainStep:
+                step: int, device: torch.device, precision: str, channels_last: bool) -> TrainStep:
     from radiodiff.train.steps import StepContext
 
     def run() -> None:
         # A fresh context per update, as the loop makes one.
-        step_fn(models, batch, StepContext(step=step, device=device, precision=DEEPSPEED_PRECISION[precision]))
+        step_fn(models, batch, StepContext(step=step, device=device, precision=DEEPSPEED_PRECISION[precision],
+                                           channels_last=channels_last))
 
     return TrainStep(run, models, engines)
 
 
 def build_vae_gan_step(
-    preset: ModelPreset, image_size: int, batch: int, device: torch.device, precision: str, channels_last: bool
+    preset: ModelPreset, image_size: int, batch: int, device: torch.device, precision: str, channels_last: bool,
+    compiled: bool = False,
 ) -> TrainStep:
     """Stage 1: ``vae_gan_step`` with the GAN terms on (autoencoder and discriminator updates)."""
     from radiodiff.config import PerceptualConfig, VaeGanLossConfig, autoencoder_preset, discriminator_preset
@@ -211,18 +207,20 @@ def build_vae_gan_step(
     loss = VaeGanLossConfig()
     generator = build_vae_gan_generator(autoencoder_preset(preset.autoencoder), loss)
     discriminator = build_discriminator(discriminator_preset(preset.discriminator))
-    perceptual = LPIPSLoss(PerceptualConfig(pretrained=False))
-    _set_layout(perceptual, channels_last)
+    perceptual = restride_frozen(LPIPSLoss(PerceptualConfig(pretrained=False)), channels_last)
+    if compiled:  # as radiodiff/train/stages.py does under train.compile
+        compile_regions(generator), compile_regions(discriminator)
     models = VaeGanModels(_engine(generator, batch, precision), _engine(discriminator, batch, precision),
                           perceptual.to(device), loss)
     engines = (models.generator, models.discriminator)
     # disc_start is the first step with the GAN terms on (vae_gan.disc_factor).
     return _train_step(vae_gan_step, models, engines, _batch(batch, image_size, device, channels_last),
-                       loss.disc_start, device, precision)
+                       loss.disc_start, device, precision, channels_last)
 
 
 def build_ldm_step(
-    preset: ModelPreset, image_size: int, batch: int, device: torch.device, precision: str, channels_last: bool
+    preset: ModelPreset, image_size: int, batch: int, device: torch.device, precision: str, channels_last: bool,
+    compiled: bool = False,
 ) -> TrainStep:
     """Stage 2: ``ldm_step`` (the frozen VAE's encode, then the U-Net engine's update)."""
     from radiodiff.config import CONDITION_PRESETS, UNET_PRESETS, DiffusionConfig, autoencoder_preset
@@ -235,15 +233,41 @@ def build_ldm_step(
     latent_size = image_size // vae_cfg.downsample_factor
     unet_cfg = dataclasses.replace(copy.deepcopy(UNET_PRESETS[preset.unet]), latent_size=latent_size)
     unet = build_unet(unet_cfg, copy.deepcopy(CONDITION_PRESETS[preset.condition]))
-    vae = AutoencoderKL(vae_cfg).requires_grad_(False).eval()  # as load_frozen_vae leaves it
-    _set_layout(vae, channels_last)
+    vae = restride_frozen(AutoencoderKL(vae_cfg).requires_grad_(False).eval(), channels_last)  # as stage 2 has it
+    if compiled:
+        compile_regions(unet), compile_regions(vae)
     engine = _engine(unet, batch, precision)
     models = LdmModels(engine, vae.to(device), LatentScale(vae_cfg.scaling_factor), DiffusionConfig())
     return _train_step(ldm_step, models, (engine,), _batch(batch, image_size, device, channels_last),
-                       0, device, precision)
+                       0, device, precision, channels_last)
 
 
-STEP_BUILDERS = {"vae-gan": build_vae_gan_step, "ldm": build_ldm_step}
+def build_reference_vae_gan_step(
+    preset: ModelPreset, image_size: int, batch: int, device: torch.device, precision: str, channels_last: bool,
+    compiled: bool = False,
+) -> TrainStep:
+    """The reference's VAE-GAN update (tools/bench_reference.py) on the same models: fp32, eager."""
+    from bench_reference import reference_update  # a sibling: a script's own folder is on its import path
+
+    from radiodiff.config import PerceptualConfig, TrainConfig, VaeGanLossConfig, autoencoder_preset, discriminator_preset
+    from radiodiff.losses.perceptual import LPIPSLoss
+    from radiodiff.models.autoencoder import build_vae_gan_generator
+    from radiodiff.models.discriminator import build_discriminator
+
+    assert precision == "fp32" and not channels_last and not compiled, "the reference step is fp32 eager contiguous"
+    loss = VaeGanLossConfig()
+    generator = build_vae_gan_generator(autoencoder_preset(preset.autoencoder), loss).to(device)
+    discriminator = build_discriminator(discriminator_preset(preset.discriminator)).to(device)
+    perceptual = LPIPSLoss(PerceptualConfig(pretrained=False)).to(device)
+    train = TrainConfig()
+    optimizers = tuple(torch.optim.AdamW(m.parameters(), lr=train.lr, betas=tuple(train.betas))
+                       for m in (generator, discriminator))
+    update = reference_update(generator, discriminator, perceptual, loss, optimizers)
+    x = _batch(batch, image_size, device, False)["target"]
+    return TrainStep(lambda: update(x), (generator, discriminator), ())
+
+
+STEP_BUILDERS = {"vae-gan": build_vae_gan_step, "ldm": build_ldm_step, REFERENCE_STAGE: build_reference_vae_gan_step}
 
 
 def count_flops(step: Callable[[], None]) -> FlopCount:
@@ -271,14 +295,19 @@ def time_step(step: Callable[[], None], iters: int, device: torch.device) -> flo
 
 
 def bench_case(
-    stage: str, preset: str, precision: str, channels_last: bool, opts: ModelBenchOptions, device: torch.device
+    stage: str, preset: str, precision: str, channels_last: bool, opts: ModelBenchOptions, device: torch.device,
+    compiled: bool = False,
 ) -> BenchRow:
     torch.manual_seed(0)
-    step = STEP_BUILDERS[stage](MODEL_PRESETS[preset], opts.image_size, opts.batch, device, precision, channels_last)
+    step = STEP_BUILDERS[stage](MODEL_PRESETS[preset], opts.image_size, opts.batch, device, precision, channels_last,
+                                compiled)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    flops = count_flops(step.run)  # doubles as the first warm-up iteration
-    for _ in range(opts.warmup - 1):
+    # The count doubles as the first warm-up iteration; compiled blocks are counted run eagerly (the
+    # counter cannot see into compiled code) and compiled by the next, untimed, iterations.
+    with torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext():
+        flops = count_flops(step.run)
+    for _ in range(opts.warmup - 1 + (2 if compiled else 0)):
         step.run()
     seconds = time_step(step.run, opts.iters, device)
     for engine in step.engines:
@@ -287,7 +316,7 @@ def bench_case(
     achieved = flops.total / seconds / 1e12
     peak = peak_tflops(device, precision)
     return BenchRow(
-        stage=stage, preset=preset, precision=precision, channels_last=channels_last,
+        stage=stage, preset=preset, precision=precision, channels_last=channels_last, compiled=compiled,
         ms_per_image=seconds / opts.batch * 1e3, images_per_s=opts.batch / seconds,
         gflops_per_image=flops.total / opts.batch / 1e9, tflops_per_s=achieved,
         mfu=achieved / peak if peak else None, peak_mem_gib=peak_mem, flops=flops,
@@ -314,10 +343,13 @@ def run_model_bench(opts: ModelBenchOptions) -> tuple[torch.device, list[BenchRo
     rows = []
     for preset in opts.presets:
         for stage in opts.stages:
-            for precision in opts.precisions:
-                for channels_last in opts.channels_last:
-                    rows.append(bench_case(stage, preset, precision, channels_last, opts, device))
-                    _release(device)
+            if stage == REFERENCE_STAGE:  # one configuration: fp32, eager, contiguous
+                cases = [("fp32", False, False)]
+            else:
+                cases = [(p, cl, c) for p in opts.precisions for cl in opts.channels_last for c in opts.compiled]
+            for precision, channels_last, compiled in cases:
+                rows.append(bench_case(stage, preset, precision, channels_last, opts, device, compiled))
+                _release(device)
     return device, rows
 
 
@@ -329,33 +361,50 @@ def describe_device(device: torch.device) -> str:
 
 
 def format_table(rows: list[BenchRow]) -> str:
-    head = (f"{'stage':8s} {'preset':9s} {'prec':4s} {'ch_last':7s} {'ms/img':>9s} {'img/s':>8s} "
+    head = (f"{'stage':11s} {'preset':9s} {'prec':4s} {'ch_last':7s} {'compile':7s} {'ms/img':>9s} {'img/s':>8s} "
             f"{'GFLOP/img':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>8s}")
     lines = [head]
     for r in rows:
         mfu = f"{r.mfu:6.1%}" if r.mfu is not None else f"{'-':>6s}"
         mem = f"{r.peak_mem_gib:8.2f}" if r.peak_mem_gib is not None else f"{'-':>8s}"
-        lines.append(f"{r.stage:8s} {r.preset:9s} {r.precision:4s} {'on' if r.channels_last else 'off':7s} "
+        lines.append(f"{r.stage:11s} {r.preset:9s} {r.precision:4s} {'on' if r.channels_last else 'off':7s} "
+                     f"{'on' if r.compiled else 'off':7s} "
                      f"{r.ms_per_image:9.2f} {r.images_per_s:8.2f} {r.gflops_per_image:9.2f} "
                      f"{r.tflops_per_s:8.4f} {mfu} {mem}")
     return "\n".join(lines)
 
 
 def speedups(rows: list[BenchRow]) -> list[tuple[str, float]]:
-    """Speed-ups (baseline time / time) between configurations that differ in one factor."""
-    times = {(r.stage, r.preset, r.precision, r.channels_last): r.ms_per_image for r in rows}
-    groups = dict.fromkeys((r.stage, r.preset) for r in rows)
+    """Speed-ups (baseline time / time) between configurations that differ in one factor, and of
+    each VAE-GAN configuration over the reference's update on the same preset."""
+    times = {(r.stage, r.preset, r.precision, r.channels_last, r.compiled): r.ms_per_image for r in rows}
+    groups = dict.fromkeys((r.stage, r.preset) for r in rows if r.stage != REFERENCE_STAGE)
     layouts = sorted({r.channels_last for r in rows})
     out = []
+
+    def on(flag: bool) -> str:
+        return "on" if flag else "off"
+
     for stage, preset in groups:
         for layout in layouts:
-            fp32, bf16 = times.get((stage, preset, "fp32", layout)), times.get((stage, preset, "bf16", layout))
+            fp32, bf16 = times.get((stage, preset, "fp32", layout, False)), times.get((stage, preset, "bf16", layout, False))
             if fp32 and bf16:
-                out.append((f"{stage} {preset}: bf16 over fp32, channels_last {'on' if layout else 'off'}", fp32 / bf16))
+                out.append((f"{stage} {preset}: bf16 over fp32, channels_last {on(layout)}", fp32 / bf16))
         for precision in PRECISIONS:
-            off, on = times.get((stage, preset, precision, False)), times.get((stage, preset, precision, True))
-            if off and on:
-                out.append((f"{stage} {preset}: channels_last on over off, {precision}", off / on))
+            off, with_cl = times.get((stage, preset, precision, False, False)), times.get((stage, preset, precision, True, False))
+            if off and with_cl:
+                out.append((f"{stage} {preset}: channels_last on over off, {precision}", off / with_cl))
+            for layout in layouts:
+                eager, compiled = (times.get((stage, preset, precision, layout, c)) for c in (False, True))
+                if eager and compiled:
+                    out.append((f"{stage} {preset}: compiled over eager, {precision}, channels_last {on(layout)}",
+                                eager / compiled))
+        reference = times.get((REFERENCE_STAGE, preset, "fp32", False, False))
+        if stage == "vae-gan" and reference:
+            for (s, p, precision, layout, compiled), ms in times.items():
+                if (s, p) == (stage, preset):
+                    out.append((f"vae-gan {preset}: {precision}, channels_last {on(layout)}, compile {on(compiled)} "
+                                "over the reference's update (fp32 eager)", reference / ms))
     return out
 
 
@@ -367,7 +416,7 @@ def format_report(opts: ModelBenchOptions, device: torch.device, rows: list[Benc
               "backward and optimizer step (accumulation 1); vae-gan: autoencoder update with the GAN terms on, "
               "then the discriminator update; ldm: frozen VAE encode (included) + U-Net update. "
               "bf16 = DeepSpeed precision autocast (fp32 master weights).")
-    ratios = "\n".join(f"  {label:55s} {value:5.2f}x" for label, value in speedups(rows))
+    ratios = "\n".join(f"  {label:75s} {value:5.2f}x" for label, value in speedups(rows))
     return f"{header}\n{format_table(rows)}\nspeed-ups (time of the baseline / time; > 1 is faster):\n{ratios}"
 
 
@@ -378,9 +427,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations (the first counts FLOPs)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help=f"comma list of {', '.join(ALL_STAGES)} ({REFERENCE_STAGE}: the reference's update)")
     parser.add_argument("--precisions", default=",".join(PRECISIONS))
     parser.add_argument("--channels-last", default="off,on", help="comma list of off, on")
+    parser.add_argument("--compile", default="off", help="comma list of off, on (train.compile)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads; default: torch's")
 
 
@@ -388,12 +439,14 @@ def options_from_args(args: argparse.Namespace) -> ModelBenchOptions:
     def split(text: str) -> tuple[str, ...]:
         return tuple(v.strip() for v in text.split(",") if v.strip())
 
-    layouts = split(args.channels_last)
+    layouts, compiled = split(args.channels_last), split(args.compile)
     _check_subset("--channels-last", layouts, ("off", "on"))
+    _check_subset("--compile", compiled, ("off", "on"))
     return ModelBenchOptions(
         presets=split(args.presets), image_size=args.image_size, batch=args.batch, iters=args.iters,
         warmup=args.warmup, device=args.device, stages=split(args.stages), precisions=split(args.precisions),
-        channels_last=tuple(v == "on" for v in layouts), threads=args.threads,
+        channels_last=tuple(v == "on" for v in layouts), compiled=tuple(v == "on" for v in compiled),
+        threads=args.threads,
     )
 
 

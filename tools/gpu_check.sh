@@ -30,10 +30,12 @@ run() {  # run <name> <timeout s> <command...>: output to $out/<name>.txt, never
   tail -n 30 "$out/$name.txt" | sed 's/^/    /' >> "$out/check.md"
 }
 run gpu_tests 120 pytest -q -m gpu tests
-run models_b2 120 python tools/bench.py models --presets reference --image-size 256 --batch 2 --iters 5 \
-  --device cuda --channels-last off,on
-run models_b16 120 python tools/bench.py models --presets reference --image-size 256 --batch 16 --iters 3 \
-  --device cuda --channels-last on --precisions bf16
+# Micro-batch 2: fp32 vs bf16, channels-last off vs on, and the reference's VAE-GAN update side by side.
+run models_b2 150 python tools/bench.py models --presets reference --image-size 256 --batch 2 --iters 5 \
+  --device cuda --channels-last off,on --stages vae-gan,ldm,vae-gan-ref
+# Micro-batch 16 (fits both stages on 80 GB): eager vs compiled (train.compile), bf16 channels-last.
+run models_b16 200 python tools/bench.py models --presets reference --image-size 256 --batch 16 --iters 3 \
+  --device cuda --channels-last on --precisions bf16 --compile off,on
 run cache 90 python tools/bench.py cache --presets reference --image-size 256 --batch 8 --iters 3 --warmup 1 \
   --repeats 2 --precision bf16 --device cuda
 run train 120 python tools/bench.py train --preset tiny --steps 12 --batch 8 --precisions autocast,bf16,fp32
