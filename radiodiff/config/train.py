@@ -61,7 +61,7 @@ class TrainConfig:
     # On CUDA, TF32 and cuDNN autotuning are on; True turns both off for bitwise-reproducible work.
     deterministic: bool = False
     # Compile the networks' repeated blocks in place (radiodiff/train/acceleration.py); the first
-    # updates pay the compilation (about a minute per stage on a CPU, less on a GPU).
+    # updates pay the compilation (minutes per stage on a CPU the first time; inductor caches it).
     compile: bool = False
     # The step's 4-d inputs and the frozen modules' conv weights channels-last (tensor-core layout).
     channels_last: bool = False

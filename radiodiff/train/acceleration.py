@@ -58,7 +58,13 @@ def compile_regions(module: nn.Module, backend: str = "inductor") -> int:
     graph capture and forward/backward split, without inductor's code generation)."""
     limits = torch._dynamo.config
     limits.recompile_limit = max(limits.recompile_limit, RECOMPILE_LIMIT)
+    regions = _outermost_regions(module)
+    for region in regions:
+        region.compile(dynamic=False, backend=backend)
+    return len(regions)
+
+
+def _outermost_regions(module: nn.Module) -> list[nn.Module]:
     if isinstance(module, REGIONS):
-        module.compile(dynamic=False, backend=backend)
-        return 1
-    return sum(compile_regions(child, backend) for child in module.children())
+        return [module]
+    return [region for child in module.children() for region in _outermost_regions(child)]
