@@ -241,8 +241,13 @@ class EMAConfig:
     beta: float = 0.999
     start_step: int = 10000  # before this optimizer step the EMA copies the weights
     update_every: int = 10  # optimizer steps between EMA updates
+    # The n-th average uses min(beta, 1 - (1 + n) ** -power): short runs average recent weights
+    # instead of staying anchored at the start_step copy; null: beta from the first average.
+    warmup_power: Optional[float] = None
 
     def __post_init__(self) -> None:
+        if self.warmup_power is not None:
+            check_positive("ema.warmup_power", self.warmup_power)
         if not 0.0 <= self.beta < 1.0:
             raise ConfigError(f"ema.beta={self.beta} must be in [0, 1)")
         check_positive("ema.start_step", self.start_step, allow_zero=True)

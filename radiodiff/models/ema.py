@@ -2,7 +2,11 @@
 
 Schedule (given the optimizer step after which ``update`` is called):
 - step < start_step: the EMA copies the weights, so it starts from a trained model, not from init;
-- otherwise, every ``update_every`` steps: ema = beta * ema + (1 - beta) * param.
+- otherwise, every ``update_every`` steps: ema = d * ema + (1 - d) * param, where the n-th average
+  (n = 1, 2, ...) uses d = beta, or with ``warmup_power`` p: d = min(beta, 1 - (1 + n) ** -p).
+  Without warmup, an EMA started late in a short run is mostly the weights it copied at start_step
+  (0.999 ** 350 = 0.70 after 350 averages); with p = 2/3 the decay grows 0.37, 0.52, ... 0.99 (n =
+  1,000) and the average follows the recent weights. ``num_averaged`` is saved, so resume is exact.
 Buffers (norm statistics, fixed frequencies) are copied at every call: averaging them means nothing.
 The average is kept in fp32 whatever the parameters' dtype (bf16 cannot hold 0.001 steps), and
 updated with foreach operations: a few kernels for all tensors instead of one per tensor.
@@ -31,6 +35,12 @@ class EMA:
         """Whether the EMA has averaged (before that it is a copy of the trained weights)."""
         return self.num_averaged > 0
 
+    def decay(self, n: int) -> float:
+        """The decay of the n-th average (n >= 1)."""
+        if self.cfg.warmup_power is None:
+            return self.cfg.beta
+        return min(self.cfg.beta, 1.0 - (1.0 + n) ** -self.cfg.warmup_power)
+
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         """Call once after optimizer step ``step`` (counting from 1 or 0, as the loop does)."""
@@ -40,9 +50,9 @@ class EMA:
         if step < self.cfg.start_step:
             torch._foreach_copy_(averaged, current)
         elif step % self.cfg.update_every == 0:
-            # lerp: ema + (1 - beta) * (p - ema) = beta * ema + (1 - beta) * p
-            torch._foreach_lerp_(averaged, current, 1.0 - self.cfg.beta)
             self.num_averaged += 1
+            # lerp: ema + (1 - d) * (p - ema) = d * ema + (1 - d) * p
+            torch._foreach_lerp_(averaged, current, 1.0 - self.decay(self.num_averaged))
         for name, b in model.named_buffers():
             self.buffers[name].copy_(b.detach())
 

@@ -53,6 +53,49 @@ def test_beta_0999_by_hand() -> None:
     torch.testing.assert_close(ema.params["w"], torch.tensor(expected), rtol=0, atol=1e-6)
 
 
+def test_warmup_decays_by_hand() -> None:
+    """With power 2/3 the n-th average's decay is 1 - (1 + n) ** (-2/3): 0.75 at n = 7, 8/9 at n = 26,
+    capped at beta; the weights follow ema = d * ema + (1 - d) * p with those decays."""
+    cfg = EMAConfig(beta=0.95, start_step=3, update_every=1, warmup_power=2 / 3)
+    model = Tiny()
+    ema = EMA(model, cfg)
+    assert ema.decay(7) == pytest.approx(0.75, abs=1e-12)
+    assert ema.decay(26) == pytest.approx(8 / 9, abs=1e-12)
+    assert ema.decay(1000) == 0.95  # 1 - 1001 ** (-2/3) = 0.99 is above beta
+    assert EMA(model, EMAConfig(beta=0.95)).decay(7) == 0.95  # no warmup: beta from the first average
+    expected = None
+    for step in range(1, 40):
+        set_weights(model, [float(step), 2.0 * step], 0)
+        ema.update(model, step)
+        if step < 3:
+            expected = [float(step), 2.0 * step]  # copied before start_step
+        else:
+            n = step - 2
+            d = min(0.95, 1 - (1 + n) ** (-2 / 3))
+            expected = [d * e + (1 - d) * p for e, p in zip(expected, [step, 2.0 * step])]
+    assert ema.num_averaged == 37
+    torch.testing.assert_close(ema.params["w"], torch.tensor(expected), rtol=1e-6, atol=1e-5)
+    # A constant 0.95 from the first average would lag further behind the latest weights (39, 78).
+    assert 39.0 - ema.params["w"][0].item() < 39.0 - 20.0
+
+
+def test_warmup_resumes_exactly() -> None:
+    """num_averaged (the warmup's position) travels with the state: a resumed EMA continues the schedule."""
+    cfg = EMAConfig(beta=0.999, start_step=0, update_every=1, warmup_power=2 / 3)
+    model = Tiny()
+    ema = EMA(model, cfg)
+    for step in range(5):
+        set_weights(model, [float(step), 1.0], 0)
+        ema.update(model, step)
+    resumed = EMA(Tiny(), cfg)
+    resumed.load_state_dict(ema.state_dict())
+    for e in (ema, resumed):
+        for step in range(5, 9):
+            set_weights(model, [float(step) ** 2, 1.0], 0)
+            e.update(model, step)
+    assert torch.equal(ema.params["w"], resumed.params["w"]) and resumed.num_averaged == 9
+
+
 def test_state_dict_round_trip_resumes_exactly() -> None:
     model = Tiny()
     cfg = EMAConfig(beta=0.9, start_step=1, update_every=1)
@@ -94,6 +137,8 @@ def test_config_validation_names_key() -> None:
         EMAConfig(beta=1.0)
     with pytest.raises(ConfigError, match="ema.update_every"):
         EMAConfig(update_every=0)
+    with pytest.raises(ConfigError, match="ema.warmup_power"):
+        EMAConfig(warmup_power=0.0)
 
 
 def test_average_is_fp32_for_bf16_parameters() -> None:
