@@ -107,7 +107,7 @@ def run_demo(cfg: DemoConfig) -> int:
     stage(5, f"latent diffusion on the frozen VAE: {cfg.ldm_steps} steps")
     run_command("radiodiff-train-ldm", [*train_args(cfg, runs["ldm"], cfg.ldm_steps), f"vae.checkpoint={runs['vae']}",
                                         f"sampler.steps={cfg.sampler_steps}", f"ema.start_step={cfg.ldm_steps // 2}",
-                                        "ema.update_every=1", f"model.unet.tx_distance={str(cfg.tx_distance).lower()}"],
+                                        "ema.update_every=1", "ema.warmup_power=0.6667", f"model.unet.tx_distance={str(cfg.tx_distance).lower()}"],
                 cfg.nproc)
     stage(6, "evaluation on the test split (PSNR, SSIM, NMSE, RMSE) against the mean-map baseline")
     results = {}

@@ -151,6 +151,7 @@ def train_models(args: argparse.Namespace, work: Path, shards: Path) -> dict[str
     run_command("radiodiff-train-ldm", [*train_overrides(args, runs["ldm"], shards, args.ldm_steps),
                                         f"vae.checkpoint={runs['vae']}", f"sampler.steps={ABLATION_STEPS}",
                                         f"ema.start_step={args.ldm_steps // 2}", "ema.update_every=1",
+                                        "ema.warmup_power=0.6667",
                                         *args.ldm_override], args.logs / "train_ldm.log", args.threads)
     return runs
 

@@ -147,8 +147,10 @@ def output_skips(
     """The reference's output skips, in fp32 (t is never rounded to the parameters' dtype).
 
     C = (1 - t) z_t + t / sqrt(1 + t^2) F_C,   eps = sqrt(t) z_t + sqrt(1 - t) / sqrt(1 + t^2) F_eps.
-    At t -> 1 (pure noise) eps ~ z_t, at t -> 0 C ~ z_t = z0 (up to sign the head corrects); the heads
-    learn the remainder. Returned in the heads' dtype.
+    At t -> 1 (pure noise) eps = z_t exactly, whatever the head says. At t -> 0 the C skip is +z_t =
+    +z0 while the target is C = -z0, so the head, scaled by t, must cancel 2 z0 with outputs of order
+    1/t: trained this way the maps are 4.6 dB worse than without skips (radiodiff/models/README.md),
+    hence off by default. Returned in the heads' dtype.
     """
     tb = t.float().reshape(-1, 1, 1, 1)  # (B, 1, 1, 1)
     z, norm = z_t.float(), (1.0 + tb.square()).sqrt()
