@@ -17,7 +17,7 @@ the test split as radiodiff-eval scores (native 256x256, [0, 1] gray, per image 
 - transmitter ablation: the LDM (EMA, 5 steps) and the regressor with the transmitter channel set to
   its background value, scored in this process.
 
-Prints one markdown table and the issue's three targets; writes table.md, results.json and the
+Prints one markdown table and the three quality targets; writes table.md, results.json and the
 test grids (radiodiff-eval's layout) to --out.
 """
 
@@ -51,8 +51,9 @@ from radiodiff.launch import console_command
 SAMPLER_STEPS = (1, 2, 5, 10)
 ABLATION_STEPS = 5
 TARGET_TX_DROP_DB, TARGET_VS_REGRESSOR_DB, TARGET_VS_VAE_DB = 3.0, 1.0, 1.5
-# Full run: ~29 CPU-minutes, extrapolated from a 150-update run on 2 shared cores (per update at batch 8:
-# VAE ~0.8 s, LDM ~0.75 s, regressor ~0.45 s; synthesis, 9 evaluations and the in-process scoring ~7 min).
+# Full run: 43 CPU-minutes measured (12 to 24 minutes wall with --threads 2 on the 2-core machine; per
+# update at batch 8 on one thread: VAE ~0.5 s, LDM ~0.6 s, regressor ~0.2 s; synthesis, 9 evaluations and
+# the in-process scoring ~6 min).
 # Quick: a smoke run of every step, ~4 minutes (mostly process start-ups).
 DEFAULTS = {"maps": 100, "tx": 8, "vae_steps": 600, "ldm_steps": 700, "batch": 8}
 QUICK = {"maps": 24, "tx": 8, "vae_steps": 40, "ldm_steps": 40, "batch": 4}
@@ -116,7 +117,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def check_targets(ldm_psnr: float, ldm_no_tx_psnr: float, regressor_psnr: float, vae_psnr: float) -> list[str]:
-    """The issue's three targets as PASS/FAIL lines (the LDM is the EMA model at 5 steps)."""
+    """The three quality targets as PASS/FAIL lines (the LDM is the EMA model at 5 steps)."""
     checks = [
         (ldm_psnr - ldm_no_tx_psnr >= TARGET_TX_DROP_DB,
          f"LDM loses >= {TARGET_TX_DROP_DB:g} dB without the transmitter: {ldm_psnr - ldm_no_tx_psnr:+.2f} dB drop"),
