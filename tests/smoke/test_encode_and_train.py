@@ -62,10 +62,14 @@ def ldm_data(made: Made, vae: FrozenVae) -> DataConfig:
     return replace(vae.data, shards=str(made.shards), latents=str(made.cache), num_workers=0)
 
 
+def step_config(made: Made):
+    return compose("train_ldm", ["run_dir=/unused", f"data.shards={made.shards}", f"vae.checkpoint={made.vae}",
+                                 "model=tiny", "deepspeed.precision=fp32", "train.global_batch=2", "train.micro_batch=2"])
+
+
 def one_step(batch: dict, vae: FrozenVae, made: Made) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One fp32 ldm_step of a fresh tiny U-Net engine (seed 0): the loss and the updated weights."""
-    cfg = compose("train_ldm", ["run_dir=/unused", f"data.shards={made.shards}", f"vae.checkpoint={made.vae}",
-                                "model=tiny", "deepspeed.precision=fp32", "train.global_batch=2", "train.micro_batch=2"])
+    cfg = step_config(made)
     torch.manual_seed(0)
     engine = build_engine(build_unet(cfg.model.unet, cfg.model.condition), cfg.train, cfg.deepspeed, world_size=1)
     models = LdmModels(engine, vae.model, LatentScale(0.3), cfg.diffusion)
@@ -78,7 +82,8 @@ def one_step(batch: dict, vae: FrozenVae, made: Made) -> tuple[torch.Tensor, lis
 def test_one_ldm_step_from_the_cache_equals_one_encoding_the_target(made: Made, world_of_one) -> None:
     """The same samples, positions and keyed noise: from moments of the same micro-batch the step is
     bitwise the one that encodes the target; from the cache radiodiff-encode wrote (other batch
-    sizes and thread counts in the Ray workers) it agrees to 1e-6."""
+    sizes and thread counts in the Ray workers) the loss agrees to 1e-6 and the weights to a small
+    fraction of one update."""
     vae = load_frozen_vae(made.vae, CPU)
     data = ldm_data(made, vae)
     images = next(iter(ShardLoader(data, "train", batch_size=2, seed=3)))
@@ -92,7 +97,15 @@ def test_one_ldm_step_from_the_cache_equals_one_encoding_the_target(made: Made, 
     cache_loss, cache_weights = one_step(cached, vae, made)
     torch.testing.assert_close(cached["moments"], same_batch["moments"], rtol=0, atol=1e-5)
     assert abs(cache_loss.item() - loss.item()) <= 1e-6 * abs(loss.item())
-    assert max((a - b).abs().max().item() for a, b in zip(cache_weights, weights)) <= 1e-6
+    # Adam's first update moves each weight by lr * g / (|g| + 1e-8) <= lr: where |g| is near 1e-8 a
+    # 1e-5 change of the latents moves that weight by a visible fraction of lr, so the bound is
+    # relative to one step: each weight within 10% of lr, all of them together within 1e-3 of a
+    # full step's norm (measured: 3.4% of lr on the worst weight, 2.4e-5 of the step's norm).
+    lr = step_config(made).train.lr
+    diffs = [(a - b).flatten() for a, b in zip(cache_weights, weights)]
+    assert max(d.abs().max().item() for d in diffs) <= 0.1 * lr
+    step_norm = lr * sum(d.numel() for d in diffs) ** 0.5
+    assert torch.cat(diffs).norm().item() <= 1e-3 * step_norm
 
 
 def mtimes(root: Path) -> dict[str, int]:
