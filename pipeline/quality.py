@@ -2,6 +2,10 @@
 
 - a RadioUNet-style direct regressor (a plain conv U-Net, condition -> map, L1 + L2, AdamW) trained
   on the same shards, for the same updates and batch as the LDM;
+- the latent regressor: the same conv U-Net, its decoder stopped at the latent's size, regressing the
+  LDM's latent target (scale * the VAE posterior mode) and decoded by the frozen VAE: what a direct
+  model in the LDM's latent space reaches with the same updates (the LDM against it: what the
+  diffusion costs; it against the regressor: what the latent space costs);
 - the resolution ceiling (the target at model size, brought back to 256);
 - transmitter ablations: any predictor with the transmitter channel set to its background value;
 - ``score_split``: mean metrics of a predictor on the test split, as radiodiff-eval scores them
@@ -14,6 +18,7 @@ import math
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -34,14 +39,20 @@ class RegressorUNet(nn.Module):
 
     Five levels (widths 16..256, 1.94M parameters) so that the big layers sit at low resolution:
     its cost per image stays a few times the tiny LDM's while its capacity is RadioUNet-like.
+    ``out_stride`` 2^k stops the decoder k levels early: (B, out_channels, s / 2^k, s / 2^k).
     """
 
-    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128, 256)) -> None:
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128, 256), out_channels: int = 1,
+                 out_stride: int = 1) -> None:
         super().__init__()
+        levels = out_stride.bit_length() - 1
+        if out_stride < 1 or out_stride != 1 << levels or levels >= len(widths):
+            raise ValueError(f"out_stride={out_stride}: a power of 2 below {1 << len(widths)}")
+        ups = widths[:levels:-1]  # the decoder's input widths, deepest first
         self.down = nn.ModuleList(conv_block(cin, cout) for cin, cout in zip((3, *widths[:-1]), widths))
-        self.up = nn.ModuleList(nn.ConvTranspose2d(w, w // 2, 2, stride=2) for w in widths[:0:-1])
-        self.merge = nn.ModuleList(conv_block(w, w // 2) for w in widths[:0:-1])
-        self.head = nn.Conv2d(widths[0], 1, 1)
+        self.up = nn.ModuleList(nn.ConvTranspose2d(w, w // 2, 2, stride=2) for w in ups)
+        self.merge = nn.ModuleList(conv_block(w, w // 2) for w in ups)
+        self.head = nn.Conv2d(widths[levels], out_channels, 1)
 
     def forward(self, cond: torch.Tensor) -> torch.Tensor:
         skips, x = [], cond
@@ -50,24 +61,28 @@ class RegressorUNet(nn.Module):
             skips.append(x)
         for up, merge, skip in zip(self.up, self.merge, skips[-2::-1]):
             x = merge(torch.cat([up(x), skip], dim=1))
-        return self.head(x)  # (B, 1, s, s) in the data's value range (not clamped: the loss sees it all)
+        return self.head(x)  # in the target's range (not clamped: the loss sees it all)
 
 
 def regression_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.l1_loss(pred, target) + F.mse_loss(pred, target)
 
 
-def train_regressor(data, *, steps: int, batch: int, lr: float, seed: int) -> RegressorUNet:
-    """AdamW with cosine decay to lr/10 (as the LDM decays to min_lr), on the training stream."""
+def train_regressor(data, *, steps: int, batch: int, lr: float, seed: int, out_channels: int = 1,
+                    out_stride: int = 1, target_of: Callable[[torch.Tensor], torch.Tensor] | None = None
+                    ) -> RegressorUNet:
+    """AdamW with cosine decay to lr/10 (as the LDM decays to min_lr), on the training stream, against
+    ``target_of(sample["target"])`` (default: the map itself)."""
     from radiodiff.data.shards import ShardLoader
 
     torch.manual_seed(seed)
-    model = RegressorUNet()
+    model = RegressorUNet(out_channels=out_channels, out_stride=out_stride)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=lr / 10)
     loader = ShardLoader(data, "train", batch_size=batch, seed=seed)
     for _, sample in zip(range(steps), loader):
-        loss = regression_loss(model(sample["cond"]), sample["target"])  # (B, 1, s, s) each
+        target = sample["target"] if target_of is None else target_of(sample["target"])
+        loss = regression_loss(model(sample["cond"]), target)  # (B, 1, s, s) or (B, Z, h, w) each
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -84,6 +99,47 @@ def regressor_predictor(model: nn.Module, data):
             return to_native_unit(model(cond), data)
 
     return predict
+
+
+class LatentCodec:
+    """An LDM run's latent target and its decoding, as its training and sampler use them:
+    z = scale * the frozen VAE's posterior mode (no sampling noise); map = VAE.decode(z / scale)."""
+
+    def __init__(self, ldm_dir: Path, device: torch.device) -> None:
+        from radiodiff.runs import load_models, open_run
+
+        models = load_models(open_run(ldm_dir), device)
+        self.vae, self.scale = models.vae, models.scale_factor
+        self.channels, self.factor = self.vae.cfg.embed_dim, self.vae.cfg.downsample_factor
+
+    def encode(self, target: torch.Tensor) -> torch.Tensor:  # (B, 1, s, s) -> (B, Z, s / f, s / f)
+        with torch.no_grad():
+            return self.scale * self.vae.encode(target.float()).mode()
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:  # (B, Z, h, w) -> (B, 1, h * f, w * f)
+        with torch.no_grad():
+            return self.vae.decode(z / self.scale).float()
+
+    def to(self, device: torch.device) -> "LatentCodec":
+        self.vae.to(device)
+        return self
+
+
+def latent_regressor(ldm_dir: Path, data, device: torch.device, *, steps: int, batch: int, lr: float, seed: int):
+    """The conv U-Net trained (on the CPU, as the regressor) on ``LatentCodec.encode`` of the maps, and its
+    predictor: the predicted latent decoded by the run's VAE, -> (B, 1, 256, 256) in [0, 1]."""
+    from radiodiff.runs.predict import to_native_unit
+
+    codec = LatentCodec(ldm_dir, torch.device("cpu"))
+    model = train_regressor(data, steps=steps, batch=batch, lr=lr, seed=seed, out_channels=codec.channels,
+                            out_stride=codec.factor, target_of=codec.encode).to(device)
+    codec.to(device)
+
+    def predict(cond: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return to_native_unit(codec.decode(model(cond)), data)
+
+    return model, predict
 
 
 def ceiling_predictor(data):

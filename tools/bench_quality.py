@@ -12,13 +12,15 @@ the test split as radiodiff-eval scores (native 256x256, [0, 1] gray, per image 
 - mean training map: radiodiff-eval's baseline;
 - regressor: a RadioUNet-style conv U-Net (below) trained directly on condition -> map (L1 + L2,
   AdamW) on the same shards, for the same updates and batch as the LDM;
+- latent regressor: the same conv U-Net regressing the LDM's latent target, decoded by the frozen
+  VAE (what the latent space costs at this budget, without diffusion);
 - VAE reconstruction (posterior mode) and the LDM with and without EMA at 1, 2, 5, 10 sampler steps
   (radiodiff-eval subprocesses);
 - transmitter ablation: the LDM (EMA, 5 steps) and the regressor with the transmitter channel set to
   its background value, scored in this process.
 
-Prints one markdown table and the three quality targets; writes table.md, results.json and the
-test grids (radiodiff-eval's layout) to --out.
+Prints one markdown table, the three quality targets and where the gap to the regressor lies;
+writes table.md, results.json and the test grids (radiodiff-eval's layout) to --out.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import torch
 from pipeline.quality import (
     METRICS,
     ceiling_predictor,
+    latent_regressor,
     ldm_predictor,
     regressor_predictor,
     score_split,
@@ -129,6 +132,12 @@ def check_targets(ldm_psnr: float, ldm_no_tx_psnr: float, regressor_psnr: float,
     return [f"{'PASS' if ok else 'FAIL'}  {text}" for ok, text in checks]
 
 
+def latent_line(ldm_psnr: float, latent_psnr: float, regressor_psnr: float) -> str:
+    """Where the gap to the regressor comes from: the latent space (the latent regressor) or the diffusion."""
+    return (f"INFO  the latent regressor is {latent_psnr - regressor_psnr:+.2f} dB from the regressor (the latent "
+            f"space at this budget); the LDM is {ldm_psnr - latent_psnr:+.2f} dB from the latent regressor")
+
+
 STARTED = time.perf_counter()
 
 
@@ -185,6 +194,10 @@ def in_process_rows(args: argparse.Namespace, ldm_dir: Path, evals: Path) -> dic
     train_seconds = time.perf_counter() - started
     reg_predict = regressor_predictor(regressor, data)
     reg = score_split(reg_predict, data, device, EVAL_BATCH, evals / "regressor_grid.png")
+    progress(f"latent regressor: {args.ldm_steps} updates at batch {args.batch}")
+    _, latent_predict = latent_regressor(ldm_dir, data, device, steps=args.ldm_steps, batch=args.batch, lr=args.lr,
+                                         seed=args.seed)
+    latent = score_split(latent_predict, data, device, EVAL_BATCH, evals / "latent_regressor_grid.png")
     progress("transmitter ablation")
     reg_blank = score_split(without_transmitter(reg_predict, data.value_range), data, device, EVAL_BATCH,
                             evals / "regressor_no_tx_grid.png")
@@ -193,6 +206,7 @@ def in_process_rows(args: argparse.Namespace, ldm_dir: Path, evals: Path) -> dic
     params = sum(p.numel() for p in regressor.parameters()) / 1e6
     named = {"ceiling": row(f"resolution ceiling (256 -> {size} -> 256)", ceiling, seconds=False),
              "regressor": row(f"regressor (conv U-Net, {params:.2f}M params)", reg),
+             "latent": row("latent regressor (the conv U-Net -> the LDM's latent, decoded by the VAE)", latent),
              "regressor_no_tx": row(f"regressor, transmitter removed ({reg_blank['psnr'] - reg['psnr']:+.2f} dB)",
                                     reg_blank),
              "ldm_no_tx": row("LDM EMA, 5 steps, transmitter removed", ldm_blank)}
@@ -242,8 +256,9 @@ def bench_quality(args: argparse.Namespace) -> None:
     ldm5 = next(r for r in eval_rows if r["name"] == f"LDM EMA, {ABLATION_STEPS} steps")
     named["ldm_no_tx"]["name"] += f" ({named['ldm_no_tx']['psnr'] - ldm5['psnr']:+.2f} dB)"
     rows = [named["ceiling"], row("mean training map (radiodiff-eval baseline)", baseline, seconds=False),
-            named["regressor"], *eval_rows, named["ldm_no_tx"], named["regressor_no_tx"]]
+            named["regressor"], named["latent"], *eval_rows, named["ldm_no_tx"], named["regressor_no_tx"]]
     targets = check_targets(ldm5["psnr"], named["ldm_no_tx"]["psnr"], named["regressor"]["psnr"], eval_rows[0]["psnr"])
+    targets.append(latent_line(ldm5["psnr"], named["latent"]["psnr"], named["regressor"]["psnr"]))
     elapsed = time.perf_counter() - began
     text = "\n".join([header(args, named["num_samples"], elapsed), "", format_table(rows), "", *targets])
     print("\n" + text)

@@ -106,6 +106,34 @@ def test_eval_of_an_ldm_run_covers_the_split(runs, tmp_path: Path) -> None:
     check_outputs(tmp_path, metrics, 2)
 
 
+def test_decoded_latent_target_is_the_vae_reconstruction_and_the_latent_regressor_predicts_maps(runs) -> None:
+    """tools/bench.py quality's latent regressor: decoding its target (the LDM's latent of a map) gives
+    the VAE run's own reconstruction of that map, so a perfect latent regressor scores the VAE row;
+    trained for two updates it maps a condition to that latent's shape and to full-size maps."""
+    from dataclasses import replace
+
+    from pipeline.quality import LatentCodec, latent_regressor
+    from radiodiff.data.shards import ShardLoader
+    from radiodiff.runs import load_models, open_run
+    from radiodiff.runs.predict import make_predictor, sampler_generator, to_native_unit
+
+    cpu = torch.device("cpu")
+    codec, vae_run = LatentCodec(runs["ldm"], cpu), open_run(runs["vae"])
+    data = replace(open_run(runs["ldm"]).config.data, num_workers=0)
+    sample = next(iter(ShardLoader(data, "test", batch_size=2, epochs=1, shuffle=False, num_workers=0)))
+    size = data.image_size // codec.factor
+    reconstruct = make_predictor(load_models(vae_run, cpu), vae_run.config.data, steps=1,
+                                 generator=sampler_generator(0, 0, cpu))
+    z = codec.encode(sample["target"])
+    assert z.shape == (2, codec.channels, size, size)
+    torch.testing.assert_close(to_native_unit(codec.decode(z), data), reconstruct(sample["cond"], sample["target"]),
+                               rtol=0, atol=1e-5)
+    model, predict = latent_regressor(runs["ldm"], data, cpu, steps=2, batch=2, lr=1e-3, seed=0)
+    assert model(sample["cond"]).shape == z.shape
+    pred = predict(sample["cond"], sample["target"])
+    assert pred.shape == (2, 1, 256, 256) and 0 <= pred.min() <= pred.max() <= 1
+
+
 def test_bf16_inference_agrees_with_fp32_within_0_05_db(runs, tmp_path: Path) -> None:
     """The sampler and decoder under bf16 autocast (the GPU default) score like fp32 (here on CPU)."""
     fp32 = run_eval(runs["ldm"], runs["shards"], tmp_path / "fp32", "sampler.steps=2", "precision=fp32",

@@ -71,6 +71,20 @@ def test_regressor_maps_a_condition_to_one_map_of_its_size_with_about_2m_paramet
     assert 1.5e6 < sum(p.numel() for p in model.parameters()) < 2.5e6
 
 
+def test_regressor_with_an_output_stride_stops_its_decoder_at_that_size(bq):
+    model = quality.RegressorUNet(out_channels=4, out_stride=4)
+    assert model(torch.rand(2, 3, 64, 64)).shape == (2, 4, 16, 16)
+    assert len(model.up) == 2 and model.head.in_channels == 64  # two of the four decoder levels
+    for stride in (0, 3, 32):
+        with pytest.raises(ValueError, match=f"out_stride={stride}"):
+            quality.RegressorUNet(out_stride=stride)
+
+
+def test_latent_line_splits_the_gap_to_the_regressor(bq):
+    line = bq.latent_line(ldm_psnr=19.5, latent_psnr=20.25, regressor_psnr=21.5)
+    assert line.startswith("INFO") and "-1.25 dB from the regressor" in line and "-0.75 dB from the latent" in line
+
+
 def test_regressor_loss_is_l1_plus_l2(bq):
     pred, target = torch.tensor([[0.5, -1.0]]), torch.tensor([[0.0, 1.0]])
     assert quality.regression_loss(pred, target).item() == pytest.approx((0.5 + 2.0) / 2 + (0.25 + 4.0) / 2)
