@@ -102,8 +102,9 @@ def regressor_predictor(model: nn.Module, data):
 
 
 class LatentCodec:
-    """An LDM run's latent target and its decoding, as its training and sampler use them:
-    z = scale * the frozen VAE's posterior mode (no sampling noise); map = VAE.decode(z / scale)."""
+    """An LDM run's latent space, with the VAE and scale its training and sampler use: z = scale * the
+    frozen VAE's posterior mode (the mean of the z0 its training samples; a regressor's target has no
+    sampling noise); map = VAE.decode(z / scale), as the sampler decodes."""
 
     def __init__(self, ldm_dir: Path, device: torch.device) -> None:
         from radiodiff.runs import load_models, open_run
