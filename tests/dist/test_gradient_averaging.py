@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist.conftest import STAGE_TINY, TINY, environment
+from tests.dist.conftest import LPIPS, STAGE_TINY, TINY, environment
 
 
 @pytest.mark.parametrize("zero_stage", [1, 2])
 def test_parameters_identical_on_both_ranks_after_a_step(train_shards: Path, tmp_path: Path, zero_stage: int) -> None:
     script = Path(__file__).with_name("grad_average_check.py")
-    overrides = [f"run_dir={tmp_path}", f"data.shards={train_shards}", *TINY, *STAGE_TINY["vae"],
+    overrides = [f"run_dir={tmp_path}", f"data.shards={train_shards}", *TINY, *STAGE_TINY["vae"], *LPIPS,
                  f"deepspeed.zero_stage={zero_stage}", "loss.disc_start=0"]
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(script), *overrides], capture_output=True, text=True, timeout=600, env=environment())

@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from tests.dist.conftest import train
+from tests.dist.conftest import LPIPS, train
 
 
 def test_bf16_parameters_train_and_resume_both_stages(train_shards: Path, tmp_path: Path) -> None:
     common = ["deepspeed.precision=bf16", "train.ckpt_every=1", "train.val_every=2", "train.val_batches=1"]
-    vae = train("vae", tmp_path / "vae", train_shards, *common, "loss.disc_start=0", "train.max_steps=2", nproc=1)
+    vae = train("vae", tmp_path / "vae", train_shards, *common, *LPIPS, "loss.disc_start=0", "train.max_steps=2", nproc=1)
     assert vae.returncode == 0, vae.output[-3000:]
     assert all(math.isfinite(v) for v in vae.losses("ae/loss").values()) and vae.losses("val/psnr")
     ldm_args = [*common, f"vae.checkpoint={vae.run_dir}", "ema.start_step=1", "ema.update_every=1"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist.conftest import train
+from tests.dist.conftest import LPIPS, train
 
 STEPS = 5
 FP32 = ["deepspeed.precision=fp32", "deepspeed.zero_stage=1", "train.global_batch=4", "train.micro_batch=1",
@@ -34,7 +34,7 @@ def assert_same_losses(runs: dict, key: str) -> None:
 @pytest.fixture(scope="module")
 def vae_runs(train_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("vae-ranks")
-    runs = {n: train("vae", root / f"r{n}", train_shards, *FP32, "loss.disc_start=3", nproc=n) for n in GEOMETRIES}
+    runs = {n: train("vae", root / f"r{n}", train_shards, *FP32, *LPIPS, "loss.disc_start=3", nproc=n) for n in GEOMETRIES}
     for n, run in runs.items():
         assert run.returncode == 0, (n, run.output[-3000:])
     return runs

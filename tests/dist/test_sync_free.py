@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist.conftest import STAGE_TINY, TINY, environment
+from tests.dist.conftest import LPIPS, STAGE_TINY, TINY, environment
 
 SCRIPT = Path(__file__).with_name("sync_count_check.py")
 ACCUM = 2  # global batch 8 = micro batch 2 x 2 ranks x 2 accumulation steps
@@ -44,7 +44,7 @@ def check_quiet_updates(results: list[dict]) -> None:
 @pytest.fixture(scope="module")
 def vae_counts(train_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
     run_dir = tmp_path_factory.mktemp("sync-vae")
-    return run_dir, counted_run("vae", run_dir, train_shards, "loss.disc_start=0")
+    return run_dir, counted_run("vae", run_dir, train_shards, *LPIPS, "loss.disc_start=0")
 
 
 def test_vae_gan_update_has_one_collective_and_one_host_read_per_micro_batch(vae_counts) -> None:
