@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist.conftest import LPIPS, train
+from tests.dist.conftest import train
 
 # The decay horizon is fixed so that stopping with max_steps=4 keeps the 8-step run's learning rates.
 COMMON = ["deepspeed.zero_stage=2", "deepspeed.precision=autocast", "train.ckpt_every=2", "train.lr_decay_steps=8"]
@@ -16,9 +16,9 @@ COMMON = ["deepspeed.zero_stage=2", "deepspeed.precision=autocast", "train.ckpt_
 def vae_runs(train_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
     root = tmp_path_factory.mktemp("vae-resume")
     # disc_start=3: the GAN terms and the adaptive weight switch on inside the window.
-    whole = train("vae", root / "whole", train_shards, *COMMON, *LPIPS, "loss.disc_start=3", "train.max_steps=8")
-    half = train("vae", root / "half", train_shards, *COMMON, *LPIPS, "loss.disc_start=3", "train.max_steps=4")
-    resumed = train("vae", root / "half", train_shards, *COMMON, *LPIPS, "loss.disc_start=3", "train.max_steps=8")
+    whole = train("vae", root / "whole", train_shards, *COMMON, "loss.disc_start=3", "train.max_steps=8")
+    half = train("vae", root / "half", train_shards, *COMMON, "loss.disc_start=3", "train.max_steps=4")
+    resumed = train("vae", root / "half", train_shards, *COMMON, "loss.disc_start=3", "train.max_steps=8")
     return whole, half, resumed
 
 
