@@ -16,8 +16,8 @@ BIN = Path(sys.executable).parent
 # Tiny, fast, deterministic: 64 px maps, no data-loader workers, metrics every step, no wandb.
 TINY = ["model=tiny", "data.num_workers=0", "train.global_batch=4", "train.micro_batch=2", "train.log_every=1", "wandb.enabled=false"]
 # The VAE-GAN without its LPIPS term unless a test is about the objective itself: with no pretrained
-# VGG16 (never downloaded) LPIPS is a random network, no signal, yet most of a tiny step and ~1.5 s of
-# start-up per rank. The tests of the objective (rank invariance, BF16, gradient averaging, sync-free
+# VGG16 (never downloaded) LPIPS is a random network, no signal, yet a large part of a tiny step and
+# ~1.5 s of start-up per rank. The tests of the objective (rank invariance, BF16, gradient averaging, sync-free
 # steps) put it back with LPIPS; exact resume does without (a frozen, stateless network adds nothing to
 # what a checkpoint must restore).
 STAGE_TINY = {"vae": ["perceptual.pretrained=false", "loss.perceptual_weight=0"], "ldm": []}

@@ -13,10 +13,10 @@ from omegaconf import OmegaConf
 from radiodiff.cli import compose, run_app, split_config_file
 from radiodiff.config import ConfigError, TrainVaeConfig, TuneSweepConfig
 from pipeline.tune import check_search_available, tune_command
+from tests.dist.conftest import STAGE_TINY
 
-# No LPIPS term: with a random VGG16 it carries no signal and costs most of a tiny step.
-TINY = ["model=tiny", "data.num_workers=0", "perceptual.pretrained=false", "loss.perceptual_weight=0",
-        "wandb.enabled=false", "train.val_batches=1", "tune.cpus_per_trial=1", "ray.num_cpus=2"]
+TINY = ["model=tiny", "data.num_workers=0", *STAGE_TINY["vae"], "wandb.enabled=false", "train.val_batches=1",
+        "tune.cpus_per_trial=1", "ray.num_cpus=2"]
 
 
 def sweep(out_dir: Path, shards: Path, *overrides: str) -> int:
