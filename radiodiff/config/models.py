@@ -127,7 +127,10 @@ def discriminator_preset(name: str) -> DiscriminatorConfig:
 
 @dataclass
 class ConditionEncoderConfig:
-    """Swin-style hierarchical condition encoder; features at strides 4, 8, 16, 32.
+    """Swin-style hierarchical condition encoder; features at strides patch_size * (1, 2, 4, 8).
+
+    patch_size must be the VAE's downsampling factor (stage 2 checks it): 4 as published, 2 for a
+    factor-2 VAE (a finer latent at small image sizes).
 
     window_size=8 divides the stride-4..32 feature sizes of a 256 condition (64, 32, 16, 8);
     Swin-B's ImageNet window of 7 does not.
@@ -138,7 +141,7 @@ class ConditionEncoderConfig:
     depths: list[int] = field(default_factory=lambda: [2, 2, 18, 2])
     num_heads: list[int] = field(default_factory=lambda: [4, 8, 16, 32])
     window_size: int = 8
-    patch_size: int = 4
+    patch_size: int = 4  # = the VAE's downsampling factor: the first feature has the latent's size
     mlp_ratio: float = 4.0
     pretrained_path: Optional[str] = None  # a local state-dict file; never downloaded
 
@@ -194,7 +197,7 @@ class UNetConfig:
         if not self.dim_mults:
             raise ConfigError("unet.dim_mults must not be empty")
         if len(self.dim_mults) != 4:
-            # Level i reads the condition feature at stride 4 * 2**i, and there are four of them.
+            # Level i reads the condition feature at stride patch_size * 2**i, and there are four of them.
             raise ConfigError(f"unet.dim_mults={self.dim_mults}: expected 4 levels (one per condition stride)")
         for i, mult in enumerate(self.dim_mults):
             check_positive(f"unet.dim_mults[{i}]", mult)

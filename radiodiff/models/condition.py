@@ -4,7 +4,8 @@ A patch embedding (stride ``patch_size``) is followed by four stages of window s
 with a learned relative position bias; every second block shifts its windows by half a window
 (cyclic shift plus an attention mask, so a token never attends across the wrap-around seam), and a
 patch merging layer halves the resolution and doubles the width between stages. The encoder returns
-the normalised output of every stage: strides 4, 8, 16, 32 with widths ``embed_dim * (1, 2, 4, 8)``.
+the normalised output of every stage: strides ``patch_size * (1, 2, 4, 8)`` (4, 8, 16, 32 by default)
+with widths ``embed_dim * (1, 2, 4, 8)``.
 
 Module and parameter names follow the layout of the official Swin checkpoints (``patch_embed.proj``,
 ``layers.{i}.blocks.{j}.attn.qkv``, ``layers.{i}.downsample.reduction``, ...), so a converted

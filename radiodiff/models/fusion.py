@@ -41,18 +41,22 @@ def tx_distance_map(cond: torch.Tensor, channel: int = TX_CHANNEL) -> torch.Tens
 
 
 class ConditionStem(nn.Module):
-    """Conv stack on the raw condition: features at strides 4, 8, 16, 32, widths ``dim*(1,2,4,4)``.
+    """Conv stack on the raw condition: features at strides ``first_stride * (1, 2, 4, 8)`` (the condition
+    encoder's), widths ``dim*(1,2,4,4)``; ``first_stride`` is 4 (the published layout) or 2 (a factor-2 VAE).
 
-    Two 3x3 conv-GroupNorm-SiLU layers per resolution (full, 1/2, then one pair per level) with 2x2
-    max-pooling between resolutions. Max-pooling is what lets the network *learn* to use the one-pixel
+    Two 3x3 conv-GroupNorm-SiLU layers per resolution (full, 1/2 when ``first_stride`` is 4, then one
+    pair per level) with 2x2 max-pooling between resolutions. Max-pooling is what lets the network *learn* to use the one-pixel
     transmitter: the peak it makes in the first layers survives every pooling at full strength. With
     stride-2 convolutions instead (every pixel still reaches every level), the transmitter's share of
     each output is a few percent of the buildings', and the U-Net trained as a direct latent regressor
     did not learn to use it in 400 updates (radiodiff/models/README.md).
     """
 
-    def __init__(self, in_channels: int, dim: int, groups: int) -> None:
+    def __init__(self, in_channels: int, dim: int, groups: int, first_stride: int = 4) -> None:
         super().__init__()
+        if first_stride not in (2, 4):
+            raise ValueError(f"the condition stem starts at stride 2 or 4, not {first_stride} "
+                             "(condition.patch_size); set unet.cond_stem_dim=0 for other patch sizes")
         self.widths = [dim, 2 * dim, 4 * dim, 4 * dim]
 
         def pair(cin: int, cout: int) -> nn.Sequential:
@@ -60,15 +64,18 @@ class ConditionStem(nn.Module):
                                  nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(groups, cout), nn.SiLU())
 
         self.full = pair(in_channels, dim)  # stride 1
-        self.half_res = pair(dim, dim)  # stride 2
+        # stride 2 (before the first level at stride 4); the stride-2 layout's first level is this resolution
+        self.half_res = pair(dim, dim) if first_stride == 4 else None
         self.levels = nn.ModuleList(pair(cin, cout) for cin, cout in zip([dim, *self.widths[:-1]], self.widths))
 
     def forward(self, cond: torch.Tensor) -> list[torch.Tensor]:
-        x = self.half_res(F.max_pool2d(self.full(cond), 2))  # (B, dim, H / 2, W / 2)
+        x = self.full(cond)  # (B, dim, H, W)
+        if self.half_res is not None:
+            x = self.half_res(F.max_pool2d(x, 2))  # (B, dim, H / 2, W / 2)
         features = []
         for level in self.levels:
             x = level(F.max_pool2d(x, 2))
-            features.append(x)  # (B, widths[i], H / (4 * 2**i), W / (4 * 2**i))
+            features.append(x)  # (B, widths[i], H / (first_stride * 2**i), W / (first_stride * 2**i))
         return features
 
 

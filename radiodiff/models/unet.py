@@ -1,13 +1,13 @@
 """Two-head conditional U-Net of RadioDiff: (z_t, t, condition image) -> (C_hat, eps_hat).
 
 Layout (widths ``dim * dim_mults``, four levels whose resolutions match the condition encoder's
-strides 4, 8, 16, 32 when the condition is 4x the latent size; design and measurements in
-radiodiff/models/README.md):
+strides p * (1, 2, 4, 8), p = ``condition.patch_size``, the VAE's factor: 4 in the published layout,
+2 for a factor-2 VAE; design and measurements in radiodiff/models/README.md):
 
 - condition features: the Swin encoder's four stages, optionally concatenated with a small conv stem
   on the raw condition (``cond_stem_dim``), optionally fed a distance-to-transmitter channel
-  (``tx_distance``); "the condition feature of level i" is the stride 4*2**i one;
-- input: z_t concatenated with the stride-4 condition feature (1x1 conv to ``dim``), 7x7 conv;
+  (``tx_distance``); "the condition feature of level i" is the stride p*2**i one;
+- input: z_t concatenated with the stride-p condition feature (1x1 conv to ``dim``), 7x7 conv;
 - time: log(t)/4 -> fixed random Fourier features -> MLP; residual blocks use it as scale/shift;
 - encoder level i: res block, condition fusion, res block, linear attention, strided-conv downsample
   (not after the last level). The fusion (radiodiff/models/fusion.py) is (a) dense: the level's
@@ -174,7 +174,8 @@ class ConditionalUNet(nn.Module):
         if cfg.tx_distance:
             cond_cfg = dataclasses.replace(cond_cfg, in_channels=cond_in)
         self.cond_encoder = ConditionEncoder(cond_cfg)
-        self.cond_stem = ConditionStem(cond_in, cfg.cond_stem_dim, cfg.norm_groups) if cfg.cond_stem_dim else None
+        self.cond_stem = (ConditionStem(cond_in, cfg.cond_stem_dim, cfg.norm_groups, cond_cfg.patch_size)
+                          if cfg.cond_stem_dim else None)
         cond_widths = list(self.cond_encoder.widths)
         if self.cond_stem is not None:
             cond_widths = [a + b for a, b in zip(cond_widths, self.cond_stem.widths)]
@@ -213,9 +214,11 @@ class ConditionalUNet(nn.Module):
         self._check_inputs(z_t, t)
         features = self.condition_features(cond)
         if features[0].shape[-2:] != z_t.shape[-2:]:
+            stride = self.cond_encoder.cfg.patch_size
             raise ValueError(
-                f"the stride-4 condition feature is {tuple(features[0].shape[-2:])} but the latent is "
-                f"{tuple(z_t.shape[-2:])}: the condition must be 4x the latent size"
+                f"the stride-{stride} condition feature is {tuple(features[0].shape[-2:])} but the latent is "
+                f"{tuple(z_t.shape[-2:])}: the condition must be {stride}x the latent size "
+                "(condition.patch_size is the VAE's downsampling factor)"
             )
         temb = self.time_embed(t)  # (B, 4 * dim)
         first = self.init_conv(torch.cat([z_t, self.cond_in(features[0])], dim=1))  # (B, dim, h, w)

@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from radiodiff.config import ConfigError, DataConfig, TrainLdmConfig, TrainVaeConfig
+from radiodiff.config import ConfigError, DataConfig, ModelConfig, TrainLdmConfig, TrainVaeConfig
 from radiodiff.data.manifest import read_manifest
 from radiodiff.data.schema import NATIVE_SIZE
 from radiodiff.data.shards import ShardLoader
@@ -134,6 +134,18 @@ def check_vae_data(data: DataConfig, vae: FrozenVae, where: str) -> None:
                f"{vae.data.simulation}; its latents may fit these maps less well")
 
 
+def check_vae_layout(model: ModelConfig, image_size: int, factor: int, where: str) -> None:
+    """The U-Net's latent size and the condition encoder's first stride must follow the VAE's factor."""
+    latent = image_size // factor
+    if latent != model.unet.latent_size:
+        raise ConfigError(f"model.unet.latent_size={model.unet.latent_size} but data.image_size={image_size} / "
+                          f"the factor {factor} of the VAE ({where}) gives {latent}")
+    if model.condition.patch_size != factor:
+        raise ConfigError(f"model.condition.patch_size={model.condition.patch_size} but the VAE ({where}) "
+                          f"downsamples by {factor}: the condition's first feature must have the latent's size; "
+                          f"set model.condition.patch_size={factor}")
+
+
 def _ldm_validation(cfg: TrainLdmConfig, dist: DistInfo, vae: FrozenVae, engine, ema: EMA,
                     scale: LatentScale) -> Callable[[int], dict[str, float]]:
     """Samples with the EMA weights once the EMA averages (logged as ``val/ema``), else the raw ones."""
@@ -159,10 +171,7 @@ def build_ldm_stage(cfg: TrainLdmConfig, dist: DistInfo, *, load_universal: bool
     restride_frozen(vae.model, cfg.train.channels_last)
     if cfg.data.latents is not None:
         check_cache(cfg.data, vae, cfg.vae.checkpoint)
-    latent = cfg.data.image_size // vae.config.downsample_factor
-    if latent != cfg.model.unet.latent_size:
-        raise ConfigError(f"model.unet.latent_size={cfg.model.unet.latent_size} but data.image_size="
-                          f"{cfg.data.image_size} / the VAE's factor {vae.config.downsample_factor} gives {latent}")
+    check_vae_layout(cfg.model, cfg.data.image_size, vae.config.downsample_factor, cfg.vae.checkpoint)
     std = measure_latent_std(cfg, vae, dist)
     scale = LatentScale(1.0 / std if cfg.diffusion.scale_factor == AUTO else latent_scale(cfg.diffusion, vae.config))
     print0(f"latent std {std:.4f}: scale factor {scale.value:.4f} ({cfg.diffusion.scale_factor or 'the VAE config'}) "

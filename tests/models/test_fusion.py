@@ -161,17 +161,24 @@ def test_zero_init_fusion_starts_as_a_group_norm() -> None:
     assert out.shape == x.shape
 
 
-def test_stem_shapes_and_every_pixel_reaches_every_level() -> None:
+@pytest.mark.parametrize("first_stride", [4, 2])
+def test_stem_shapes_and_every_pixel_reaches_every_level(first_stride: int) -> None:
     torch.manual_seed(0)
-    stem = ConditionStem(in_channels=3, dim=4, groups=2).eval()
+    stem = ConditionStem(in_channels=3, dim=4, groups=2, first_stride=first_stride).eval()
     x = torch.zeros(1, 3, 64, 64)
     base = stem(x)
-    assert [tuple(f.shape) for f in base] == [(1, 4, 16, 16), (1, 8, 8, 8), (1, 16, 4, 4), (1, 16, 2, 2)]
-    for row, col in [(0, 0), (1, 2), (3, 3), (62, 61)]:  # every phase of the stride-4 grid
+    sizes = [64 // (first_stride * 2**i) for i in range(4)]
+    assert [tuple(f.shape) for f in base] == [(1, w, s, s) for w, s in zip((4, 8, 16, 16), sizes)]
+    for row, col in [(0, 0), (1, 2), (3, 3), (62, 61)]:  # every phase of the stride-4 (and stride-2) grid
         y = x.clone()
         y[0, 1, row, col] = 1.0
         for i, (a, b) in enumerate(zip(base, stem(y))):
             assert (a - b).abs().amax() > 1e-4, (row, col, i)
+
+
+def test_stem_at_another_first_stride_is_refused_naming_the_way_out() -> None:
+    with pytest.raises(ValueError, match="stride 2 or 4, not 8 .*cond_stem_dim=0"):
+        ConditionStem(in_channels=3, dim=4, groups=2, first_stride=8)
 
 
 def test_stem_config_is_validated() -> None:

@@ -45,6 +45,28 @@ def test_tiny_shapes_and_determinism() -> None:
     assert count_parameters(a) == TINY_TOTAL_PARAMETERS
 
 
+def test_a_factor_2_layout_takes_a_latent_half_the_condition_and_every_pixel_of_it_counts() -> None:
+    # A factor-2 VAE at 64x64 gives a 32x32 latent; condition.patch_size=2 puts the condition's first
+    # feature (Swin stage and stem) at that size, and the levels at 32, 16, 8, 4.
+    torch.manual_seed(0)
+    model = ConditionalUNet(dataclasses.replace(UNET_PRESETS["tiny"], latent_size=32),
+                            dataclasses.replace(CONDITION_PRESETS["tiny"], patch_size=2)).eval()
+    assert [tuple(f.shape[-2:]) for f in model.condition_features(torch.zeros(1, 3, 64, 64))] == [
+        (32, 32), (16, 16), (8, 8), (4, 4)]
+    g = torch.Generator().manual_seed(1)
+    z_t, t = torch.randn(1, 3, 32, 32, generator=g), torch.full((1,), 0.9)
+    cond = -torch.ones(1, 3, 64, 64)
+    moved = cond.clone()
+    cond[0, 1, 10, 11], moved[0, 1, 11, 11] = 1.0, 1.0  # the transmitter one pixel apart: the same 2x2 cell
+    with torch.no_grad():
+        c_hat, eps_hat = model(z_t, t, cond)
+        c_moved, _ = model(z_t, t, moved)
+    assert c_hat.shape == eps_hat.shape == (1, 3, 32, 32)
+    assert (c_hat - c_moved).abs().amax() > 1e-4
+    with pytest.raises(ValueError, match="stride-2 condition feature is \\(16, 16\\).*2x the latent"):
+        model(z_t, t, cond[..., :32, :32])  # a condition of the latent's size (as with a factor-1 VAE)
+
+
 def test_time_and_condition_change_the_output() -> None:
     z_t, t, cond = tiny_inputs()
     model = tiny_unet().eval()
@@ -60,7 +82,7 @@ def test_wrong_latent_size_is_a_clear_error() -> None:
     model = tiny_unet().eval()
     with pytest.raises(ValueError, match="latent_size=16"):
         model(torch.randn(1, 3, 32, 32), torch.rand(1), torch.randn(1, 3, 128, 128))
-    with pytest.raises(ValueError, match="4x the latent"):
+    with pytest.raises(ValueError, match="stride-4 condition feature is \\(32, 32\\).*4x the latent"):
         model(torch.randn(1, 3, 16, 16), torch.rand(1), torch.randn(1, 3, 128, 128))
     with pytest.raises(ValueError, match="sized for a 8x8"):
         FrequencyFilter(4, 8)(torch.randn(1, 4, 4, 4))
