@@ -1,7 +1,7 @@
 """The `quality` benchmark of tools/bench.py: how good the trained models are, against references.
 
-    python tools/bench.py quality [--maps 100 --tx 8 --seed 11 --image-size 64 --vae-steps 600
-                                   --ldm-steps 1000 --batch 8 --lr 1e-3 --out bench_quality]
+    python tools/bench.py quality [--maps 100 --tx 8 --seed 11 --image-size 64 --latent-factor 4
+                                   --vae-steps 600 --ldm-steps 1000 --batch 8 --lr 1e-3 --out bench_quality]
                                   [--quick] [--keep-work] [--vae-override k=v ...] [--ldm-override k=v ...]
 
 On a synthetic RadioMapSeer made for the run (Ray sharding, radiounet protocol), the real
@@ -68,11 +68,20 @@ EVAL_BATCH = 32  # test maps per forward pass when scoring: tiny models on a CPU
 VAE_LOSS = ("perceptual.pretrained=false", "loss.perceptual_weight=0")
 
 
-def size_overrides(size: int) -> list[str]:
-    """The tiny preset is 64x64; other sizes scale the latent and the autoencoder's resolution with it."""
+# The VAE's downsampling factor: the tiny preset's 4 (ch_mult [1, 2, 2], a 16x16 latent at 64x64), or
+# 2 (one downsampling: a 32x32 latent), which the condition encoder follows with its first stride.
+FACTOR_OVERRIDES = {4: [], 2: ["model.autoencoder.ch_mult=[1,2]", "model.condition.patch_size=2"]}
+
+
+def size_overrides(size: int, factor: int = 4) -> list[str]:
+    """The tiny preset is 64x64 with a factor-4 VAE; other sizes scale the latent and the autoencoder's
+    resolution with it, and factor 2 gives the VAE one downsampling and the condition encoder stride 2."""
     if size % SIZE_MULTIPLE:
         raise ValueError(f"--image-size {size} must be a multiple of {SIZE_MULTIPLE}")
-    return [f"data.image_size={size}", f"model.unet.latent_size={size // 4}", f"model.autoencoder.resolution={size}"]
+    if factor not in FACTOR_OVERRIDES:
+        raise ValueError(f"--latent-factor {factor}: one of {sorted(FACTOR_OVERRIDES)}")
+    return [f"data.image_size={size}", f"model.unet.latent_size={size // factor}",
+            f"model.autoencoder.resolution={size}", *FACTOR_OVERRIDES[factor]]
 
 
 def size_note(size: int) -> str:
@@ -85,7 +94,8 @@ def train_overrides(args: argparse.Namespace, run_dir: Path, shards: Path, steps
     return [f"run_dir={run_dir}", f"data.shards={shards}", "model=tiny", f"seed={args.seed}",
             f"train.max_steps={steps}", f"train.global_batch={args.batch}", f"train.micro_batch={args.batch}",
             f"train.lr={args.lr}", f"train.min_lr={args.lr / 10}", f"train.log_every={max(1, steps // 10)}",
-            f"train.ckpt_every={steps}", "data.num_workers=0", "wandb.mode=offline", *size_overrides(args.image_size)]
+            f"train.ckpt_every={steps}", "data.num_workers=0", "wandb.mode=offline",
+            *size_overrides(args.image_size, args.latent_factor)]
 
 
 def run_command(script: str, overrides: list[str], log: Path, threads: int) -> None:
@@ -226,7 +236,8 @@ def header(args: argparse.Namespace, num_samples: int, elapsed: float) -> str:
     parts = [(f"quality benchmark: synthetic RadioMapSeer {args.maps} maps x {args.tx} tx (seed {args.seed}), "
               f"test split {num_samples} samples scored at 256x256 on the [0, 1] gray scale"),
              (f"models at {args.image_size}x{args.image_size} ({size_note(args.image_size)}; the ceiling row is what "
-              "the size costs)"),
+              f"the size costs), latent {args.image_size // args.latent_factor}x{args.image_size // args.latent_factor}"
+              f" (VAE factor {args.latent_factor})"),
              (f"VAE {args.vae_steps} updates (no LPIPS: no pretrained VGG16), LDM and regressor {args.ldm_steps}, "
               f"batch {args.batch}, lr {args.lr:g} decaying to lr/10"),
              *overrides,
@@ -275,6 +286,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tx", type=int, help=f"transmitters per city (default {DEFAULTS['tx']})")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--image-size", type=int, default=64, help="model size (tiny preset: 64)")
+    parser.add_argument("--latent-factor", type=int, default=4, choices=sorted(FACTOR_OVERRIDES),
+                        help="the VAE's downsampling factor: 4 (the tiny preset) or 2 (a latent twice as fine)")
     parser.add_argument("--vae-steps", type=int, help=f"VAE-GAN updates (default {DEFAULTS['vae_steps']})")
     parser.add_argument("--ldm-steps", type=int, help=f"LDM and regressor updates (default {DEFAULTS['ldm_steps']})")
     parser.add_argument("--batch", type=int, help=f"micro batch of every model (default {DEFAULTS['batch']})")

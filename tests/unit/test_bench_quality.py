@@ -95,3 +95,17 @@ def test_model_sizes_other_than_multiples_of_32_are_refused(bq):
                                       "model.autoencoder.resolution=128"]
     with pytest.raises(ValueError, match="multiple of 32"):
         bq.size_overrides(80)
+
+
+def test_a_factor_2_latent_gives_the_vae_one_downsampling_and_the_condition_stride_2(bq):
+    overrides = bq.size_overrides(64, factor=2)
+    assert overrides == ["data.image_size=64", "model.unet.latent_size=32", "model.autoencoder.resolution=64",
+                         "model.autoencoder.ch_mult=[1,2]", "model.condition.patch_size=2"]
+    from radiodiff.cli import compose
+
+    cfg = compose("train_ldm", ["run_dir=/unused", "data.shards=/unused", "vae.checkpoint=/unused", "model=tiny",
+                                *overrides])
+    assert cfg.model.autoencoder.downsample_factor == 2 and cfg.model.condition.patch_size == 2
+    assert cfg.model.unet.latent_size == 64 // 2
+    with pytest.raises(ValueError, match="--latent-factor 8"):
+        bq.size_overrides(64, factor=8)
