@@ -1,6 +1,6 @@
 """The `quality` benchmark of tools/bench.py: how good the trained models are, against references.
 
-    python tools/bench.py quality [--maps 100 --tx 8 --seed 11 --image-size 64 --latent-factor 4
+    python tools/bench.py quality [--maps 100 --tx 8 --seed 11 --image-size 64 --latent-factor 2
                                    --vae-steps 600 --ldm-steps 1000 --batch 8 --lr 1e-3 --out bench_quality]
                                   [--quick] [--keep-work] [--vae-override k=v ...] [--ldm-override k=v ...]
 
@@ -54,10 +54,13 @@ from radiodiff.launch import console_command
 SAMPLER_STEPS = (1, 2, 5, 10)
 ABLATION_STEPS = 5
 TARGET_TX_DROP_DB, TARGET_VS_REGRESSOR_DB, TARGET_VS_VAE_DB = 3.0, 1.0, 1.5
-# Full run: 30 CPU-minutes measured (16.6 minutes wall with --threads 2 on the 2 idle cores; per update at
-# batch 8 on one thread: VAE ~0.5 s, LDM ~0.6 s, regressors ~0.2 s; synthesis, 9 evaluations and the
-# in-process scoring ~6 min). The LDM gets 1,000 updates, not fewer: at 700 its transmitter ablation sat
-# at the 3 dB threshold (-2.9 to -3.2 dB over runs), so the check would have read noise.
+# Full run: 44 CPU-minutes measured (24.4 minutes wall with --threads 2 on the 2 idle cores; 30 and 16.6
+# with --latent-factor 4; per update at batch 8 on 2 threads: VAE ~0.65 s, LDM ~0.55 s at factor 2).
+# The LDM gets 1,000 updates, not fewer: at 700 its transmitter ablation sat at the 3 dB threshold (-2.9
+# to -3.2 dB over runs, factor 4), so the check would have read noise.
+# The latent is 32x32 (--latent-factor 2), not the tiny preset's 16x16: at 16x16 the same conv U-Net
+# regressing the latent scored 1.3 dB below it regressing the map (the latent's size limiting every latent
+# model); at 32x32 0.05 dB below, so the benchmark measures the diffusion model (24.4 minutes wall).
 # Quick: a smoke run of every step, ~4 minutes (mostly process start-ups).
 DEFAULTS = {"maps": 100, "tx": 8, "vae_steps": 600, "ldm_steps": 1000, "batch": 8}
 QUICK = {"maps": 24, "tx": 8, "vae_steps": 40, "ldm_steps": 40, "batch": 4}
@@ -286,8 +289,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tx", type=int, help=f"transmitters per city (default {DEFAULTS['tx']})")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--image-size", type=int, default=64, help="model size (tiny preset: 64)")
-    parser.add_argument("--latent-factor", type=int, default=4, choices=sorted(FACTOR_OVERRIDES),
-                        help="the VAE's downsampling factor: 4 (the tiny preset) or 2 (a latent twice as fine)")
+    parser.add_argument("--latent-factor", type=int, default=2, choices=sorted(FACTOR_OVERRIDES),
+                        help="the VAE's downsampling factor: 2 (default: a 32x32 latent at 64x64) or 4 (the tiny "
+                             "preset's 16x16 latent, which alone costs the latent models ~1.3 dB at the defaults)")
     parser.add_argument("--vae-steps", type=int, help=f"VAE-GAN updates (default {DEFAULTS['vae_steps']})")
     parser.add_argument("--ldm-steps", type=int, help=f"LDM and regressor updates (default {DEFAULTS['ldm_steps']})")
     parser.add_argument("--batch", type=int, help=f"micro batch of every model (default {DEFAULTS['batch']})")
