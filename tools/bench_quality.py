@@ -60,11 +60,11 @@ TARGET_TX_DROP_DB, TARGET_VS_REGRESSOR_DB, TARGET_VS_VAE_DB = 3.0, 1.0, 1.5
 # to -3.2 dB over runs, factor 4), so the check would have read noise.
 # The latent is 32x32 (--latent-factor 2), not the tiny preset's 16x16: at 16x16 the same conv U-Net
 # regressing the latent scored 1.3 dB below it regressing the map (the latent's size limiting every latent
-# model); at 32x32 0.05 dB below, so the benchmark measures the diffusion model (24.4 minutes wall).
+# model); at 32x32 0.05 dB below, so the benchmark measures the diffusion model.
 # Quick: a smoke run of every step, ~4 minutes (mostly process start-ups).
 DEFAULTS = {"maps": 100, "tx": 8, "vae_steps": 600, "ldm_steps": 1000, "batch": 8}
 QUICK = {"maps": 24, "tx": 8, "vae_steps": 40, "ldm_steps": 40, "batch": 4}
-SIZE_MULTIPLE = 32  # the condition encoder's coarsest stride (the tiny preset: latent size/4, 3 downsamples)
+SIZE_MULTIPLE = 32  # the condition encoder's coarsest stride at factor 4 (at factor 2 it is 16: 32 covers both)
 EVAL_BATCH = 32  # test maps per forward pass when scoring: tiny models on a CPU are overhead-bound
 # Without pretrained VGG16 weights (none are downloaded) LPIPS is a random network: no perceptual
 # signal, yet ~90% of a tiny VAE-GAN step at 64x64. The VAE trains on L1 + KL + GAN instead.
