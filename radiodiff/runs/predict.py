@@ -54,12 +54,13 @@ def to_native_unit(x: torch.Tensor, data: DataConfig) -> torch.Tensor:
 
 
 def make_predictor(models: LoadedModels, data: DataConfig, *, steps: int, generator: torch.Generator,
-                   precision: str = "fp32") -> Predict:
+                   precision: str = "fp32", draws: int = 1) -> Predict:
     """``predict(cond, target)`` at model size -> (B, 1, 256, 256) in [0, 1].
 
     VAE run: the reconstruction of ``target`` from the posterior mode (deterministic). LDM run:
     ``steps`` bridge-sampler steps from ``cond`` (``target`` is unused), noise from ``generator``
-    only, decoded by the frozen VAE. ``precision``: the networks run under bf16 autocast unless fp32.
+    only, decoded by the frozen VAE; with ``draws`` > 1 the mean of that many draws (one after the other
+    from ``generator``) on the [0, 1] scale. ``precision``: the networks run under bf16 autocast unless fp32.
     """
     vae = models.vae
     device = next(vae.parameters()).device
@@ -73,13 +74,19 @@ def make_predictor(models: LoadedModels, data: DataConfig, *, steps: int, genera
     unet, scale, eps = models.unet, models.scale_factor, models.eps
     factor = vae.cfg.downsample_factor
 
-    def predict(cond: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def draw(cond: torch.Tensor) -> torch.Tensor:
         b, _, h, w = cond.shape
         shape = (b, vae.cfg.embed_dim, h // factor, w // factor)
         with torch.no_grad(), autocast(device, precision):
             z = sample(lambda z_t, t: unet(z_t, t, cond), shape, steps=steps, eps=eps, generator=generator)
             pred = vae.decode(z / scale)
         return to_native_unit(pred.float(), data)
+
+    def predict(cond: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        total = draw(cond)
+        for _ in range(draws - 1):
+            total = total + draw(cond)
+        return total if draws == 1 else total / draws
 
     return predict
 

@@ -99,8 +99,9 @@ def test_eval_on_two_ranks_equals_one_rank_for_a_vae_run(runs, vae_eval: Path, t
 
 
 def test_eval_of_an_ldm_run_covers_the_split(runs, tmp_path: Path) -> None:
-    metrics = run_eval(runs["ldm"], runs["shards"], tmp_path, "sampler.steps=2", "num_grid=2")
+    metrics = run_eval(runs["ldm"], runs["shards"], tmp_path, "sampler.steps=2", "sampler.draws=2", "num_grid=2")
     assert metrics["stage"] == "ldm" and metrics["sampler_steps"] == 2 and metrics["use_ema"] is True
+    assert metrics["sampler_draws"] == 2
     assert timed_at_batch1(metrics)
     assert metrics["num_samples"] == split_size(runs["shards"], "test")
     check_outputs(tmp_path, metrics, 2)
@@ -132,6 +133,25 @@ def test_decoded_latent_target_is_the_vae_reconstruction_and_the_latent_regresso
     assert model(sample["cond"]).shape == z.shape
     pred = predict(sample["cond"], sample["target"])
     assert pred.shape == (2, 1, 256, 256) and 0 <= pred.min() <= pred.max() <= 1
+
+
+def test_mean_of_draws_is_the_numpy_mean_of_single_draws_in_generator_order(runs) -> None:
+    """sampler.draws=3: the prediction is the mean of the three maps that three single-draw calls
+    make from the same generator, one after the other (checked in numpy); the draws differ."""
+    from dataclasses import replace
+
+    from radiodiff.data.shards import ShardLoader
+    from radiodiff.runs import load_models, open_run
+    from radiodiff.runs.predict import make_predictor, sampler_generator
+
+    cpu, run = torch.device("cpu"), open_run(runs["ldm"])
+    models, data = load_models(run, cpu), replace(run.config.data, num_workers=0)
+    cond = next(iter(ShardLoader(data, "test", batch_size=2, epochs=1, shuffle=False, num_workers=0)))["cond"]
+    mean = make_predictor(models, data, steps=2, draws=3, generator=sampler_generator(7, 0, cpu))(cond, None)
+    single = make_predictor(models, data, steps=2, generator=sampler_generator(7, 0, cpu))
+    draws = np.stack([single(cond, None).numpy() for _ in range(3)])
+    assert mean.shape == (2, 1, 256, 256) and np.abs(draws[0] - draws[1]).mean() > 1e-4
+    np.testing.assert_allclose(mean.numpy(), draws.mean(axis=0), rtol=0, atol=1e-6)
 
 
 def test_bf16_inference_agrees_with_fp32_within_0_05_db(runs, tmp_path: Path) -> None:

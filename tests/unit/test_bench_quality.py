@@ -85,6 +85,12 @@ def test_latent_line_splits_the_gap_to_the_regressor(bq):
     assert line.startswith("INFO") and "-1.25 dB from the regressor" in line and "-0.75 dB from the latent" in line
 
 
+def test_draws_line_gives_the_mean_of_draws_against_both_references(bq):
+    line = bq.draws_line(mean_psnr=21.25, regressor_psnr=22.0, vae_psnr=24.5)
+    assert line.startswith(f"INFO  the mean of {bq.MEAN_DRAWS} draws")
+    assert "-0.75 dB from the regressor" in line and "-3.25 dB from the VAE" in line
+
+
 def test_regressor_loss_is_l1_plus_l2(bq):
     pred, target = torch.tensor([[0.5, -1.0]]), torch.tensor([[0.0, 1.0]])
     assert quality.regression_loss(pred, target).item() == pytest.approx((0.5 + 2.0) / 2 + (0.25 + 4.0) / 2)

@@ -170,3 +170,5 @@ def test_config_validation_names_key() -> None:
         DiffusionConfig(scale_factor=-1.0)
     with pytest.raises(ConfigError, match="sampler.steps"):
         SamplerConfig(steps=0)
+    with pytest.raises(ConfigError, match="sampler.draws"):
+        SamplerConfig(draws=0)
