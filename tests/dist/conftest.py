@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -62,3 +63,16 @@ def start(stage: str, run_dir: Path, shards: Path, *overrides: str, nproc: int =
     args = [f"run_dir={run_dir}", f"data.shards={shards}", *TINY, *STAGE_TINY[stage], *overrides]
     return subprocess.Popen(console_command(f"radiodiff-train-{stage}", nproc) + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=environment(), start_new_session=True)
+
+
+def stopped_at(run_dir: Path, step: int, copy: Path) -> Path:
+    """A copy of a finished run directory as a run preempted right after its step-``step`` checkpoint
+    would have left it: the later checkpoints and metrics removed."""
+    shutil.copytree(run_dir, copy)
+    for checkpoint in (copy / "checkpoints").glob("step_*"):
+        if int(checkpoint.name.removeprefix("step_")) > step:
+            shutil.rmtree(checkpoint)
+    metrics = copy / "metrics.jsonl"
+    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()
+                               if json.loads(line)["step"] <= step))
+    return copy

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist.conftest import start, train
+from tests.dist.conftest import start, stopped_at, train
 from tests.dist.test_fault_tolerance import committed, kill_tree, wait_for
 
 ONE = ["deepspeed.zero_stage=1", "deepspeed.precision=fp32", "train.keep_last=5", "train.ckpt_every=2",
@@ -57,9 +57,7 @@ def test_a_stale_lock_is_taken_over(train_shards: Path, tmp_path: Path) -> None:
 
 def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_previous_one_resumes(whole, train_shards: Path,
                                                                              tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    first = train("vae", run_dir, train_shards, *ONE, "train.max_steps=4", nproc=1)
-    assert first.returncode == 0, first.output[-2000:]
+    run_dir = stopped_at(whole.run_dir, 4, tmp_path / "run")
     assert committed(run_dir) == [2, 4]
     victim = run_dir / "checkpoints" / "step_00000004" / "autoencoder" / "mp_rank_00_model_states.pt"
     victim.write_bytes(victim.read_bytes()[:1000])  # truncated
@@ -71,9 +69,8 @@ def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_previous_one_resumes(w
     assert resumed.losses("ae/loss") == whole.losses("ae/loss")  # bitwise: the same run as without the fault
 
 
-def test_invalid_meta_json_names_the_file_and_falls_back(train_shards: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    assert train("vae", run_dir, train_shards, *ONE, "train.max_steps=4", nproc=1).returncode == 0
+def test_invalid_meta_json_names_the_file_and_falls_back(whole, train_shards: Path, tmp_path: Path) -> None:
+    run_dir = stopped_at(whole.run_dir, 4, tmp_path / "run")
     meta = run_dir / "checkpoints" / "step_00000004" / "meta.json"
     meta.write_text("{broken")
     resumed = train("vae", run_dir, train_shards, *ONE, "train.max_steps=4", nproc=1)
@@ -81,9 +78,8 @@ def test_invalid_meta_json_names_the_file_and_falls_back(train_shards: Path, tmp
     assert str(meta) in resumed.output and "(step 2)" in resumed.output
 
 
-def test_a_refused_start_leaves_config_yaml_alone(train_shards: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    assert train("vae", run_dir, train_shards, *ONE, "train.max_steps=2", nproc=1).returncode == 0
+def test_a_refused_start_leaves_config_yaml_alone(whole, train_shards: Path, tmp_path: Path) -> None:
+    run_dir = stopped_at(whole.run_dir, 2, tmp_path / "run")
     config = (run_dir / "config.yaml").read_bytes()
     bigger = train("vae", run_dir, train_shards, *ONE, "train.max_steps=4", "model.autoencoder.ch=64", nproc=1)
     assert bigger.returncode == 2 and "model.autoencoder.ch=64 (the run has 32)" in bigger.output, bigger.output[-2000:]

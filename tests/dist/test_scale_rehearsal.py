@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.dist.conftest import train
+from tests.dist.conftest import stopped_at, train
 
 # 24 maps per update: 8 ranks x 3, 4 x 6 and 6 x 4 micro-batches of one map.
 SCALE = ["deepspeed.precision=fp32", "deepspeed.zero_stage=1", "train.global_batch=24", "train.micro_batch=1",
@@ -41,13 +40,7 @@ def test_8_ranks_then_4_then_6_continue_the_8_rank_run(few_shards: Path, tmp_pat
     assert sorted(whole.losses("val/psnr")) == [2, 4, 6]  # every rank entered validation, most without data
     # The 8-rank run stopped at step 2: its run directory with only the step-2 checkpoint (and the
     # metrics up to it), as a preempted job would leave it.
-    run_dir = tmp_path / "elastic"
-    shutil.copytree(whole.run_dir, run_dir)
-    for step in (4, 6):
-        shutil.rmtree(run_dir / "checkpoints" / f"step_{step:08d}")
-    metrics = run_dir / "metrics.jsonl"
-    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()
-                               if json.loads(line)["step"] <= 2))
+    run_dir = stopped_at(whole.run_dir, 2, tmp_path / "elastic")
     for nproc, steps in ((4, 4), (6, 6)):
         part = train("vae", run_dir, few_shards, *SCALE, f"train.max_steps={steps}", nproc=nproc, timeout_s=900)
         assert part.returncode == 0, (nproc, part.output[-3000:])
