@@ -83,10 +83,7 @@ def make_predictor(models: LoadedModels, data: DataConfig, *, steps: int, genera
         return to_native_unit(pred.float(), data)
 
     def predict(cond: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        total = draw(cond)
-        for _ in range(draws - 1):
-            total = total + draw(cond)
-        return total if draws == 1 else total / draws
+        return sum(draw(cond) for _ in range(draws)) / draws  # exact for one draw: 0 + x and x / 1 are x
 
     return predict
 
