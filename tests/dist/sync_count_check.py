@@ -1,5 +1,6 @@
 """Run under torchrun by test_sync_free: a short training run of one stage with every collective and
-every host read of a tensor counted, per update. Prints one JSON line per rank.
+every host read of a tensor counted, per update. Each rank writes its counts as JSON to
+``<counts_dir>/rank<RANK>.json`` (two ranks printing long lines to one pipe can interleave them).
 
 Counted: calls of torch.distributed's collectives (DeepSpeed's go through them too) and host reads
 (``aten._local_scalar_dense``: ``.item()``, ``bool()``, ``float()`` of a tensor; and ``.tolist()`` of a
@@ -12,8 +13,10 @@ between updates belongs to the update before).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections import Counter
+from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
@@ -82,7 +85,7 @@ def instrument() -> None:
     loop._run_update = counted_update
 
 
-def main(stage: str, overrides: list[str]) -> None:
+def main(stage: str, counts_dir: Path, overrides: list[str]) -> None:
     cfg = compose(f"train_{stage}", overrides)
     instrument()
     with HostReads():
@@ -90,8 +93,9 @@ def main(stage: str, overrides: list[str]) -> None:
     per_update = {}
     for (index, kind, where), count in events.items():
         per_update.setdefault(str(index), {}).setdefault(kind, {})[where] = count
-    print(json.dumps({"code": code, "updates": per_update}))
+    counts_dir.mkdir(parents=True, exist_ok=True)
+    (counts_dir / f"rank{os.environ['RANK']}.json").write_text(json.dumps({"code": code, "updates": per_update}))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])
+    main(sys.argv[1], Path(sys.argv[2]), sys.argv[3:])

@@ -23,11 +23,13 @@ QUIET_UPDATES = ("1", "3", "4")  # neither the first (FLOP counting), nor logged
 
 def counted_run(stage: str, run_dir: Path, shards: Path, *extra: str) -> list[dict]:
     args = [f"run_dir={run_dir}", f"data.shards={shards}", *TINY, *STAGE_TINY[stage], *RUN, *extra]
+    counts = run_dir.with_name(f"{run_dir.name}-counts")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(SCRIPT), stage, *args], capture_output=True, text=True, timeout=600, env=environment())
+                           str(SCRIPT), stage, str(counts), *args], capture_output=True, text=True, timeout=600,
+                          env=environment())
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert len(results) == 2 and all(r["code"] == 0 for r in results)
+    results = [json.loads((counts / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert all(r["code"] == 0 for r in results)
     return results
 
 
