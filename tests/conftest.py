@@ -12,6 +12,24 @@ REPO = Path(__file__).resolve().parents[1]
 REAL_ROOT = Path(os.environ.get("RADIOMAPSEER_REAL", REPO.parent / "shared" / "radiomapseer-real"))
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``pytest -n 2`` (the README's test command): each test file runs whole on one worker, so a
+    module fixture (a trained run that several tests read) is built once; the Slurm tests, which
+    share one local cluster, run together on one worker; files are handed out in collection order
+    (tests/dist first: the long multi-rank trainings start early, the many short unit tests fill
+    the end), not xdist's default of the files with most tests first."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "tests/slurm" if path.startswith("tests/slurm/") else path
+
+    config.option.loadscopereorder = False
+    return FileScheduling(config, log)
+
+
 @pytest.fixture(scope="session")
 def real_root() -> Path:
     """The real RadioMapSeer subset (all 701 city maps, 61 DPM maps), next to the repository."""
