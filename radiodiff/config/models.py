@@ -212,10 +212,12 @@ class UNetConfig:
 
 @dataclass
 class DiffusionConfig:
-    """Constant-SDE decoupled diffusion: z_t = (1 - t) z0 + sqrt(t) noise, t ~ U(eps, 1)."""
+    """Constant-SDE decoupled diffusion: z_t = (1 - t) z0 + sqrt(t) noise, t in [eps, 1) uniform (or with
+    density ~ t^time_power)."""
 
     eps: float = 1e-4  # smallest training / sampling time
     weighting: bool = True  # w_C = 2 exp(1 - t), w_eps = exp(sqrt(t)); both 1 when off
+    time_power: float = 0.0  # training times drawn with density ~ t^time_power (0: uniform, as published)
     # z0 = scale_factor * autoencoder latent: a number; "auto" (1 / std of the latents, measured at
     # the start of the run and stored with it); None: the autoencoder config's scaling_factor (0.3).
     scale_factor: Optional[str] = None
@@ -223,6 +225,8 @@ class DiffusionConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.eps < 1.0:
             raise ConfigError(f"diffusion.eps={self.eps} must be in (0, 1)")
+        if not 0.0 <= self.time_power <= 100.0:
+            raise ConfigError(f"diffusion.time_power={self.time_power} must be in [0, 100]")
         if self.scale_factor is not None and self.scale_factor != "auto":
             try:
                 value = float(self.scale_factor)

@@ -15,10 +15,18 @@ def _per_example(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def sample_time(
-    batch: int, eps: float, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    batch: int, eps: float, generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+    power: float = 0.0,
 ) -> torch.Tensor:
-    """(B,) times drawn uniformly from [eps, 1); eps > 0 keeps log(t) and 1 / sqrt(t) finite."""
-    u = torch.rand(batch, generator=generator, device=device)
+    """(B,) times drawn from [eps, 1) with density proportional to t^power (0: uniform, as published);
+    eps > 0 keeps log(t) and 1 / sqrt(t) finite."""
+    return time_from_uniform(torch.rand(batch, generator=generator, device=device), eps, power)
+
+
+def time_from_uniform(u: torch.Tensor, eps: float, power: float = 0.0) -> torch.Tensor:
+    """Uniform [0, 1) draws -> times in [eps, 1) with density proportional to t^power (inverse CDF)."""
+    if power:
+        u = u.pow(1.0 / (1.0 + power))
     return eps + (1.0 - eps) * u
 
 

@@ -25,7 +25,7 @@ from radiodiff.diffusion import noise as keyed
 from radiodiff.diffusion.latent_scale import LatentScale
 from radiodiff.diffusion.loss import constant_sde_loss
 from radiodiff.diffusion.noise import keyed_normal, keyed_uniform
-from radiodiff.diffusion.process import forward_sample, sample_time, targets
+from radiodiff.diffusion.process import forward_sample, sample_time, targets, time_from_uniform
 from radiodiff.dist import all_reduce_max_tensor
 from radiodiff.losses import vae_gan
 from radiodiff.models.autoencoder import DiagonalGaussian
@@ -221,12 +221,13 @@ def draw_z0(models: LdmModels, batch: dict, ctx: StepContext) -> torch.Tensor:
         return encode_latents(models.vae, x, models.scale.value, ctx.normal(batch, latent, keyed.POSTERIOR))
 
 
-def draw_time(batch: dict, size: int, ctx: StepContext, eps: float) -> torch.Tensor:
-    """(B,) fp32 times in [eps, 1), keyed by the samples' stream positions when the batch has them."""
+def draw_time(batch: dict, size: int, ctx: StepContext, eps: float, power: float = 0.0) -> torch.Tensor:
+    """(B,) fp32 times in [eps, 1) (density ~ t^power), keyed by the samples' stream positions when the
+    batch has them."""
     if "pos" not in batch:
-        return sample_time(size, eps, device=ctx.device)
+        return sample_time(size, eps, device=ctx.device, power=power)
     u = keyed_uniform(batch["pos"].tolist(), seed=ctx.seed, purpose=keyed.TIME, device=ctx.device)
-    return eps + (1.0 - eps) * u
+    return time_from_uniform(u, eps, power)
 
 
 def ldm_step(models: LdmModels, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
@@ -234,7 +235,7 @@ def ldm_step(models: LdmModels, batch: dict, ctx: StepContext) -> dict[str, torc
     cond = ctx.to_device(batch["cond"])
     z0 = draw_z0(models, batch, ctx)  # (B, Z, h, w) fp32
     latent = tuple(z0.shape[1:])
-    t = draw_time(batch, z0.shape[0], ctx, models.diffusion.eps)  # (B,) fp32
+    t = draw_time(batch, z0.shape[0], ctx, models.diffusion.eps, models.diffusion.time_power)  # (B,) fp32
     noise = ctx.normal(batch, latent, keyed.NOISE)
     noise = torch.randn_like(z0) if noise is None else noise
     z_t = forward_sample(z0, t, noise)

@@ -40,6 +40,16 @@ def test_sample_time_range_and_generator() -> None:
     assert torch.equal(t[:5], sample_time(10_000, EPS, torch.Generator().manual_seed(0))[:5])
 
 
+@pytest.mark.parametrize("power", [1.0, 3.0])
+def test_sample_time_power_follows_its_density(power: float) -> None:
+    """density ~ t^p on [0, 1): CDF t^(p + 1); checked at a few quantiles and by the mean (p + 1) / (p + 2)."""
+    t = sample_time(200_000, EPS, torch.Generator().manual_seed(0), power=power).double()
+    assert t.min() >= EPS and t.max() < 1.0
+    for x in (0.2, 0.5, 0.8, 0.95):
+        assert abs((t < x).double().mean().item() - x ** (power + 1)) < 0.005
+    assert abs(t.mean().item() - (power + 1) / (power + 2)) < 0.003
+
+
 def oracle_for(z0: torch.Tensor):
     """A 'network' that returns the true C and the noise implied by z_t, t and the known z0."""
 
@@ -168,6 +178,8 @@ def test_config_validation_names_key() -> None:
         DiffusionConfig(eps=0.0)
     with pytest.raises(ConfigError, match="diffusion.scale_factor"):
         DiffusionConfig(scale_factor=-1.0)
+    with pytest.raises(ConfigError, match="diffusion.time_power"):
+        DiffusionConfig(time_power=-1.0)
     with pytest.raises(ConfigError, match="sampler.steps"):
         SamplerConfig(steps=0)
     with pytest.raises(ConfigError, match="sampler.draws"):
