@@ -65,8 +65,8 @@ TARGET_TX_DROP_DB, TARGET_VS_REGRESSOR_DB, TARGET_VS_VAE_DB = 3.0, 1.0, 1.5
 # model); at 32x32 0.05 dB below, so the benchmark measures the diffusion model.
 # The LDM's training times are drawn with density ~ t (diffusion.time_power=1; the published recipe and the
 # training default draw them uniformly): at 1,000 updates it made the transmitter's pick-up reliable over
-# seeds (uniform: 19.0 to 20.6 dB at 5 steps over two seeds, one of them losing only 2 dB without the
-# transmitter; density ~ t: 20.5 to 20.8), radiodiff/models/README.md.
+# seeds (uniform: 19.0 to 20.7 dB at 5 steps over three seeds, one of them losing only 2 dB without the
+# transmitter; density ~ t: 20.5 to 21.1, higher at every seed), radiodiff/models/README.md.
 TIME_POWER = 1.0
 # Quick: a smoke run of every step, ~4 minutes (mostly process start-ups).
 DEFAULTS = {"maps": 100, "tx": 8, "vae_steps": 600, "ldm_steps": 1000, "batch": 8}
