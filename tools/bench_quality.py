@@ -68,6 +68,7 @@ TARGET_TX_DROP_DB, TARGET_VS_REGRESSOR_DB, TARGET_VS_VAE_DB = 3.0, 1.0, 1.5
 # seeds (uniform: 19.0 to 20.7 dB at 5 steps over three seeds, one of them losing only 2 dB without the
 # transmitter; density ~ t: 20.5 to 21.1, higher at every seed), radiodiff/models/README.md.
 TIME_POWER = 1.0
+EMA_WARMUP_POWER = 0.6667  # ema.warmup_power: the EMA follows the weights it starts from (models README)
 # Quick: a smoke run of every step, ~4 minutes (mostly process start-ups).
 DEFAULTS = {"maps": 100, "tx": 8, "vae_steps": 600, "ldm_steps": 1000, "batch": 8}
 QUICK = {"maps": 24, "tx": 8, "vae_steps": 40, "ldm_steps": 40, "batch": 4}
@@ -188,7 +189,7 @@ def train_models(args: argparse.Namespace, work: Path, shards: Path) -> dict[str
     run_command("radiodiff-train-ldm", [*train_overrides(args, runs["ldm"], shards, args.ldm_steps),
                                         f"vae.checkpoint={runs['vae']}", f"sampler.steps={ABLATION_STEPS}",
                                         f"ema.start_step={args.ldm_steps // 2}", "ema.update_every=1",
-                                        "ema.warmup_power=0.6667", f"diffusion.time_power={TIME_POWER:g}",
+                                        f"ema.warmup_power={EMA_WARMUP_POWER:g}", f"diffusion.time_power={TIME_POWER:g}",
                                         *args.ldm_override], args.logs / "train_ldm.log", args.threads)
     return runs
 
@@ -259,7 +260,7 @@ def header(args: argparse.Namespace, num_samples: int, elapsed: float) -> str:
               f" (VAE factor {args.latent_factor})"),
              (f"VAE {args.vae_steps} updates (no LPIPS: no pretrained VGG16), LDM and regressor {args.ldm_steps}, "
               f"batch {args.batch}, lr {args.lr:g} decaying to lr/10; LDM training times with density "
-              f"~ t^{TIME_POWER:g}, EMA from update {args.ldm_steps // 2} with the 2/3-power warmup"),
+              f"~ t^{TIME_POWER:g}, EMA from update {args.ldm_steps // 2} with warmup power {EMA_WARMUP_POWER:g}"),
              *overrides,
              f"{elapsed / 60:.1f} min wall, {cpu_seconds() / 60:.1f} min CPU, {args.threads} thread(s) per process"]
     return "; ".join(parts)
