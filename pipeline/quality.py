@@ -196,10 +196,12 @@ def score_split(predict, data, device: torch.device, batch: int, grid_path: Path
 
 def ldm_predictor(run_dir: Path, device: torch.device, steps: int, seed: int = 0):
     """The EMA LDM's predictor as radiodiff-eval builds it (seed 0, rank 0), and the run's data config."""
+    from radiodiff.config import SamplerConfig
     from radiodiff.runs import load_models, open_run
     from radiodiff.runs.predict import make_predictor, sampler_generator
 
     run = open_run(run_dir)
     models = load_models(run, device, use_ema=True)
-    predict = make_predictor(models, run.config.data, steps=steps, generator=sampler_generator(seed, 0, device))
+    predict = make_predictor(models, run.config.data, sampler=SamplerConfig(steps=steps),
+                             generator=sampler_generator(seed, 0, device))
     return predict, run.config.data

@@ -241,10 +241,14 @@ class SamplerConfig:
     # Independent draws per map, their decoded maps averaged on the [0, 1] scale: a Monte-Carlo estimate
     # of the posterior mean, which PSNR/NMSE reward, at `draws` times the cost (and softer edges).
     draws: int = 1
+    # The clean estimate each step re-noises: "c_head" (z0 = -C_hat, drawn from the forward process's
+    # posterior; scores higher, radiodiff/models/README.md) or "reference" (the published update).
+    estimate: str = "c_head"
 
     def __post_init__(self) -> None:
         check_positive("sampler.steps", self.steps)
         check_positive("sampler.draws", self.draws)
+        check_choice("sampler.estimate", self.estimate, ("c_head", "reference"))
 
 
 @dataclass

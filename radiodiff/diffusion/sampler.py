@@ -20,6 +20,18 @@ results match it; the two differ by O(eps) = 1e-4 times that disagreement, and a
 consistent (e.g. oracle) network.
 With N = 1 the calls are at t = 1 (step 1 - eps, with noise) and t = eps.
 
+That is ``estimate="reference"``. The default, ``estimate="c_head"``, takes the C head alone as the
+clean estimate, z0_hat = -C_hat (at t = 1 the C head is a direct regressor of z0), and draws z_{t-s}
+from the forward process's exact posterior given z_t and that z0_hat. z_t - (1 - t) z0 is a
+Brownian motion at time t, so the posterior is a Brownian bridge:
+
+    z_{t-s} = (1 - (t - s)) z0_hat + ((t - s) / t) (z_t - (1 - t) z0_hat) + sqrt(s (t - s) / t) * xi
+
+with the same noise variance as the reference's step (the two agree exactly for a consistent
+network, C_hat = -z0_hat); the last call (s = t) returns z0_hat = -C_hat. The reference's update
+mixes the two heads' estimates, and where the heads disagree (a trained network's do at middle t)
+that costs PSNR at more than one step: measured in ``radiodiff/models/README.md``.
+
 Randomness comes only from the given generator: z_1 first, then one xi per non-final step.
 """
 
@@ -30,6 +42,7 @@ from typing import Callable
 import torch
 
 Model = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+ESTIMATES = ("c_head", "reference")
 
 
 def time_schedule(steps: int, eps: float) -> list[tuple[float, float]]:
@@ -55,6 +68,17 @@ def bridge_step(
     return z_next
 
 
+def posterior_step(
+    z_t: torch.Tensor, z0_hat: torch.Tensor, t: float, s: float, xi: torch.Tensor | None
+) -> torch.Tensor:
+    """One draw z_{t-s} ~ q(z_{t-s} | z_t, z0 = z0_hat); ``xi`` is None exactly when s == t (returns z0_hat)."""
+    if xi is None:
+        return z0_hat
+    t_next = t - s
+    mean = (1.0 - t_next) * z0_hat + (t_next / t) * (z_t - (1.0 - t) * z0_hat)
+    return mean + (s * t_next / t) ** 0.5 * xi
+
+
 @torch.no_grad()
 def sample(
     model: Model,
@@ -62,14 +86,18 @@ def sample(
     *,
     steps: int,
     eps: float,
+    estimate: str,
     generator: torch.Generator,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Draw z_0 of ``shape`` (B, C, h, w) on the generator's device.
 
     ``model(z_t, t)`` takes t as a (B,) tensor and returns (C_hat, eps_hat); the caller binds the
-    condition. The result is the scaled latent: divide by the scale factor before decoding.
+    condition. ``estimate``: "c_head" or "reference" (module docstring). The result is the scaled
+    latent: divide by the scale factor before decoding.
     """
+    if estimate not in ESTIMATES:
+        raise ValueError(f"sampler estimate={estimate!r}: expected one of {', '.join(ESTIMATES)}")
     device = generator.device
     z = torch.randn(shape, generator=generator, device=device, dtype=dtype)  # z_1
     schedule = time_schedule(steps, eps)
@@ -78,5 +106,8 @@ def sample(
         c_hat, eps_hat = model(z, t_batch)
         last = i == len(schedule) - 1
         xi = None if last else torch.randn(shape, generator=generator, device=device, dtype=dtype)
-        z = bridge_step(z, c_hat.to(dtype), eps_hat.to(dtype), t, s, xi)
+        if estimate == "c_head":
+            z = posterior_step(z, -c_hat.to(dtype), t, s, xi)
+        else:
+            z = bridge_step(z, c_hat.to(dtype), eps_hat.to(dtype), t, s, xi)
     return z

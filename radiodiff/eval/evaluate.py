@@ -210,8 +210,7 @@ def evaluate(cfg: EvalConfig, run: TrainedRun, dist: DistInfo) -> dict | None:
     models = load_models(run, dist.device, use_ema=cfg.use_ema)
     generator = sampler_generator(cfg.seed, dist.rank, dist.device)
     precision = inference_precision(cfg.precision, dist.device)
-    predict = make_predictor(models, cfg.data, steps=cfg.sampler.steps, draws=cfg.sampler.draws, generator=generator,
-                             precision=precision)
+    predict = make_predictor(models, cfg.data, sampler=cfg.sampler, generator=generator, precision=precision)
     result = evaluate_rank(cfg, predict, baseline, dist)
     # After the pass, so that the pass draws the same sampler noise with or without this timing.
     batch1 = time_batch1(predict, result.batch1_maps, cfg.data, dist.device)
@@ -222,8 +221,8 @@ def evaluate(cfg: EvalConfig, run: TrainedRun, dist: DistInfo) -> dict | None:
     ldm = run.stage == "ldm"
     info = {"protocol": manifest.get("protocol"), "simulation": manifest.get("simulation"),
             "shards": cfg.data.shards, "image_size": cfg.data.image_size, "world_size": dist.world_size,
-            "sampler_steps": cfg.sampler.steps if ldm else None,
-            "sampler_draws": cfg.sampler.draws if ldm else None, "use_ema": models.ema if ldm else None,
+            "sampler_steps": cfg.sampler.steps if ldm else None, "sampler_draws": cfg.sampler.draws if ldm else None,
+            "sampler_estimate": cfg.sampler.estimate if ldm else None, "use_ema": models.ema if ldm else None,
             "seed": cfg.seed, "precision": precision, "seconds_per_map_batch1": batch1,
             "num_train_samples": train_count(cfg.data, cfg.baseline_max_samples)}
     return write_outputs(cfg, run, results, info)

@@ -177,7 +177,7 @@ def run_sample(cfg: SampleConfig) -> int:
     device = default_device()
     models = load_models(run, device, use_ema=cfg.use_ema)
     generator = sampler_generator(cfg.seed, 0, device)
-    predict = make_predictor(models, data, steps=cfg.sampler.steps, draws=cfg.sampler.draws, generator=generator,
+    predict = make_predictor(models, data, sampler=cfg.sampler, generator=generator,
                              precision=inference_precision(cfg.precision, device))
     if inputs is None:
         count, seconds_per_map, batch1 = sample_folder(cfg, predict, data, device)

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from radiodiff.config import DataConfig
+from radiodiff.config import DataConfig, SamplerConfig
 from radiodiff.data.schema import NATIVE_SIZE, resize_maps
 from radiodiff.diffusion.sampler import sample
 from radiodiff.metrics import all_metrics, to_unit
@@ -53,14 +53,15 @@ def to_native_unit(x: torch.Tensor, data: DataConfig) -> torch.Tensor:
     return unit.clamp(0.0, 1.0)
 
 
-def make_predictor(models: LoadedModels, data: DataConfig, *, steps: int, generator: torch.Generator,
-                   precision: str = "fp32", draws: int = 1) -> Predict:
+def make_predictor(models: LoadedModels, data: DataConfig, *, generator: torch.Generator,
+                   sampler: SamplerConfig | None = None, precision: str = "fp32") -> Predict:
     """``predict(cond, target)`` at model size -> (B, 1, 256, 256) in [0, 1].
 
     VAE run: the reconstruction of ``target`` from the posterior mode (deterministic). LDM run:
-    ``steps`` bridge-sampler steps from ``cond`` (``target`` is unused), noise from ``generator``
-    only, decoded by the frozen VAE; with ``draws`` > 1 the mean of that many draws (one after the other
-    from ``generator``) on the [0, 1] scale. ``precision``: the networks run under bf16 autocast unless fp32.
+    ``sampler.steps`` bridge-sampler steps with ``sampler.estimate`` from ``cond`` (``target`` is
+    unused), noise from ``generator`` only, decoded by the frozen VAE; with ``sampler.draws`` > 1 the
+    mean of that many draws (one after the other from ``generator``) on the [0, 1] scale. ``sampler``
+    None: the defaults (a VAE run ignores it). ``precision``: the networks run under bf16 autocast unless fp32.
     """
     vae = models.vae
     device = next(vae.parameters()).device
@@ -72,17 +73,20 @@ def make_predictor(models: LoadedModels, data: DataConfig, *, steps: int, genera
 
         return reconstruct
     unet, scale, eps = models.unet, models.scale_factor, models.eps
+    sampler = sampler or SamplerConfig()
     factor = vae.cfg.downsample_factor
 
     def draw(cond: torch.Tensor) -> torch.Tensor:
         b, _, h, w = cond.shape
         shape = (b, vae.cfg.embed_dim, h // factor, w // factor)
         with torch.no_grad(), autocast(device, precision):
-            z = sample(lambda z_t, t: unet(z_t, t, cond), shape, steps=steps, eps=eps, generator=generator)
+            z = sample(lambda z_t, t: unet(z_t, t, cond), shape, steps=sampler.steps, eps=eps,
+                       estimate=sampler.estimate, generator=generator)
             pred = vae.decode(z / scale)
         return to_native_unit(pred.float(), data)
 
     def predict(cond: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        draws = sampler.draws
         return sum(draw(cond) for _ in range(draws)) / draws  # exact for one draw: 0 + x and x / 1 are x
 
     return predict

@@ -109,7 +109,7 @@ def build_vae_stage(cfg: TrainVaeConfig, dist: DistInfo, *, load_universal: bool
         perceptual = restride_frozen(LPIPSLoss(cfg.perceptual), cfg.train.channels_last).to(dist.device)
     models = VaeGanModels(engines["autoencoder"], engines["discriminator"], perceptual, cfg.loss)
     autoencoder = engines["autoencoder"].module.autoencoder
-    predict = make_predictor(LoadedModels(autoencoder), cfg.data, steps=1, generator=torch.Generator(),
+    predict = make_predictor(LoadedModels(autoencoder), cfg.data, generator=torch.Generator(),
                              precision=cfg.deepspeed.precision)
 
     def validate(step: int) -> dict[str, float]:
@@ -154,8 +154,8 @@ def _ldm_validation(cfg: TrainLdmConfig, dist: DistInfo, vae: FrozenVae, engine,
     def validate(step: int) -> dict[str, float]:
         models = LoadedModels(vae.model, unet, scale.value, cfg.diffusion.eps)
         generator = sampler_generator(cfg.seed, dist.rank, dist.device)  # the same noise at every validation
-        predict = make_predictor(models, cfg.data, steps=cfg.sampler.steps, draws=cfg.sampler.draws,
-                                 generator=generator, precision=cfg.deepspeed.precision)
+        predict = make_predictor(models, cfg.data, sampler=cfg.sampler, generator=generator,
+                                 precision=cfg.deepspeed.precision)
         use_ema = ema.started
         with ema.swapped_into(unet) if use_ema else contextlib.nullcontext():
             metrics = validate_with(predict, cfg.data, dist, cfg.train.micro_batch, cfg.train.val_batches)

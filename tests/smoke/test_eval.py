@@ -101,10 +101,22 @@ def test_eval_on_two_ranks_equals_one_rank_for_a_vae_run(runs, vae_eval: Path, t
 def test_eval_of_an_ldm_run_covers_the_split(runs, tmp_path: Path) -> None:
     metrics = run_eval(runs["ldm"], runs["shards"], tmp_path, "sampler.steps=2", "sampler.draws=2", "num_grid=2")
     assert metrics["stage"] == "ldm" and metrics["sampler_steps"] == 2 and metrics["use_ema"] is True
-    assert metrics["sampler_draws"] == 2
+    assert metrics["sampler_draws"] == 2 and metrics["sampler_estimate"] == "c_head"
     assert timed_at_batch1(metrics)
     assert metrics["num_samples"] == split_size(runs["shards"], "test")
     check_outputs(tmp_path, metrics, 2)
+
+
+def test_sampler_estimate_override_reaches_the_sampler(runs, tmp_path: Path) -> None:
+    """The same seed and noise with the published update instead of the C head's estimate: recorded,
+    and different maps (the untrained heads disagree), so the override is not dropped on the way."""
+    maps = {}
+    for estimate in ("c_head", "reference"):
+        metrics = run_eval(runs["ldm"], runs["shards"], tmp_path / estimate, "sampler.steps=2", "max_samples=2",
+                           f"sampler.estimate={estimate}", "time_batch1=false")
+        assert metrics["sampler_estimate"] == estimate
+        maps[estimate] = [float(row["psnr"]) for row in read_rows(tmp_path / estimate)]
+    assert len(maps["reference"]) == 2 and maps["reference"] != maps["c_head"]
 
 
 def test_decoded_latent_target_is_the_vae_reconstruction_and_the_latent_regressor_predicts_maps(runs) -> None:
@@ -123,8 +135,7 @@ def test_decoded_latent_target_is_the_vae_reconstruction_and_the_latent_regresso
     data = replace(open_run(runs["ldm"]).config.data, num_workers=0)
     sample = next(iter(ShardLoader(data, "test", batch_size=2, epochs=1, shuffle=False, num_workers=0)))
     size = data.image_size // codec.factor
-    reconstruct = make_predictor(load_models(vae_run, cpu), vae_run.config.data, steps=1,
-                                 generator=sampler_generator(0, 0, cpu))
+    reconstruct = make_predictor(load_models(vae_run, cpu), vae_run.config.data, generator=sampler_generator(0, 0, cpu))
     z = codec.encode(sample["target"])
     assert z.shape == (2, codec.channels, size, size)
     torch.testing.assert_close(to_native_unit(codec.decode(z), data), reconstruct(sample["cond"], sample["target"]),
@@ -140,6 +151,7 @@ def test_mean_of_draws_is_the_numpy_mean_of_single_draws_in_generator_order(runs
     make from the same generator, one after the other (checked in numpy); the draws differ."""
     from dataclasses import replace
 
+    from radiodiff.config import SamplerConfig
     from radiodiff.data.shards import ShardLoader
     from radiodiff.runs import load_models, open_run
     from radiodiff.runs.predict import make_predictor, sampler_generator
@@ -147,8 +159,9 @@ def test_mean_of_draws_is_the_numpy_mean_of_single_draws_in_generator_order(runs
     cpu, run = torch.device("cpu"), open_run(runs["ldm"])
     models, data = load_models(run, cpu), replace(run.config.data, num_workers=0)
     cond = next(iter(ShardLoader(data, "test", batch_size=2, epochs=1, shuffle=False, num_workers=0)))["cond"]
-    mean = make_predictor(models, data, steps=2, draws=3, generator=sampler_generator(7, 0, cpu))(cond, None)
-    single = make_predictor(models, data, steps=2, generator=sampler_generator(7, 0, cpu))
+    mean = make_predictor(models, data, sampler=SamplerConfig(steps=2, draws=3),
+                          generator=sampler_generator(7, 0, cpu))(cond, None)
+    single = make_predictor(models, data, sampler=SamplerConfig(steps=2), generator=sampler_generator(7, 0, cpu))
     draws = np.stack([single(cond, None).numpy() for _ in range(3)])
     assert mean.shape == (2, 1, 256, 256) and np.abs(draws[0] - draws[1]).mean() > 1e-4
     np.testing.assert_allclose(mean.numpy(), draws.mean(axis=0), rtol=0, atol=1e-6)

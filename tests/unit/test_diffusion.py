@@ -10,7 +10,7 @@ import torch
 
 from radiodiff.diffusion.loss import constant_sde_loss
 from radiodiff.diffusion.process import forward_sample, sample_time, targets
-from radiodiff.diffusion.sampler import sample, time_schedule
+from radiodiff.diffusion.sampler import posterior_step, sample, time_schedule
 from radiodiff.diffusion.weights import weight_c, weight_eps
 
 EPS = 1e-4
@@ -72,10 +72,12 @@ def test_oracle_gives_exact_z0_hat() -> None:
         torch.testing.assert_close(z0_hat, z0, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("estimate", ["c_head", "reference"])
 @pytest.mark.parametrize("steps", [1, 2, 5, 10])
-def test_sampler_with_oracle_returns_z0(steps: int) -> None:
+def test_sampler_with_oracle_returns_z0(steps: int, estimate: str) -> None:
     z0 = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
-    out = sample(oracle_for(z0), (2, 3, 8, 8), steps=steps, eps=EPS, generator=torch.Generator().manual_seed(4))
+    out = sample(oracle_for(z0), (2, 3, 8, 8), steps=steps, eps=EPS, estimate=estimate,
+                 generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(out, z0, atol=1e-5, rtol=0)
 
 
@@ -86,21 +88,21 @@ def test_sampler_calls_at_the_documented_times() -> None:
         seen.append(t[0].item())
         return torch.zeros_like(z_t), torch.zeros_like(z_t)
 
-    sample(model, (1, 3, 4, 4), steps=4, eps=EPS, generator=torch.Generator().manual_seed(0))
+    sample(model, (1, 3, 4, 4), steps=4, eps=EPS, estimate="c_head", generator=torch.Generator().manual_seed(0))
     np.testing.assert_allclose(seen, [1.0, 0.75, 0.5, 0.25, EPS], rtol=1e-6)
     schedule = time_schedule(4, EPS)
     np.testing.assert_allclose([s for _, s in schedule], [0.25, 0.25, 0.25, 0.25 - EPS, EPS], rtol=1e-9)
 
 
-def test_sampler_one_step_by_hand() -> None:
-    """N=1 with a constant model: replay the two updates with numpy and the same random draws."""
+def test_reference_sampler_one_step_by_hand() -> None:
+    """estimate="reference", N=1 with a constant model: replay the two updates with numpy and the same random draws."""
     shape = (1, 3, 2, 2)
     c_const, e_const = 0.3, -0.2
 
     def model(z_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.full_like(z_t, c_const), torch.full_like(z_t, e_const)
 
-    out = sample(model, shape, steps=1, eps=EPS, generator=torch.Generator().manual_seed(5))
+    out = sample(model, shape, steps=1, eps=EPS, estimate="reference", generator=torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(5)
     z = torch.randn(shape, generator=g).double().numpy()
     xi = torch.randn(shape, generator=g).double().numpy()
@@ -119,13 +121,55 @@ def test_sampler_is_deterministic_and_leaves_global_rng_alone() -> None:
     def model(z_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return 0.1 * z_t, 0.5 * z_t
 
+    def draw(seed: int, estimate: str = "c_head") -> torch.Tensor:
+        return sample(model, (2, 3, 4, 4), steps=5, eps=EPS, estimate=estimate,
+                      generator=torch.Generator().manual_seed(seed))
+
     before = torch.random.get_rng_state()
-    a = sample(model, (2, 3, 4, 4), steps=5, eps=EPS, generator=torch.Generator().manual_seed(7))
-    b = sample(model, (2, 3, 4, 4), steps=5, eps=EPS, generator=torch.Generator().manual_seed(7))
-    c = sample(model, (2, 3, 4, 4), steps=5, eps=EPS, generator=torch.Generator().manual_seed(8))
+    a, b, c = draw(7), draw(7), draw(8)
     assert torch.equal(torch.random.get_rng_state(), before)
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
+    assert not torch.allclose(a, draw(7, "reference"))  # the heads of this model disagree
+
+
+def test_posterior_step_is_the_gaussian_conditional_of_the_forward_process() -> None:
+    """z_t = (1 - t) z0 + W_t with W a Brownian motion (Var W_t = t): the law of z_{t-s} given z_t and
+    z0, from the joint covariance by the Gaussian conditioning formula in numpy, is the step's."""
+    g = torch.Generator().manual_seed(9)
+    z_t, z0, xi = (torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    for t, s in ((1.0, 0.2), (0.6, 0.15), (0.3, 0.3 - EPS)):
+        t_next = t - s
+        cov = np.array([[t_next, t_next], [t_next, t]])  # Cov(W_{t-s}, W_t) = min(t - s, t)
+        gain = cov[0, 1] / cov[1, 1]
+        mean = (1 - t_next) * z0.numpy() + gain * (z_t.numpy() - (1 - t) * z0.numpy())
+        std = math.sqrt(cov[0, 0] - gain * cov[1, 0])
+        np.testing.assert_allclose(posterior_step(z_t, z0, t, s, xi).numpy(), mean + std * xi.numpy(),
+                                   rtol=1e-12, atol=1e-12)
+    assert torch.equal(posterior_step(z_t, z0, EPS, EPS, None), z0)  # the last call returns the estimate
+
+
+def test_c_head_sampler_one_step_by_hand() -> None:
+    """estimate="c_head", N=1: the call at t = 1 gives z0_hat = -C_hat(z_1), the bridge draws z_eps from
+    it, and the result is -C_hat(z_eps); replayed in numpy with the same random draws."""
+    shape = (1, 3, 2, 2)
+
+    def model(z_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return 0.5 * z_t + t.view(-1, 1, 1, 1), torch.full_like(z_t, 7.0)  # eps_hat is unused
+
+    out = sample(model, shape, steps=1, eps=EPS, estimate="c_head", generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    z1 = torch.randn(shape, generator=g).double().numpy()
+    xi = torch.randn(shape, generator=g).double().numpy()
+    z0_hat = -(0.5 * z1 + 1.0)
+    z_eps = (1 - EPS) * z0_hat + EPS * z1 + math.sqrt((1 - EPS) * EPS) * xi  # t = 1: the bridge from z_1 = W_1
+    np.testing.assert_allclose(out.numpy(), -(0.5 * z_eps + EPS), rtol=1e-5, atol=1e-6)
+
+
+def test_sampler_rejects_an_unknown_estimate() -> None:
+    with pytest.raises(ValueError, match="estimate='eps_head'"):
+        sample(oracle_for(torch.zeros(1, 1, 2, 2)), (1, 1, 2, 2), steps=1, eps=EPS, estimate="eps_head",
+               generator=torch.Generator())
 
 
 def test_schedule_rejects_eps_not_below_step() -> None:
@@ -184,3 +228,5 @@ def test_config_validation_names_key() -> None:
         SamplerConfig(steps=0)
     with pytest.raises(ConfigError, match="sampler.draws"):
         SamplerConfig(draws=0)
+    with pytest.raises(ConfigError, match="sampler.estimate='eps'"):
+        SamplerConfig(estimate="eps")
