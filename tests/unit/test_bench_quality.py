@@ -91,6 +91,12 @@ def test_draws_line_gives_the_mean_of_draws_against_both_references(bq):
     assert "-0.75 dB from the regressor" in line and "-3.25 dB from the VAE" in line
 
 
+def test_estimate_line_compares_the_published_update_with_the_default(bq):
+    line = bq.estimate_line(ldm_psnr=21.5, reference_psnr=20.75, regressor_psnr=22.0)
+    assert line.startswith("INFO") and "sampler.estimate=reference" in line
+    assert "-0.75 dB against the default" in line and "-1.25 dB from the regressor" in line
+
+
 def test_regressor_loss_is_l1_plus_l2(bq):
     pred, target = torch.tensor([[0.5, -1.0]]), torch.tensor([[0.0, 1.0]])
     assert quality.regression_loss(pred, target).item() == pytest.approx((0.5 + 2.0) / 2 + (0.25 + 4.0) / 2)
