@@ -235,6 +235,9 @@ class DiffusionConfig:
             check_positive("diffusion.scale_factor", value)
 
 
+SAMPLER_ESTIMATES = ("c_head", "reference")  # the sampler's clean estimate (radiodiff/diffusion/sampler.py)
+
+
 @dataclass
 class SamplerConfig:
     steps: int = 5  # uniform steps; the sampler makes steps + 1 network calls
@@ -248,7 +251,7 @@ class SamplerConfig:
     def __post_init__(self) -> None:
         check_positive("sampler.steps", self.steps)
         check_positive("sampler.draws", self.draws)
-        check_choice("sampler.estimate", self.estimate, ("c_head", "reference"))
+        check_choice("sampler.estimate", self.estimate, SAMPLER_ESTIMATES)
 
 
 @dataclass

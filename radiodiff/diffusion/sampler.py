@@ -41,8 +41,9 @@ from typing import Callable
 
 import torch
 
+from radiodiff.config import SAMPLER_ESTIMATES
+
 Model = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-ESTIMATES = ("c_head", "reference")
 
 
 def time_schedule(steps: int, eps: float) -> list[tuple[float, float]]:
@@ -96,8 +97,8 @@ def sample(
     condition. ``estimate``: "c_head" or "reference" (module docstring). The result is the scaled
     latent: divide by the scale factor before decoding.
     """
-    if estimate not in ESTIMATES:
-        raise ValueError(f"sampler estimate={estimate!r}: expected one of {', '.join(ESTIMATES)}")
+    if estimate not in SAMPLER_ESTIMATES:
+        raise ValueError(f"sampler estimate={estimate!r}: expected one of {', '.join(SAMPLER_ESTIMATES)}")
     device = generator.device
     z = torch.randn(shape, generator=generator, device=device, dtype=dtype)  # z_1
     schedule = time_schedule(steps, eps)
