@@ -262,7 +262,14 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), **{k: v for k, v in settings.items() if getattr(args, k) is None}})
 
 
-def header(args: argparse.Namespace, num_samples: int, elapsed: float) -> str:
+def trained_precisions(runs: dict[str, Path]) -> str:
+    """The precision each run trained in, as its config.yaml records it (deepspeed.precision=auto resolved)."""
+    from omegaconf import OmegaConf
+
+    return ", ".join(f"{name} {OmegaConf.load(run / 'config.yaml').deepspeed.precision}" for name, run in runs.items())
+
+
+def header(args: argparse.Namespace, num_samples: int, elapsed: float, precisions: str) -> str:
     overrides = [f"{stage} overrides {' '.join(given)}" for stage, given in
                  (("VAE", args.vae_override), ("LDM", args.ldm_override)) if given]
     parts = [(f"quality benchmark: synthetic RadioMapSeer {args.maps} maps x {args.tx} tx (seed {args.seed}), "
@@ -274,6 +281,7 @@ def header(args: argparse.Namespace, num_samples: int, elapsed: float) -> str:
               f"batch {args.batch}, lr {args.lr:g} decaying to lr/10; LDM training times with density "
               f"~ t^{TIME_POWER:g}, EMA from update {args.ldm_steps // 2} with warmup power {EMA_WARMUP_POWER:g}"),
              *overrides,
+             f"trained in {precisions}",
              f"{elapsed / 60:.1f} min wall, {cpu_seconds() / 60:.1f} min CPU, {args.threads} thread(s) per process"]
     return "; ".join(parts)
 
@@ -294,6 +302,7 @@ def bench_quality(args: argparse.Namespace) -> None:
         progress(f"synthetic RadioMapSeer: {args.maps} maps x {args.tx} transmitters, seed {args.seed}")
         _, shards = synthetic_shards(work, num_maps=args.maps, num_tx=args.tx, seed=args.seed)
         runs = train_models(args, work, shards)
+        precisions = trained_precisions(runs)
         named = in_process_rows(args, runs["ldm"], grids)
         eval_rows, baseline = cli_rows(args, runs, out / "eval")
     for path in sorted((out / "eval").glob("*/grid.png")):
@@ -309,7 +318,7 @@ def bench_quality(args: argparse.Namespace) -> None:
     reference = next(r for r in eval_rows if r["name"] == REFERENCE_ROW)
     targets.append(estimate_line(ldm5["psnr"], reference["psnr"], named["regressor"]["psnr"]))
     elapsed = time.perf_counter() - began
-    text = "\n".join([header(args, named["num_samples"], elapsed), "", format_table(rows), "", *targets])
+    text = "\n".join([header(args, named["num_samples"], elapsed, precisions), "", format_table(rows), "", *targets])
     print("\n" + text)
     (out / "table.md").write_text(text + "\n")
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}

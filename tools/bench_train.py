@@ -1,6 +1,6 @@
 """The `train` benchmark of tools/bench.py: steps/s and images/s of the real training commands.
 
-    python tools/bench.py train [--stages vae,ldm --preset tiny --precisions autocast,fp32
+    python tools/bench.py train [--stages vae,ldm --preset tiny --precisions autocast,fp32,auto
                                  --zero 1,2 --steps 6 --batch 2 --nproc 1]
 
 Every configuration runs radiodiff-train-{vae,ldm} as it runs for users (DeepSpeed engines, shard
@@ -66,7 +66,7 @@ def bench_train(args: argparse.Namespace) -> None:
                     rows.append((stage, precision, zero, steps_per_s, images_per_s, last.get("perf/peak_memory_gb"),
                                  last.get("perf/tflops_rank"), last.get("perf/mfu")))
     print(f"\ntraining benchmark: preset {args.preset}, {args.nproc} rank(s), micro batch {args.batch}, "
-          f"{args.steps} steps (first excluded), {os.cpu_count()} cores")
+          f"{args.steps} steps (first excluded), {os.cpu_count()} cores, {bf16_note()}")
     print(f"{'stage':6s} {'precision':9s} {'zero':>4s} {'steps/s':>8s} {'images/s':>9s} {'GPU GiB':>8s} "
           f"{'TFLOP/s':>8s} {'MFU':>6s}")
     for stage, precision, zero, sps, ips, memory, tflops, mfu in rows:
@@ -78,6 +78,15 @@ def bench_train(args: argparse.Namespace) -> None:
             print(f"  {stage} ZeRO {zero}: {precision} over fp32 {sps / base[(stage, zero)]:.2f}x")
 
 
+def bf16_note() -> str:
+    """Whether this machine computes bf16 natively: what deepspeed.precision=auto resolves to here."""
+    from radiodiff.precision import resolve_precision
+    from radiodiff.runs.predict import default_device
+
+    device = default_device()
+    return f"precision auto on {device.type} -> {resolve_precision('auto', device)}"
+
+
 def _cell(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -85,7 +94,7 @@ def _cell(value, spec: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stages", default="vae,ldm")
     parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--precisions", default="autocast,fp32")
+    parser.add_argument("--precisions", default="autocast,fp32,auto")
     parser.add_argument("--zero", default="2")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=2)

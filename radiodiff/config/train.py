@@ -22,7 +22,9 @@ from radiodiff.config.models import (
 )
 
 LR_DECAYS = ("cosine", "linear", "poly", "constant")
-PRECISIONS = ("autocast", "bf16", "fp32")
+# auto: autocast where the device computes bf16 natively (GPUs; CPUs with AVX512-BF16 or AMX), else fp32;
+# resolved once at the start of training (radiodiff.precision.resolve_precision), and recorded as resolved.
+PRECISIONS = ("auto", "autocast", "bf16", "fp32")
 
 
 @dataclass
@@ -106,7 +108,8 @@ class TrainConfig:
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = 2  # 0-3
-    precision: str = "autocast"  # autocast: bf16 compute, fp32 master weights; bf16: bf16 weights; fp32
+    # autocast: bf16 compute, fp32 master weights; bf16: bf16 weights; fp32; auto: autocast where bf16 is native
+    precision: str = "auto"
     # Gradient reduction buckets (elements). DeepSpeed's 5e8 default is several GB per engine for
     # models of 55M (VAE) and 216M (LDM) parameters; 5e7 (200 MB of fp32) keeps a few buckets in
     # flight per backward, which is what overlapping needs.

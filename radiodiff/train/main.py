@@ -7,6 +7,7 @@ preemption signal after saving a checkpoint".
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import sys
@@ -29,7 +30,7 @@ from radiodiff.dist import (
     setup,
     teardown,
 )
-from radiodiff.precision import configure_math
+from radiodiff.precision import configure_math, resolve_precision
 from radiodiff.runs.layout import read_meta
 from radiodiff.train import checkpoint
 from radiodiff.train.lock import RunDirLocked, RunLock
@@ -88,6 +89,16 @@ def resume(stage: Stage, cfg: TrainConfigs, dist: DistInfo, folder: Path | None)
     return state, loader
 
 
+def with_resolved_precision(cfg: TrainConfigs, dist: DistInfo) -> TrainConfigs:
+    """``deepspeed.precision=auto`` resolved for this device on rank 0 and taken by every rank (the nodes of a
+    mixed allocation must not train in different precisions); config.yaml then records what ran."""
+    resolved = broadcast_object(resolve_precision(cfg.deepspeed.precision, dist.device) if dist.is_main else None)
+    if resolved != cfg.deepspeed.precision:
+        print0(f"deepspeed.precision={cfg.deepspeed.precision} -> {resolved} "
+               f"({'bf16 native' if resolved == 'autocast' else 'no native bf16'} on {dist.device.type})")
+    return dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, precision=resolved))
+
+
 def own_run_dir(run_dir: Path, cfg: TrainConfigs, dist: DistInfo) -> RunLock | None:
     """Rank 0 takes the run directory's lock for the whole process group; every rank learns the outcome."""
     lock, refusal = None, None
@@ -110,6 +121,7 @@ def run_training(cfg: TrainConfigs, build_stage: Callable[..., Stage], name: str
     flag = PreemptionFlag().install()  # from the start: a signal during set-up is not lost
     dist = setup(cfg.dist.timeout_minutes)
     configure_math(dist.device, cfg.train.deterministic)
+    cfg = with_resolved_precision(cfg, dist)
     lock = None
     try:
         run_dir = Path(cfg.run_dir)

@@ -12,7 +12,7 @@ import torch.distributed as torch_dist
 from radiodiff.cli import compose
 from radiodiff.data.shards import ShardLoader
 from radiodiff.dist import setup, teardown
-from radiodiff.train.main import seed_all
+from radiodiff.train.main import seed_all, with_resolved_precision
 from radiodiff.train.stages import build_vae_stage
 from radiodiff.train.steps import StepContext
 
@@ -24,6 +24,7 @@ def flat_parameters(stage) -> torch.Tensor:
 def main(overrides: list[str]) -> None:
     cfg = compose("train_vae", overrides)
     dist = setup()
+    cfg = with_resolved_precision(cfg, dist)
     seed_all(cfg.seed)
     stage = build_vae_stage(cfg, dist)
     seed_all(1000 + dist.rank)

@@ -1,9 +1,12 @@
-"""Both BF16 modes train both stages: bf16 parameters (with BatchNorm's buffers) as well as autocast."""
+"""Both BF16 modes train both stages: bf16 parameters (with BatchNorm's buffers) as well as autocast; and the
+default, auto, resolves to one precision for all ranks."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+
+import torch
 
 from tests.dist.conftest import LPIPS, train
 
@@ -18,3 +21,18 @@ def test_bf16_parameters_train_and_resume_both_stages(train_shards: Path, tmp_pa
     resumed = train("ldm", tmp_path / "ldm", train_shards, *ldm_args, "train.max_steps=3", nproc=1)
     assert ldm.returncode == 0 and resumed.returncode == 0, ldm.output[-2000:] + resumed.output[-2000:]
     assert "(step 2)" in resumed.output and sorted(resumed.losses("loss")) == [1, 2, 3]
+
+
+def test_auto_precision_is_resolved_once_for_all_ranks_and_recorded(train_shards: Path, tmp_path: Path) -> None:
+    """The default deepspeed.precision=auto: rank 0 resolves it for its device, every rank trains with it, and
+    config.yaml records what ran (fp32 on a CPU without native bf16, where bf16 kernels are slow fallbacks)."""
+    from omegaconf import OmegaConf
+
+    from radiodiff.precision import resolve_precision
+
+    expected = resolve_precision("auto", torch.device("cpu"))
+    run = train("vae", tmp_path / "vae", train_shards, "train.max_steps=1", "train.ckpt_every=1")
+    assert run.returncode == 0, run.output[-3000:]
+    assert f"deepspeed.precision=auto -> {expected}" in run.output
+    assert f"2 rank(s) on cpu, ZeRO 2, {expected}," in run.output
+    assert OmegaConf.load(run.run_dir / "config.yaml").deepspeed.precision == expected

@@ -1,6 +1,6 @@
 """Same training on any number of ranks: with fp32, a fixed global batch and one seed, 1 rank x
 accumulation 4, 2 ranks x 2 and 4 ranks x 1 give the same losses for 5 updates (relative difference
-<= 1e-5, the reduction order's). Also what would have caught the reference code's unaveraged
+<= 1e-5, the reduction order's; 1e-3 for the GAN terms, which magnify it: below). Also what would have caught the reference code's unaveraged
 gradients: a rank that trained on its own micro-batches would drift from the others."""
 
 from __future__ import annotations
@@ -22,13 +22,21 @@ GEOMETRIES = (1, 2, 4)  # ranks; accumulation = 4 / ranks
 # Gradients that were not averaged across ranks differ in far more than the last bits.
 
 
-def assert_same_losses(runs: dict, key: str) -> None:
+# The GAN terms start at update 4 with a discriminator one update old: its generator loss g is a mean of
+# nearly cancelling logits, and the adaptive weight ||grad nll|| / ||grad g|| divides by the norm of that small
+# gradient, so both magnify the last bits of the weights: on an AVX2-only CPU the weight differed by 2.7e-4
+# between geometries (ae/loss, which adds weight x g, by 3.2e-5), within 1e-5 on another CPU. They are held to
+# 1e-3; the well-conditioned terms (nll, kl, the discriminator's loss) keep 1e-5.
+GAN_TERMS_TOLERANCE = 1e-3
+
+
+def assert_same_losses(runs: dict, key: str, rel_tol: float = 1e-5) -> None:
     reference = runs[1].losses(key)
     assert sorted(reference) == list(range(1, STEPS + 1)), key
     for nproc, run in runs.items():
         for step, value in run.losses(key).items():
-            assert math.isclose(value, reference[step], rel_tol=1e-5, abs_tol=1e-7), (key, nproc, step, value,
-                                                                                         reference[step])
+            assert math.isclose(value, reference[step], rel_tol=rel_tol, abs_tol=1e-7), (key, nproc, step, value,
+                                                                                            reference[step])
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +49,11 @@ def vae_runs(train_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 
 
 def test_vae_gan_losses_do_not_depend_on_the_number_of_ranks(vae_runs: dict) -> None:
-    for key in ("ae/loss", "ae/nll", "ae/kl", "ae/g", "disc/loss"):
+    for key in ("ae/nll", "ae/kl", "disc/loss"):
         assert_same_losses(vae_runs, key)
+    for key in ("ae/loss", "ae/g", "ae/d_weight"):
+        assert_same_losses(vae_runs, key, rel_tol=GAN_TERMS_TOLERANCE)
+    assert vae_runs[1].losses("ae/d_weight")[4] > 0  # the GAN terms are on inside the window
 
 
 def test_ldm_losses_do_not_depend_on_the_number_of_ranks(vae_runs: dict, train_shards: Path, tmp_path: Path) -> None:

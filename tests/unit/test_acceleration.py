@@ -194,7 +194,7 @@ def test_vae_stage_compiles_its_blocks_and_restrides_lpips(train_shards, tmp_pat
 
     cfg = compose("train_vae", [f"run_dir={tmp_path}", f"data.shards={train_shards}", "model=tiny",
                                 "perceptual.pretrained=false", "train.compile=true", "train.channels_last=true",
-                                "wandb.enabled=false"])
+                                "wandb.enabled=false", "deepspeed.precision=fp32"])
     stage = build_vae_stage(cfg, world_of_one)
     generator, discriminator = (stage.engines[name].module for name in ("autoencoder", "discriminator"))
     blocks = [m for m in generator.modules() if isinstance(m, REGIONS)]

@@ -129,9 +129,9 @@ def test_plain_srun_without_torchrun_is_refused() -> None:
 
 
 def test_communication_settings() -> None:
-    ds = DeepSpeedConfig(zero_stage=2, reduce_bucket_size=10**7)
+    ds = DeepSpeedConfig(zero_stage=2, precision="fp32", reduce_bucket_size=10**7)
     on_gpu = deepspeed_config(TrainConfig(), ds, world_size=1, on_gpu=True)["zero_optimization"]
     assert on_gpu["overlap_comm"] is True and on_gpu["reduce_bucket_size"] == 10**7
-    forced = DeepSpeedConfig(zero_stage=1, overlap_comm=False)
+    forced = DeepSpeedConfig(zero_stage=1, precision="fp32", overlap_comm=False)
     assert deepspeed_config(TrainConfig(), forced, world_size=1, on_gpu=True)["zero_optimization"]["overlap_comm"] is False
-    assert deepspeed_config(TrainConfig(), DeepSpeedConfig(zero_stage=0), world_size=1)["zero_optimization"] == {"stage": 0}
+    assert deepspeed_config(TrainConfig(), DeepSpeedConfig(zero_stage=0, precision="fp32"), world_size=1)["zero_optimization"] == {"stage": 0}
