@@ -12,8 +12,8 @@ RESOLVED_PRECISIONS = tuple(p for p in PRECISIONS if p != "auto")
 
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes bf16 in hardware. A CPU without AVX512-BF16 or AMX runs bf16 convolutions
-    through fallback kernels, several times slower than fp32 (about 8x for the tiny LDM's training step
-    and 20x for the VAE-GAN's on an AVX2-only CPU: README, Performance)."""
+    through fallback kernels, several times slower than fp32 (6-8x for the tiny LDM's training step and
+    20x for the VAE-GAN's on an AVX2-only CPU: README, Performance)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
@@ -32,11 +32,17 @@ def resolve_precision(setting: str, device: torch.device) -> str:
     return "autocast" if native_bf16(device) else "fp32"
 
 
-def autocast(device: torch.device, precision: str) -> torch.autocast:
-    """bf16 autocast on ``device`` unless ``precision`` is fp32 (bf16 parameters also compute under it)."""
+def require_resolved(precision: str) -> None:
+    """Refuse ``auto`` (and unknown values) where one concrete precision must be used: the engines and the
+    training step must agree on the one that ``resolve_precision`` chose."""
     if precision not in RESOLVED_PRECISIONS:
         raise ValueError(f"precision={precision!r}; expected one of {', '.join(RESOLVED_PRECISIONS)} "
                          "(resolve auto first: resolve_precision)")
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """bf16 autocast on ``device`` unless ``precision`` is fp32 (bf16 parameters also compute under it)."""
+    require_resolved(precision)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision != "fp32")
 
 

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import torch
 
 from radiodiff.config import DeepSpeedConfig, TrainConfig
+from radiodiff.precision import require_resolved
 
 NEVER_PRINT_STEPS = 2**31 - 1
 
@@ -38,9 +39,7 @@ def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, *, world_size: int
     ``load_universal``: the engine will load a universal checkpoint (a resume at another world size).
     ``on_gpu``: the engine trains on GPUs (communication overlaps the backward there).
     """
-    if ds.precision == "auto":  # the engine and the training step must agree on one resolved precision
-        raise ValueError("deepspeed.precision=auto must be resolved for the device before the engines are built "
-                         "(radiodiff.precision.resolve_precision)")
+    require_resolved(ds.precision)
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.micro_batch,
         "gradient_accumulation_steps": train.grad_accum(world_size),
