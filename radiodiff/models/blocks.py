@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radiodiff.models.attention import attend
+
 # The latent-diffusion autoencoders normalise with eps=1e-6; checkpoints were trained with it.
 GROUP_NORM_EPS = 1e-6
 
@@ -57,8 +59,8 @@ class AttnBlock(nn.Module):
         def tokens(t: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, 1, H*W, C)
             return t.reshape(b, 1, c, h * w).transpose(2, 3)
 
-        # scaled_dot_product_attention scales by 1/sqrt(C), the reference scaling.
-        out = F.scaled_dot_product_attention(tokens(self.q(y)), tokens(self.k(y)), tokens(self.v(y)))
+        # attend scales by 1/sqrt(C), the reference scaling.
+        out = attend(tokens(self.q(y)), tokens(self.k(y)), tokens(self.v(y)))
         out = out.transpose(2, 3).reshape(b, c, h, w)  # (B, C, H, W)
         return x + self.proj_out(out)
 

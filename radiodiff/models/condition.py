@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from radiodiff.config import ConditionEncoderConfig
+from radiodiff.models.attention import attend
 
 # Keys a pretrained file may hold that this encoder does not use (classification head, final norm)
 # or recomputes (index buffers and masks).
@@ -105,7 +106,7 @@ class WindowAttention(nn.Module):
             blocked = torch.zeros(mask.shape, dtype=q.dtype, device=x.device).masked_fill(~mask, float("-inf"))
             bias = (bias.unsqueeze(0) + blocked[None, :, None]).expand(bw // num_windows, -1, -1, -1, -1)
             bias = bias.reshape(bw, self.num_heads, n, n)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B * nW, heads, N, C / heads)
+        out = attend(q, k, v, attn_mask=bias)  # (B * nW, heads, N, C / heads)
         return self.proj(out.transpose(1, 2).reshape(bw, n, c))
 
 

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radiodiff.models.attention import attend
+
 
 class FourierTimeEmbedding(nn.Module):
     """t -> log(t) / 4 -> [sin, cos](2 pi x f) with fixed random f ~ N(0, scale^2) -> MLP.
@@ -76,7 +78,7 @@ class CrossAttention(nn.Module):
         queries = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
         q = _split_heads(self.to_q(queries), self.heads)  # (B, heads, HW, d)
         k, v = (_split_heads(z, self.heads) for z in self.to_kv(self.token_norm(tokens)).chunk(2, dim=-1))
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, d)
+        out = attend(q, k, v)  # (B, heads, HW, d)
         out = self.to_out(out.transpose(1, 2).reshape(b, h * w, -1))  # (B, HW, C)
         return x + out.transpose(1, 2).reshape(b, c, h, w)
 
@@ -96,7 +98,7 @@ class SelfAttention(nn.Module):
         b, c, h, w = x.shape
         qkv = self.to_qkv(self.norm(x)).flatten(2).transpose(1, 2)  # (B, HW, 3 * inner)
         q, k, v = (_split_heads(z, self.heads) for z in qkv.chunk(3, dim=-1))
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, d)
+        out = attend(q, k, v)  # (B, heads, HW, d)
         out = out.transpose(1, 2).reshape(b, h * w, -1).transpose(1, 2).reshape(b, -1, h, w)
         return x + self.to_out(out)
 

@@ -124,3 +124,30 @@ def test_compiled_channels_last_updates_match_eager_on_cuda(world_of_one, stage:
     for eager, fast in zip(*runs):
         for key in eager:
             assert fast[key] == pytest.approx(eager[key], rel=2e-2, abs=1e-4), key
+
+
+@pytest.mark.parametrize("block", ["vae mid-block (one head of 512, 64x64 latent)", "unet bottleneck"])
+def test_reference_attention_runs_on_a_fused_cuda_kernel(block: str) -> None:
+    """Only the fused kernels allowed (flash, memory-efficient, cuDNN): the reference models' attention at
+    their training shapes, bf16 autocast, forward and backward. The VAE's single 512-wide head decides
+    whether a fused kernel covers it on this GPU and torch; without one its 4096^2 weights per map are
+    materialised (README, Attention kernels)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from radiodiff.config import UNET_PRESETS
+    from radiodiff.models.blocks import AttnBlock
+    from radiodiff.models.unet_blocks import SelfAttention
+    from radiodiff.precision import autocast
+
+    device = torch.device("cuda")
+    if block.startswith("vae"):
+        module, x = AttnBlock(512), torch.randn(2, 512, 64, 64)
+    else:
+        cfg = UNET_PRESETS["reference"]
+        width = cfg.dim * cfg.dim_mults[-1]
+        module, x = SelfAttention(width, cfg.attn_heads, cfg.attn_dim_head, 32), torch.randn(2, width, 8, 8)
+    module, x = module.to(device), x.to(device).requires_grad_()
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    with sdpa_kernel(fused), autocast(device, "autocast"):
+        module(x).float().square().mean().backward()
+    assert torch.isfinite(x.grad).all()
