@@ -11,20 +11,25 @@ from radiodiff.models.blocks import AttnBlock
 from radiodiff.models.unet_blocks import CrossAttention, SelfAttention
 
 
-def _blocks() -> dict[str, tuple[torch.nn.Module, tuple[torch.Tensor, ...]]]:
+BLOCKS = ("vae AttnBlock", "unet SelfAttention", "unet CrossAttention")
+
+
+def _block(name: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    """One of BLOCKS, seeded, with its inputs."""
     torch.manual_seed(0)
-    return {
-        "vae AttnBlock": (AttnBlock(32, num_groups=8), (torch.randn(2, 32, 8, 8),)),
-        "unet SelfAttention": (SelfAttention(32, 4, 8, 8), (torch.randn(2, 32, 8, 8),)),
-        "unet CrossAttention": (CrossAttention(32, 4, 8, 8), (torch.randn(2, 32, 8, 8), torch.randn(2, 4, 32))),
-    }
+    x = torch.randn(2, 32, 8, 8)
+    if name == "vae AttnBlock":
+        return AttnBlock(32, num_groups=8), (x,)
+    if name == "unet SelfAttention":
+        return SelfAttention(32, 4, 8, 8), (x,)
+    return CrossAttention(32, 4, 8, 8), (x, torch.randn(2, 4, 32))
 
 
-@pytest.mark.parametrize("name", list(_blocks()))
+@pytest.mark.parametrize("name", BLOCKS)
 def test_attention_runs_on_the_fused_kernel(name: str) -> None:
     """Only flash attention allowed (the CPU's fused kernel): raises "No available kernel" where the inputs
     are views the kernel refuses (a transposed token layout), forward or backward."""
-    block, inputs = _blocks()[name]
+    block, inputs = _block(name)
     inputs = tuple(x.requires_grad_() for x in inputs)
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         block(*inputs).square().mean().backward()
@@ -42,7 +47,7 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:  # (B, N, heads * d) ->
 
 
 def test_vae_attention_matches_the_formula() -> None:
-    block, (x,) = _blocks()["vae AttnBlock"]
+    block, (x,) = _block("vae AttnBlock")
     block, x = block.double(), x.double()
     b, c, h, w = x.shape
     y = block.norm(x)
@@ -54,7 +59,7 @@ def test_vae_attention_matches_the_formula() -> None:
 
 
 def test_unet_self_attention_matches_the_formula() -> None:
-    block, (x,) = _blocks()["unet SelfAttention"]
+    block, (x,) = _block("unet SelfAttention")
     block, x = block.double(), x.double()
     b, c, h, w = x.shape
     qkv = block.to_qkv(block.norm(x)).flatten(2).transpose(1, 2)  # (B, HW, 3 * inner)
