@@ -79,7 +79,7 @@ def train_regressor(data, *, steps: int, batch: int, lr: float, seed: int, out_c
     model = RegressorUNet(out_channels=out_channels, out_stride=out_stride)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=lr / 10)
-    loader = ShardLoader(data, "train", batch_size=batch, seed=seed)
+    loader = ShardLoader(data, "train", batch_size=batch, seed=seed, augment=True)
     for _, sample in zip(range(steps), loader):
         target = sample["target"] if target_of is None else target_of(sample["target"])
         loss = regression_loss(model(sample["cond"]), target)  # (B, 1, s, s) or (B, Z, h, w) each

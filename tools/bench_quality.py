@@ -107,7 +107,7 @@ def train_overrides(args: argparse.Namespace, run_dir: Path, shards: Path, steps
     return [f"run_dir={run_dir}", f"data.shards={shards}", "model=tiny", f"seed={args.seed}",
             f"train.max_steps={steps}", f"train.global_batch={args.batch}", f"train.micro_batch={args.batch}",
             f"train.lr={args.lr}", f"train.min_lr={args.lr / 10}", f"train.log_every={max(1, steps // 10)}",
-            f"train.ckpt_every={steps}", "data.num_workers=0", "wandb.mode=offline",
+            f"train.ckpt_every={steps}", "data.num_workers=0", f"data.augment={args.augment}", "wandb.mode=offline",
             *size_overrides(args.image_size, args.latent_factor)]
 
 
@@ -281,6 +281,7 @@ def header(args: argparse.Namespace, num_samples: int, elapsed: float, precision
               f"batch {args.batch}, lr {args.lr:g} decaying to lr/10; LDM training times with density "
               f"~ t^{TIME_POWER:g}, EMA from update {args.ldm_steps // 2} with warmup power {EMA_WARMUP_POWER:g}"),
              *overrides,
+             *([f"training streams augmented: data.augment={args.augment}"] if args.augment != "none" else []),
              f"trained in {precisions}",
              f"{elapsed / 60:.1f} min wall, {cpu_seconds() / 60:.1f} min CPU, {args.threads} thread(s) per process"]
     return "; ".join(parts)
@@ -339,6 +340,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ldm-steps", type=int, help=f"LDM and regressor updates (default {DEFAULTS['ldm_steps']})")
     parser.add_argument("--batch", type=int, help=f"micro batch of every model (default {DEFAULTS['batch']})")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of every model (decays to lr/10)")
+    parser.add_argument("--augment", default="none", choices=("none", "antidiagonal"),
+                        help="data.augment of every model's training stream (the regressors' too)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of each process (1: spinning OpenMP threads stall on a shared machine)")
     parser.add_argument("--out", default="bench_quality", help="table.md, results.json, grids/, eval/, logs")

@@ -16,6 +16,7 @@ BUILDINGS = ("complete", "missing1", "missing2", "missing3", "missing4")
 PROTOCOLS = ("radiounet", "radiodiff", "radiodiff_disjoint")
 VALUE_RANGES = ("unit", "symmetric")
 SPLITS = ("train", "val", "test")
+AUGMENTS = ("none", "antidiagonal")  # radiodiff/data/augment.py
 
 
 @dataclass
@@ -42,9 +43,16 @@ class DataConfig:
     # manifest.json). Training then reads the frozen VAE's posterior moments from it instead of
     # encoding every batch; validation still reads data.shards. None: encode every batch.
     latents: Optional[str] = None
+    # Training streams only: none | antidiagonal (each sample reflected across the anti-diagonal with
+    # probability 1/2, the one symmetry that keeps RadioMapSeer's conventions; radiodiff/data/augment.py).
+    augment: str = "none"
 
     def __post_init__(self) -> None:
         check_choice("data.protocol", self.protocol, PROTOCOLS)
+        check_choice("data.augment", self.augment, AUGMENTS)
+        if self.augment != "none" and self.latents is not None:
+            raise ConfigError(f"data.augment={self.augment} needs image shards: the latent cache data.latents="
+                              f"{self.latents} holds the moments of the maps as stored; set data.latents=null")
         check_choice("data.simulation", self.simulation, SIMULATIONS)
         check_choice("data.buildings", self.buildings, BUILDINGS)
         check_choice("data.value_range", self.value_range, VALUE_RANGES)

@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from radiodiff.config import ConfigError, DataConfig
+from radiodiff.data.augment import augment_batch
 from radiodiff.data.latents import open_cache_split
 from radiodiff.data.manifest import (
     check_manifest_options,
@@ -76,14 +77,15 @@ class ShardLoader:
     partial micro-batches at the end of a finite stream; ``verify`` checks each shard's size and
     sha256 against the manifest. ``latents``: read the latent cache at ``cfg.latents`` (made with
     ``cfg``'s data settings, else refused) instead of ``cfg.shards``: the same sample stream, with
-    ``moments`` in place of ``target``.
+    ``moments`` in place of ``target``. ``augment``: apply ``cfg.augment`` (training streams; each
+    sample's reflection is keyed by its stream position, so it survives a resume at any world size).
     """
 
     def __init__(self, cfg: DataConfig, split: str, *, batch_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, epochs: Optional[int] = None,
                  shuffle: Optional[bool] = None, num_workers: Optional[int] = None,
                  drop_last: bool = False, verify: bool = True, pin_memory: bool = False,
-                 prefetch_factor: Optional[int] = None, latents: bool = False) -> None:
+                 prefetch_factor: Optional[int] = None, latents: bool = False, augment: bool = False) -> None:
         key = "data.latents" if latents else "data.shards"
         root = cfg.latents if latents else cfg.shards
         if not root:
@@ -98,6 +100,7 @@ class ShardLoader:
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.epochs, self.drop_last = seed, epochs, drop_last
         self.shuffle = cfg.shuffle if shuffle is None else shuffle
+        self.augment = augment and cfg.augment != "none"  # data.augment applies to training streams only
         self.num_workers = cfg.num_workers if num_workers is None else num_workers
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         if self.num_workers > 0 and fsspec.utils.get_protocol(self.root) == "memory":
@@ -162,6 +165,8 @@ class ShardLoader:
             self.bytes_read += source_bytes
             self.cache_bytes_read += cache_bytes
             self._consumed += 1
+            if self.augment:  # on the uint8 maps at 256x256, before any resize
+                augment_batch(batch, self.seed)
             # Workers send uint8 maps (a quarter of the bytes); the values are made here, per batch.
             batch["cond"] = cond_values(batch.pop("cond_u8"), self.cfg)
             if "target_u8" in batch:  # a latent cache serves float32 moments instead

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-# Purposes: each draws from its own stream.
+# Purposes: each draws from its own stream (4 is data.augment's, radiodiff/data/augment.py).
 TIME, NOISE, POSTERIOR = 1, 2, 3
 
 

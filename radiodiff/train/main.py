@@ -60,7 +60,8 @@ def make_loader(cfg: TrainConfigs, dist: DistInfo) -> ShardLoader:
     """The train split's stream: from the latent cache when ``data.latents`` is set (stage 2 only;
     the same stream and positions as the image shards', so a resume may switch between them)."""
     return ShardLoader(cfg.data, "train", batch_size=cfg.train.micro_batch, rank=dist.rank,
-                       world_size=dist.world_size, seed=cfg.seed, latents=cfg.data.latents is not None)
+                       world_size=dist.world_size, seed=cfg.seed, latents=cfg.data.latents is not None,
+                       augment=True)
 
 
 def resume(stage: Stage, cfg: TrainConfigs, dist: DistInfo, folder: Path | None) -> tuple[RunState, ShardLoader]:
