@@ -2,7 +2,8 @@
 
     python tools/bench.py quality [--maps 100 --tx 8 --seed 11 --image-size 64 --latent-factor 2
                                    --vae-steps 600 --ldm-steps 1000 --batch 8 --lr 1e-3 --out bench_quality]
-                                  [--quick] [--keep-work] [--vae-override k=v ...] [--ldm-override k=v ...]
+                                  [--quick] [--keep-work] [--augment antidiagonal] [--tx-los]
+                                  [--vae-override k=v ...] [--ldm-override k=v ...]
 
 On a synthetic RadioMapSeer made for the run (Ray sharding, radiounet protocol), the real
 radiodiff-train-vae / radiodiff-train-ldm commands train the tiny models, and every row is scored on
@@ -196,11 +197,15 @@ def train_models(args: argparse.Namespace, work: Path, shards: Path) -> dict[str
                                         *VAE_LOSS, f"loss.disc_start={args.vae_steps // 2}", *args.vae_override],
                 args.logs / "train_vae.log", args.threads)
     run_command("radiodiff-train-ldm", [*train_overrides(args, runs["ldm"], shards, args.ldm_steps),
-                                        f"vae.checkpoint={runs['vae']}", f"sampler.steps={ABLATION_STEPS}",
-                                        f"ema.start_step={args.ldm_steps // 2}", "ema.update_every=1",
-                                        f"ema.warmup_power={EMA_WARMUP_POWER:g}", f"diffusion.time_power={TIME_POWER:g}",
-                                        *args.ldm_override], args.logs / "train_ldm.log", args.threads)
+                                        *ldm_recipe(args, runs["vae"])], args.logs / "train_ldm.log", args.threads)
     return runs
+
+
+def ldm_recipe(args: argparse.Namespace, vae_dir: Path) -> list[str]:
+    """The LDM's overrides beyond the common ones: its VAE, the recipe of the module's header, the inputs."""
+    return [f"vae.checkpoint={vae_dir}", f"sampler.steps={ABLATION_STEPS}", f"ema.start_step={args.ldm_steps // 2}",
+            "ema.update_every=1", f"ema.warmup_power={EMA_WARMUP_POWER:g}", f"diffusion.time_power={TIME_POWER:g}",
+            f"model.unet.tx_los={str(args.tx_los).lower()}", *args.ldm_override]
 
 
 def cli_rows(args: argparse.Namespace, runs: dict[str, Path], evals: Path) -> tuple[list[dict], dict]:
@@ -233,13 +238,14 @@ def in_process_rows(args: argparse.Namespace, ldm_dir: Path, evals: Path) -> dic
     ceiling = score_split(ceiling_predictor(data), data, device, EVAL_BATCH)
     progress(f"regressor: {args.ldm_steps} updates at batch {args.batch}")
     started = time.perf_counter()
-    regressor = train_regressor(data, steps=args.ldm_steps, batch=args.batch, lr=args.lr, seed=args.seed).to(device)
+    regressor = train_regressor(data, steps=args.ldm_steps, batch=args.batch, lr=args.lr, seed=args.seed,
+                                tx_los=args.tx_los).to(device)
     train_seconds = time.perf_counter() - started
     reg_predict = regressor_predictor(regressor, data)
     reg = score_split(reg_predict, data, device, EVAL_BATCH, evals / "regressor_grid.png")
     progress(f"latent regressor: {args.ldm_steps} updates at batch {args.batch}")
     _, latent_predict = latent_regressor(ldm_dir, data, device, steps=args.ldm_steps, batch=args.batch, lr=args.lr,
-                                         seed=args.seed)
+                                         seed=args.seed, tx_los=args.tx_los)
     latent = score_split(latent_predict, data, device, EVAL_BATCH, evals / "latent_regressor_grid.png")
     progress("transmitter ablation")
     reg_blank = score_split(without_transmitter(reg_predict, data.value_range), data, device, EVAL_BATCH,
@@ -282,6 +288,8 @@ def header(args: argparse.Namespace, num_samples: int, elapsed: float, precision
               f"~ t^{TIME_POWER:g}, EMA from update {args.ldm_steps // 2} with warmup power {EMA_WARMUP_POWER:g}"),
              *overrides,
              *([f"training streams augmented: data.augment={args.augment}"] if args.augment != "none" else []),
+             *(["the LDM and both regressors see the line-of-sight channels (model.unet.tx_los; not published "
+                "inputs)"] if args.tx_los else []),
              f"trained in {precisions}",
              f"{elapsed / 60:.1f} min wall, {cpu_seconds() / 60:.1f} min CPU, {args.threads} thread(s) per process"]
     return "; ".join(parts)
@@ -342,6 +350,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of every model (decays to lr/10)")
     parser.add_argument("--augment", default="none", choices=("none", "antidiagonal"),
                         help="data.augment of every model's training stream (the regressors' too)")
+    parser.add_argument("--tx-los", action="store_true",
+                        help="give the LDM (model.unet.tx_los=true) and both regressors the line-of-sight channels")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of each process (1: spinning OpenMP threads stall on a shared machine)")
     parser.add_argument("--out", default="bench_quality", help="table.md, results.json, grids/, eval/, logs")

@@ -6,7 +6,7 @@ strides p * (1, 2, 4, 8), p = ``condition.patch_size``, the VAE's factor: 4 in t
 
 - condition features: the Swin encoder's four stages, optionally concatenated with a small conv stem
   on the raw condition (``cond_stem_dim``), optionally fed a distance-to-transmitter channel
-  (``tx_distance``); "the condition feature of level i" is the stride p*2**i one;
+  (``tx_distance``) and two line-of-sight channels (``tx_los``); "the condition feature of level i" is the stride p*2**i one;
 - input: z_t concatenated with the stride-p condition feature (1x1 conv to ``dim``), 7x7 conv;
 - time: log(t)/4 -> fixed random Fourier features -> MLP; residual blocks use it as scale/shift;
 - encoder level i: res block, condition fusion, res block, linear attention, strided-conv downsample
@@ -50,7 +50,13 @@ from torch.utils.checkpoint import checkpoint
 
 from radiodiff.config import ConditionEncoderConfig, UNetConfig
 from radiodiff.models.condition import ConditionEncoder
-from radiodiff.models.fusion import ConditionFusion, ConditionStem, tx_distance_map
+from radiodiff.models.fusion import (
+    LOS_CHANNELS,
+    ConditionFusion,
+    ConditionStem,
+    tx_distance_map,
+    tx_line_of_sight,
+)
 from radiodiff.models.unet_blocks import (
     Downsample,
     FourierTimeEmbedding,
@@ -170,8 +176,8 @@ class ConditionalUNet(nn.Module):
         self.cfg = cfg
         widths = [cfg.dim * m for m in cfg.dim_mults]
         time_dim = 4 * cfg.dim
-        cond_in = cond_cfg.in_channels + int(cfg.tx_distance)
-        if cfg.tx_distance:
+        cond_in = cond_cfg.in_channels + int(cfg.tx_distance) + LOS_CHANNELS * int(cfg.tx_los)
+        if cond_in != cond_cfg.in_channels:
             cond_cfg = dataclasses.replace(cond_cfg, in_channels=cond_in)
         self.cond_encoder = ConditionEncoder(cond_cfg)
         self.cond_stem = (ConditionStem(cond_in, cfg.cond_stem_dim, cfg.norm_groups, cond_cfg.patch_size)
@@ -205,6 +211,8 @@ class ConditionalUNet(nn.Module):
         """(B, C_cond, H, W) -> the condition feature of every level: 4 x (B, C_i, H / 2**(i+2), ...)."""
         if self.cfg.tx_distance:
             cond = torch.cat([cond, tx_distance_map(cond)], dim=1)  # (B, C_cond + 1, H, W)
+        if self.cfg.tx_los:
+            cond = torch.cat([cond, tx_line_of_sight(cond)], dim=1)  # (B, C_cond (+ 1) + 2, H, W)
         features = self.cond_encoder(cond)
         if self.cond_stem is not None:
             features = [torch.cat(pair, dim=1) for pair in zip(features, self.cond_stem(cond))]

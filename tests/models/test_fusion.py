@@ -1,4 +1,5 @@
-"""Condition fusion: the transmitter reaches every level, distance channel, stem, output skips, bf16."""
+"""Condition fusion: the transmitter reaches every level, distance and line-of-sight channels, stem, output
+skips, bf16."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import pytest
 import torch
 
 from radiodiff.config import CONDITION_PRESETS, UNET_PRESETS, ConfigError, UNetConfig
-from radiodiff.models.fusion import ConditionStem, DenseFusion, tx_distance_map
+from scipy.ndimage import map_coordinates
+
+from radiodiff.models import fusion
+from radiodiff.models.fusion import ConditionStem, DenseFusion, tx_distance_map, tx_line_of_sight
 from radiodiff.models.unet import ConditionalUNet, output_skips
 
 
@@ -110,6 +114,75 @@ def test_tx_distance_adds_an_encoder_channel() -> None:
         fa = model.condition_features(city_with_tx(10, 12))[0]
         fb = model.condition_features(city_with_tx(50, 41))[0]
     assert (fa - fb).norm(dim=1).amin() > 0
+
+
+def line_of_sight_reference(buildings: np.ndarray, row: int, col: int) -> np.ndarray:
+    """numpy/scipy: the share of the line inside buildings, read by scipy's own linear interpolation at
+    the same max(H, W) midpoints of every transmitter -> pixel segment."""
+    h, w = buildings.shape
+    k = max(h, w)
+    along = (np.arange(k) + 0.5) / k
+    share = np.zeros((h, w))
+    for r in range(h):
+        for c in range(w):
+            points = np.stack([row + along * (r - row), col + along * (c - col)])
+            share[r, c] = map_coordinates(buildings, points, order=1, mode="nearest").mean()
+    return share
+
+
+@pytest.mark.parametrize("row,col", [(0, 0), (17, 5), (39, 47), (20, 30)])
+def test_tx_line_of_sight_matches_scipy_interpolation_along_each_line(row: int, col: int) -> None:
+    h, w = 40, 48
+    rng = np.random.default_rng(row * 100 + col)
+    buildings = (rng.random((h, w)) > 0.8).astype(np.float64)
+    cond = torch.stack([torch.tensor(buildings * 2 - 1), -torch.ones(h, w), torch.tensor(buildings * 2 - 1)])
+    cond[1, row, col] = 1.0
+    got = tx_line_of_sight(cond[None].float()).double().numpy()[0]
+    share = line_of_sight_reference(buildings, row, col)
+    np.testing.assert_allclose(got[0], 2 * share - 1, rtol=0, atol=2e-5)
+    crossed = share * np.hypot(*np.mgrid[0:h, 0:w] - np.array([row, col])[:, None, None]) * 64 / max(h, w)
+    np.testing.assert_allclose(got[1], 2 * (1 - np.exp(-crossed)) - 1, rtol=0, atol=2e-5)
+
+
+def test_tx_line_of_sight_of_a_wall_by_hand() -> None:
+    """A wall of columns 10..13 across a 32x32 map, the transmitter at (16, 0): the pixel (16, 31) behind
+    it sees 4 of the line's 31 pixels in the wall; pixels before the wall are in line of sight."""
+    cond = -torch.ones(1, 3, 32, 32)
+    cond[:, [0, 2], :, 10:14] = 1.0
+    cond[0, 1, 16, 0] = 1.0
+    got = tx_line_of_sight(cond)[0]
+    assert abs((got[0, 16, 31].item() + 1) / 2 - 4 / 31) < 0.02
+    # 4 pixels of wall are 8 units of 1/64 of the side: saturated.
+    assert got[1, 16, 31].item() > 0.99
+    assert torch.all(got[:, :, :10] == -1.0)  # every line to the left of the wall is clear
+    assert torch.all(got[:, 16, 14:] > -1.0)  # every pixel right behind it, on the transmitter's row, is not
+
+
+def test_tx_line_of_sight_is_the_same_in_row_chunks_and_without_buildings(monkeypatch) -> None:
+    cond = torch.cat([city_with_tx(10, 12), city_with_tx(50, 3)])
+    whole = tx_line_of_sight(cond)
+    monkeypatch.setattr(fusion, "LOS_MAX_POINTS", 2 * 64 * 64 * 3)  # 3 rows per chunk, the last one short
+    assert torch.equal(tx_line_of_sight(cond), whole)
+    empty = cond.clone()
+    empty[:, [0, 2]] = -1.0
+    assert torch.all(tx_line_of_sight(empty) == -1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert tx_line_of_sight(cond.bfloat16()).dtype == torch.bfloat16
+
+
+def test_tx_los_adds_two_encoder_channels_after_the_distance() -> None:
+    model = tiny_unet(tx_los=True, tx_distance=True, cond_stem_dim=8)
+    assert model.cond_encoder.patch_embed.proj.in_channels == 3 + 1 + 2
+    assert model.cond_stem.full[0].in_channels == 3 + 1 + 2
+    assert tiny_unet(tx_los=True).cond_encoder.patch_embed.proj.in_channels == 3 + 2
+    # The channels depend on where the transmitter is: the condition features change when it moves.
+    model = tiny_unet(tx_los=True)
+    with torch.no_grad():
+        fa = model.condition_features(city_with_tx(10, 12))[0]
+        fb = model.condition_features(city_with_tx(50, 41))[0]
+        c_hat, eps_hat = model(torch.randn(1, 3, 16, 16), torch.rand(1), city_with_tx(10, 12))
+    assert (fa - fb).abs().amax() > 0
+    assert c_hat.shape == eps_hat.shape == (1, 3, 16, 16)
 
 
 def test_output_skips_match_a_hand_computation() -> None:

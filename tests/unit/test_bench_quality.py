@@ -80,6 +80,32 @@ def test_regressor_with_an_output_stride_stops_its_decoder_at_that_size(bq):
             quality.RegressorUNet(out_stride=stride)
 
 
+def test_regressor_with_line_of_sight_reads_five_channels_computed_from_the_condition(bq):
+    from radiodiff.models.fusion import tx_line_of_sight
+
+    model = quality.RegressorUNet(tx_los=True)
+    assert model.down[0][0].in_channels == 5
+    cond = -torch.ones(2, 3, 64, 64)
+    cond[:, [0, 2], 20:30, 20:30] = 1.0
+    cond[0, 1, 5, 5] = cond[1, 1, 60, 60] = 1.0
+    seen = {}
+    model.down[0].register_forward_hook(lambda module, args, out: seen.update(x=args[0]))
+    assert model(cond).shape == (2, 1, 64, 64)
+    assert torch.equal(seen["x"], torch.cat([cond, tx_line_of_sight(cond)], dim=1))
+
+
+@pytest.mark.parametrize("flag,value", [([], "false"), (["--tx-los"], "true")])
+def test_tx_los_flag_reaches_the_ldm_and_the_header(bq, flag, value):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bq.add_arguments(parser)
+    args = bq.resolve(parser.parse_args(flag))
+    recipe = bq.ldm_recipe(args, Path("/vae"))
+    assert f"model.unet.tx_los={value}" in recipe and recipe[0] == "vae.checkpoint=/vae"
+    assert ("line-of-sight" in bq.header(args, 112, 60.0, "vae fp32, ldm fp32")) == bool(flag)
+
+
 def test_latent_line_splits_the_gap_to_the_regressor(bq):
     line = bq.latent_line(ldm_psnr=19.5, latent_psnr=20.25, regressor_psnr=21.5)
     assert line.startswith("INFO") and "-1.25 dB from the regressor" in line and "-0.75 dB from the latent" in line
