@@ -32,6 +32,14 @@ def _transmitter_rc(cond: torch.Tensor, channel: int) -> tuple[torch.Tensor, tor
     return torch.div(index, w, rounding_mode="floor").float(), (index % w).float()
 
 
+def _pixel_distance(cond: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) Euclidean distance in pixels from every pixel of ``cond`` to (row[b], col[b]), float32."""
+    h, w = cond.shape[-2:]
+    dr = torch.arange(h, device=cond.device, dtype=torch.float32)[None, :, None] - row[:, None, None]  # (B, H, 1)
+    dc = torch.arange(w, device=cond.device, dtype=torch.float32)[None, None, :] - col[:, None, None]  # (B, 1, W)
+    return (dr.square() + dc.square()).sqrt()
+
+
 def tx_distance_map(cond: torch.Tensor, channel: int = TX_CHANNEL) -> torch.Tensor:
     """(B, C, H, W) condition -> (B, 1, H, W) distance to the transmitter, mapped to [-1, 1].
 
@@ -41,14 +49,9 @@ def tx_distance_map(cond: torch.Tensor, channel: int = TX_CHANNEL) -> torch.Tens
     range of the other condition channels. Everything stays on ``cond``'s device: no host sync.
     A condition without a transmitter (all equal) gives the distance to pixel (0, 0).
     """
-    b, _, h, w = cond.shape
-    row, col = _transmitter_rc(cond, channel)  # (B,) each
-    rows = torch.arange(h, device=cond.device, dtype=torch.float32)
-    cols = torch.arange(w, device=cond.device, dtype=torch.float32)
-    dr = rows[None, :, None] - row[:, None, None]  # (B, H, 1)
-    dc = cols[None, None, :] - col[:, None, None]  # (B, 1, W)
+    h, w = cond.shape[-2:]
     diagonal = max(((h - 1) ** 2 + (w - 1) ** 2) ** 0.5, 1.0)
-    distance = (dr.square() + dc.square()).sqrt() / diagonal  # (B, H, W) in [0, 1]
+    distance = _pixel_distance(cond, *_transmitter_rc(cond, channel)) / diagonal  # (B, H, W) in [0, 1]
     return (2.0 * distance - 1.0).unsqueeze(1).to(cond.dtype)
 
 
@@ -87,9 +90,7 @@ def tx_line_of_sight(cond: torch.Tensor, channel: int = TX_CHANNEL,
                                     align_corners=False)  # (B, 1, R, W * K)
             shares.append(samples.reshape(b, len(rows), w, k).mean(dim=-1))  # (B, R, W)
         share = torch.cat(shares, dim=1)  # (B, H, W)
-        dr = torch.arange(h, device=cond.device, dtype=torch.float32)[None, :, None] - row[:, None, None]
-        dc = cols[None, None, :] - col[:, None, None]
-        crossed = share * (dr.square() + dc.square()).sqrt() * (LOS_LENGTH_UNITS / max(h, w))  # (B, H, W)
+        crossed = share * _pixel_distance(cond, row, col) * (LOS_LENGTH_UNITS / max(h, w))  # (B, H, W)
         out = torch.stack([share, 1.0 - torch.exp(-crossed)], dim=1)
     return (2.0 * out - 1.0).to(cond.dtype)
 

@@ -6,7 +6,8 @@ strides p * (1, 2, 4, 8), p = ``condition.patch_size``, the VAE's factor: 4 in t
 
 - condition features: the Swin encoder's four stages, optionally concatenated with a small conv stem
   on the raw condition (``cond_stem_dim``), optionally fed a distance-to-transmitter channel
-  (``tx_distance``) and two line-of-sight channels (``tx_los``); "the condition feature of level i" is the stride p*2**i one;
+  (``tx_distance``) and two line-of-sight channels (``tx_los``); "the condition feature of level i"
+  is the stride p*2**i one;
 - input: z_t concatenated with the stride-p condition feature (1x1 conv to ``dim``), 7x7 conv;
 - time: log(t)/4 -> fixed random Fourier features -> MLP; residual blocks use it as scale/shift;
 - encoder level i: res block, condition fusion, res block, linear attention, strided-conv downsample

@@ -9,10 +9,9 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from radiodiff.config import CONDITION_PRESETS, UNET_PRESETS, ConfigError, UNetConfig
 from scipy.ndimage import map_coordinates
 
+from radiodiff.config import CONDITION_PRESETS, UNET_PRESETS, ConfigError, UNetConfig
 from radiodiff.models import fusion
 from radiodiff.models.fusion import ConditionStem, DenseFusion, tx_distance_map, tx_line_of_sight
 from radiodiff.models.unet import ConditionalUNet, output_skips
