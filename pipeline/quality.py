@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from radiodiff.models.fusion import LOS_CHANNELS, tx_line_of_sight
+from radiodiff.models.fusion import derived_channels, with_derived_channels
 
 METRICS = ("psnr", "ssim", "nmse", "rmse")
 TX_CHANNEL = 1  # cond = [buildings, transmitter, cars or buildings]
@@ -42,25 +42,26 @@ class RegressorUNet(nn.Module):
     Five levels (widths 16..256, 1.94M parameters) so that the big layers sit at low resolution:
     its cost per image stays a few times the tiny LDM's while its capacity is RadioUNet-like.
     ``out_stride`` 2^k stops the decoder k levels early: (B, out_channels, s / 2^k, s / 2^k).
-    ``tx_los`` appends the LDM's opt-in line-of-sight channels (``model.unet.tx_los``) to its input.
+    ``tx_distance`` and ``tx_los`` append the LDM's opt-in derived channels (``model.unet.tx_distance``,
+    ``model.unet.tx_los``) to its input, as the LDM does.
     """
 
     def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128, 256), out_channels: int = 1,
-                 out_stride: int = 1, tx_los: bool = False) -> None:
+                 out_stride: int = 1, tx_distance: bool = False, tx_los: bool = False) -> None:
         super().__init__()
-        self.tx_los = tx_los
+        self.tx_distance, self.tx_los = tx_distance, tx_los
         levels = out_stride.bit_length() - 1
         if out_stride < 1 or out_stride != 1 << levels or levels >= len(widths):
             raise ValueError(f"out_stride={out_stride}: a power of 2 below {1 << len(widths)}")
         ups = widths[:levels:-1]  # the decoder's input widths, deepest first
-        inputs = 3 + LOS_CHANNELS * int(tx_los)
+        inputs = 3 + derived_channels(tx_distance, tx_los)
         self.down = nn.ModuleList(conv_block(cin, cout) for cin, cout in zip((inputs, *widths[:-1]), widths))
         self.up = nn.ModuleList(nn.ConvTranspose2d(w, w // 2, 2, stride=2) for w in ups)
         self.merge = nn.ModuleList(conv_block(w, w // 2) for w in ups)
         self.head = nn.Conv2d(widths[levels], out_channels, 1)
 
     def forward(self, cond: torch.Tensor) -> torch.Tensor:
-        skips, x = [], torch.cat([cond, tx_line_of_sight(cond)], dim=1) if self.tx_los else cond
+        skips, x = [], with_derived_channels(cond, tx_distance=self.tx_distance, tx_los=self.tx_los)
         for i, block in enumerate(self.down):
             x = block(x if i == 0 else F.max_pool2d(x, 2))
             skips.append(x)
@@ -75,13 +76,13 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def train_regressor(data, *, steps: int, batch: int, lr: float, seed: int, out_channels: int = 1,
                     out_stride: int = 1, target_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                    tx_los: bool = False) -> RegressorUNet:
+                    tx_distance: bool = False, tx_los: bool = False) -> RegressorUNet:
     """AdamW with cosine decay to lr/10 (as the LDM decays to min_lr), on the training stream, against
     ``target_of(sample["target"])`` (default: the map itself)."""
     from radiodiff.data.shards import ShardLoader
 
     torch.manual_seed(seed)
-    model = RegressorUNet(out_channels=out_channels, out_stride=out_stride, tx_los=tx_los)
+    model = RegressorUNet(out_channels=out_channels, out_stride=out_stride, tx_distance=tx_distance, tx_los=tx_los)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=lr / 10)
     loader = ShardLoader(data, "train", batch_size=batch, seed=seed, augment=True)
@@ -132,14 +133,15 @@ class LatentCodec:
 
 
 def latent_regressor(ldm_dir: Path, data, device: torch.device, *, steps: int, batch: int, lr: float, seed: int,
-                     tx_los: bool = False):
+                     tx_distance: bool = False, tx_los: bool = False):
     """The conv U-Net trained (on the CPU, as the regressor) on ``LatentCodec.encode`` of the maps, and its
     predictor: the predicted latent decoded by the run's VAE, -> (B, 1, 256, 256) in [0, 1]."""
     from radiodiff.runs.predict import to_native_unit
 
     codec = LatentCodec(ldm_dir, torch.device("cpu"))
     model = train_regressor(data, steps=steps, batch=batch, lr=lr, seed=seed, out_channels=codec.channels,
-                            out_stride=codec.factor, target_of=codec.encode, tx_los=tx_los).to(device)
+                            out_stride=codec.factor, target_of=codec.encode, tx_distance=tx_distance,
+                            tx_los=tx_los).to(device)
     codec.to(device)
 
     def predict(cond: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
     python tools/bench.py quality [--maps 100 --tx 8 --seed 11 --image-size 64 --latent-factor 2
                                    --vae-steps 600 --ldm-steps 1000 --batch 8 --lr 1e-3 --out bench_quality]
-                                  [--quick] [--keep-work] [--augment antidiagonal] [--tx-los]
+                                  [--quick] [--keep-work] [--augment antidiagonal] [--tx-distance] [--tx-los]
                                   [--vae-override k=v ...] [--ldm-override k=v ...]
 
 On a synthetic RadioMapSeer made for the run (Ray sharding, radiounet protocol), the real
@@ -205,7 +205,8 @@ def ldm_recipe(args: argparse.Namespace, vae_dir: Path) -> list[str]:
     """The LDM's overrides beyond the common ones: its VAE, the recipe of the module's header, the inputs."""
     return [f"vae.checkpoint={vae_dir}", f"sampler.steps={ABLATION_STEPS}", f"ema.start_step={args.ldm_steps // 2}",
             "ema.update_every=1", f"ema.warmup_power={EMA_WARMUP_POWER:g}", f"diffusion.time_power={TIME_POWER:g}",
-            f"model.unet.tx_los={str(args.tx_los).lower()}", *args.ldm_override]
+            f"model.unet.tx_distance={str(args.tx_distance).lower()}", f"model.unet.tx_los={str(args.tx_los).lower()}",
+            *args.ldm_override]
 
 
 def cli_rows(args: argparse.Namespace, runs: dict[str, Path], evals: Path) -> tuple[list[dict], dict]:
@@ -239,13 +240,13 @@ def in_process_rows(args: argparse.Namespace, ldm_dir: Path, evals: Path) -> dic
     progress(f"regressor: {args.ldm_steps} updates at batch {args.batch}")
     started = time.perf_counter()
     regressor = train_regressor(data, steps=args.ldm_steps, batch=args.batch, lr=args.lr, seed=args.seed,
-                                tx_los=args.tx_los).to(device)
+                                tx_distance=args.tx_distance, tx_los=args.tx_los).to(device)
     train_seconds = time.perf_counter() - started
     reg_predict = regressor_predictor(regressor, data)
     reg = score_split(reg_predict, data, device, EVAL_BATCH, evals / "regressor_grid.png")
     progress(f"latent regressor: {args.ldm_steps} updates at batch {args.batch}")
     _, latent_predict = latent_regressor(ldm_dir, data, device, steps=args.ldm_steps, batch=args.batch, lr=args.lr,
-                                         seed=args.seed, tx_los=args.tx_los)
+                                         seed=args.seed, tx_distance=args.tx_distance, tx_los=args.tx_los)
     latent = score_split(latent_predict, data, device, EVAL_BATCH, evals / "latent_regressor_grid.png")
     progress("transmitter ablation")
     reg_blank = score_split(without_transmitter(reg_predict, data.value_range), data, device, EVAL_BATCH,
@@ -275,6 +276,13 @@ def trained_precisions(runs: dict[str, Path]) -> str:
     return ", ".join(f"{name} {OmegaConf.load(run / 'config.yaml').deepspeed.precision}" for name, run in runs.items())
 
 
+def derived_names(args: argparse.Namespace) -> str:
+    """The opt-in derived input channels the run gives its models, in words."""
+    names = [name for name, on in (("the distance channel (model.unet.tx_distance)", args.tx_distance),
+                                   ("the line-of-sight channels (model.unet.tx_los)", args.tx_los)) if on]
+    return " and ".join(names)
+
+
 def header(args: argparse.Namespace, num_samples: int, elapsed: float, precisions: str) -> str:
     overrides = [f"{stage} overrides {' '.join(given)}" for stage, given in
                  (("VAE", args.vae_override), ("LDM", args.ldm_override)) if given]
@@ -288,8 +296,8 @@ def header(args: argparse.Namespace, num_samples: int, elapsed: float, precision
               f"~ t^{TIME_POWER:g}, EMA from update {args.ldm_steps // 2} with warmup power {EMA_WARMUP_POWER:g}"),
              *overrides,
              *([f"training streams augmented: data.augment={args.augment}"] if args.augment != "none" else []),
-             *(["the LDM and both regressors see the line-of-sight channels (model.unet.tx_los; not published "
-                "inputs)"] if args.tx_los else []),
+             *([f"the LDM and both regressors see {derived_names(args)} (not published inputs)"]
+               if args.tx_distance or args.tx_los else []),
              f"trained in {precisions}",
              f"{elapsed / 60:.1f} min wall, {cpu_seconds() / 60:.1f} min CPU, {args.threads} thread(s) per process"]
     return "; ".join(parts)
@@ -350,6 +358,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of every model (decays to lr/10)")
     parser.add_argument("--augment", default="none", choices=("none", "antidiagonal"),
                         help="data.augment of every model's training stream (the regressors' too)")
+    parser.add_argument("--tx-distance", action="store_true",
+                        help="give the LDM (model.unet.tx_distance=true) and both regressors the distance channel")
     parser.add_argument("--tx-los", action="store_true",
                         help="give the LDM (model.unet.tx_los=true) and both regressors the line-of-sight channels")
     parser.add_argument("--threads", type=int, default=1,

@@ -55,6 +55,18 @@ def tx_distance_map(cond: torch.Tensor, channel: int = TX_CHANNEL) -> torch.Tens
     return (2.0 * distance - 1.0).unsqueeze(1).to(cond.dtype)
 
 
+def derived_channels(tx_distance: bool, tx_los: bool) -> int:
+    """How many channels :func:`with_derived_channels` appends."""
+    return int(tx_distance) + LOS_CHANNELS * int(tx_los)
+
+
+def with_derived_channels(cond: torch.Tensor, *, tx_distance: bool, tx_los: bool) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C + derived_channels(...), H, W): ``cond``, then the opt-in channels computed
+    from it, in this order: the distance to the transmitter (1), the line-of-sight channels (2)."""
+    extra = ([tx_distance_map(cond)] if tx_distance else []) + ([tx_line_of_sight(cond)] if tx_los else [])
+    return torch.cat([cond, *extra], dim=1) if extra else cond
+
+
 def tx_line_of_sight(cond: torch.Tensor, channel: int = TX_CHANNEL,
                      buildings_channel: int = BUILDINGS_CHANNEL) -> torch.Tensor:
     """(B, C, H, W) condition -> (B, 2, H, W): how much building the straight line from the transmitter to

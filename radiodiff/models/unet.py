@@ -51,13 +51,7 @@ from torch.utils.checkpoint import checkpoint
 
 from radiodiff.config import ConditionEncoderConfig, UNetConfig
 from radiodiff.models.condition import ConditionEncoder
-from radiodiff.models.fusion import (
-    LOS_CHANNELS,
-    ConditionFusion,
-    ConditionStem,
-    tx_distance_map,
-    tx_line_of_sight,
-)
+from radiodiff.models.fusion import ConditionFusion, ConditionStem, derived_channels, with_derived_channels
 from radiodiff.models.unet_blocks import (
     Downsample,
     FourierTimeEmbedding,
@@ -177,7 +171,7 @@ class ConditionalUNet(nn.Module):
         self.cfg = cfg
         widths = [cfg.dim * m for m in cfg.dim_mults]
         time_dim = 4 * cfg.dim
-        cond_in = cond_cfg.in_channels + int(cfg.tx_distance) + LOS_CHANNELS * int(cfg.tx_los)
+        cond_in = cond_cfg.in_channels + derived_channels(cfg.tx_distance, cfg.tx_los)
         if cond_in != cond_cfg.in_channels:
             cond_cfg = dataclasses.replace(cond_cfg, in_channels=cond_in)
         self.cond_encoder = ConditionEncoder(cond_cfg)
@@ -210,10 +204,7 @@ class ConditionalUNet(nn.Module):
 
     def condition_features(self, cond: torch.Tensor) -> list[torch.Tensor]:
         """(B, C_cond, H, W) -> the condition feature of every level: 4 x (B, C_i, H / 2**(i+2), ...)."""
-        if self.cfg.tx_distance:
-            cond = torch.cat([cond, tx_distance_map(cond)], dim=1)  # (B, C_cond + 1, H, W)
-        if self.cfg.tx_los:
-            cond = torch.cat([cond, tx_line_of_sight(cond)], dim=1)  # (B, C_cond (+ 1) + 2, H, W)
+        cond = with_derived_channels(cond, tx_distance=self.cfg.tx_distance, tx_los=self.cfg.tx_los)
         features = self.cond_encoder(cond)
         if self.cond_stem is not None:
             features = [torch.cat(pair, dim=1) for pair in zip(features, self.cond_stem(cond))]
