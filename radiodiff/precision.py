@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from radiodiff.config import PRECISIONS
@@ -44,6 +46,14 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
     """bf16 autocast on ``device`` unless ``precision`` is fp32 (bf16 parameters also compute under it)."""
     require_resolved(precision)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision != "fp32")
+
+
+def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """A region computed in the tensors' own dtypes under any enclosing autocast; a no-op on devices
+    that have no autocast (the meta device, which shape-only passes use)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def configure_math(device: torch.device, deterministic: bool) -> None:

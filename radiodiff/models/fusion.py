@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from radiodiff.models.unet_blocks import CrossAttention
+from radiodiff.precision import without_autocast
 
 TX_CHANNEL = 1  # condition channels are [buildings, transmitter, cars or buildings]
 BUILDINGS_CHANNEL = 0
@@ -82,7 +83,7 @@ def tx_line_of_sight(cond: torch.Tensor, channel: int = TX_CHANNEL,
     """
     b, _, h, w = cond.shape
     k = max(h, w)
-    with torch.no_grad(), torch.autocast(cond.device.type, enabled=False):
+    with torch.no_grad(), without_autocast(cond.device):
         buildings = cond[:, buildings_channel:buildings_channel + 1].float()  # (B, 1, H, W)
         low = buildings.amin(dim=(2, 3), keepdim=True)
         buildings = (buildings - low) / (buildings.amax(dim=(2, 3), keepdim=True) - low).clamp_min(1e-6)

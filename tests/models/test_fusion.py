@@ -13,7 +13,13 @@ from scipy.ndimage import map_coordinates
 
 from radiodiff.config import CONDITION_PRESETS, UNET_PRESETS, ConfigError, UNetConfig
 from radiodiff.models import fusion
-from radiodiff.models.fusion import ConditionStem, DenseFusion, tx_distance_map, tx_line_of_sight
+from radiodiff.models.fusion import (
+    ConditionStem,
+    DenseFusion,
+    tx_distance_map,
+    tx_line_of_sight,
+    with_derived_channels,
+)
 from radiodiff.models.unet import ConditionalUNet, output_skips
 
 
@@ -182,6 +188,18 @@ def test_tx_los_adds_two_encoder_channels_after_the_distance() -> None:
         c_hat, eps_hat = model(torch.randn(1, 3, 16, 16), torch.rand(1), city_with_tx(10, 12))
     assert (fa - fb).abs().amax() > 0
     assert c_hat.shape == eps_hat.shape == (1, 3, 16, 16)
+
+
+def test_derived_channels_run_on_the_meta_device() -> None:
+    # Shape-only passes (parameter and FLOP counts) build the model on the meta device, which has no
+    # autocast: the line-of-sight channels' fp32 region must not need one.
+    cond = torch.zeros(2, 3, 64, 64, device="meta")
+    out = with_derived_channels(cond, tx_distance=True, tx_los=True)
+    assert out.shape == (2, 3 + 1 + 2, 64, 64) and out.device.type == "meta"
+    with torch.device("meta"):
+        model = tiny_unet(tx_los=True, tx_distance=True)
+        c_hat, eps_hat = model(torch.zeros(2, 3, 16, 16), torch.zeros(2), cond)
+    assert c_hat.shape == eps_hat.shape == (2, 3, 16, 16) and c_hat.device.type == "meta"
 
 
 def test_output_skips_match_a_hand_computation() -> None:
