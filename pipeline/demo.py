@@ -60,18 +60,36 @@ def train_args(cfg: DemoConfig, run_dir: Path, steps: int) -> list[str]:
             "wandb.mode=offline"]
 
 
+def ldm_args(cfg: DemoConfig, run_dir: Path, vae_dir: Path) -> list[str]:
+    """radiodiff-train-ldm's arguments: the common ones, the frozen VAE, the short-run recipe (EMA with
+    warmup from halfway), and the derived inputs that the demo's regressor gets too."""
+    from pipeline.quality import derived_overrides
+
+    return [*train_args(cfg, run_dir, cfg.ldm_steps), f"vae.checkpoint={vae_dir}", f"sampler.steps={cfg.sampler_steps}",
+            f"ema.start_step={cfg.ldm_steps // 2}", "ema.update_every=1", "ema.warmup_power=0.6667",
+            *derived_overrides(tx_distance=cfg.tx_distance, tx_los=cfg.tx_los)]
+
+
+def demo_regressor(cfg: DemoConfig, data):
+    """The direct regressor: as many updates and the same batch, learning rate and derived inputs as the LDM."""
+    from pipeline.quality import train_regressor
+
+    return train_regressor(data, steps=cfg.ldm_steps, batch=cfg.batch_size, lr=cfg.lr, seed=0,
+                           tx_distance=cfg.tx_distance, tx_los=cfg.tx_los)
+
+
 def quality_references(cfg: DemoConfig, ldm_dir: Path, evals: Path) -> dict[str, dict]:
-    """The LDM against a regressor trained as long on the same shards, both with and without the
-    transmitter (scored as radiodiff-eval scores; the grids go to ``evals``)."""
+    """The LDM against a regressor trained as long on the same shards with the same derived inputs, both
+    with and without the transmitter (scored as radiodiff-eval scores; the grids go to ``evals``)."""
     from dataclasses import replace
 
-    from pipeline.quality import ldm_predictor, regressor_predictor, score_split, train_regressor, without_transmitter
+    from pipeline.quality import ldm_predictor, regressor_predictor, score_split, without_transmitter
     from radiodiff.runs.predict import default_device
 
     device = default_device()
     ldm, data = ldm_predictor(ldm_dir, device, cfg.sampler_steps)
     data = replace(data, num_workers=0)
-    regressor = train_regressor(data, steps=cfg.ldm_steps, batch=cfg.batch_size, lr=cfg.lr, seed=0).to(device)
+    regressor = demo_regressor(cfg, data).to(device)
     predict = regressor_predictor(regressor, data)
     blank = without_transmitter
     return {"regressor": score_split(predict, data, device, cfg.batch_size, evals / "regressor_grid.png"),
@@ -105,10 +123,7 @@ def run_demo(cfg: DemoConfig) -> int:
     run_command("radiodiff-train-vae", [*train_args(cfg, runs["vae"], cfg.vae_steps), "perceptual.pretrained=false",
                                         "loss.perceptual_weight=0", f"loss.disc_start={cfg.disc_start}"], cfg.nproc)
     stage(5, f"latent diffusion on the frozen VAE: {cfg.ldm_steps} steps")
-    run_command("radiodiff-train-ldm", [*train_args(cfg, runs["ldm"], cfg.ldm_steps), f"vae.checkpoint={runs['vae']}",
-                                        f"sampler.steps={cfg.sampler_steps}", f"ema.start_step={cfg.ldm_steps // 2}",
-                                        "ema.update_every=1", "ema.warmup_power=0.6667", f"model.unet.tx_distance={str(cfg.tx_distance).lower()}"],
-                cfg.nproc)
+    run_command("radiodiff-train-ldm", ldm_args(cfg, runs["ldm"], runs["vae"]), cfg.nproc)
     stage(6, "evaluation on the test split (PSNR, SSIM, NMSE, RMSE) against the mean-map baseline")
     results = {}
     for name, run_dir in runs.items():

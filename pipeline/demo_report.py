@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pipeline.quality import derived_names
 from radiodiff.config import DemoConfig
 
 METRICS = (("psnr", "PSNR (dB)", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"), ("nmse", "NMSE", "{:.4f}"),
@@ -21,6 +22,14 @@ def metrics_table(results: dict[str, dict]) -> list[str]:
             extra = [str(result["num_samples"]), f"{result['seconds_per_map']:.3f}"] if who == TITLES[name] else ["", ""]
             lines.append(f"| {who} | " + " | ".join(cells + extra) + " |")
     return lines
+
+
+def inputs_line(cfg: DemoConfig) -> str:
+    """What the LDM and the regressor see beyond the published inputs (both see the same)."""
+    derived = derived_names(tx_distance=cfg.tx_distance, tx_los=cfg.tx_los)
+    if not derived:
+        return "The LDM and the regressor see the published inputs only."
+    return f"The LDM and the regressor both also see {derived}: not published inputs."
 
 
 def references_table(ldm: dict, references: dict[str, dict]) -> list[str]:
@@ -51,8 +60,7 @@ def write_report(out: Path, cfg: DemoConfig, manifest: dict, results: dict[str, 
         "The baseline predicts the mean training map for every sample: a model that learned something "
         "beats it. A tiny model trained for minutes on a CPU is far from the published numbers.", "",
         "## Stage 2 against references", "",
-        f"The LDM {'with' if cfg.tx_distance else 'without'} the opt-in distance-to-transmitter channel "
-        "(`model.unet.tx_distance`).", "",
+        inputs_line(cfg), "",
         *references_table(results["ldm"], references), "",
         f"![LDM without the transmitter]({os.path.relpath(out / 'eval' / 'ldm_no_tx_grid.png', out)})", "",
     ]

@@ -9,7 +9,9 @@
 - the resolution ceiling (the target at model size, brought back to 256);
 - transmitter ablations: any predictor with the transmitter channel set to its background value;
 - ``score_split``: mean metrics of a predictor on the test split, as radiodiff-eval scores them
-  (native 256x256, [0, 1] gray, per image then averaged), with optional grid images.
+  (native 256x256, [0, 1] gray, per image then averaged), with optional grid images;
+- ``derived_overrides`` / ``derived_names``: the LDM's opt-in derived input channels, so that a
+  comparison gives the LDM and its regressors the same inputs and says which.
 """
 
 from __future__ import annotations
@@ -29,6 +31,19 @@ from radiodiff.models.fusion import derived_channels, with_derived_channels
 METRICS = ("psnr", "ssim", "nmse", "rmse")
 TX_CHANNEL = 1  # cond = [buildings, transmitter, cars or buildings]
 NUM_GRID = 4
+# The opt-in derived input channels (radiodiff/models/fusion.py), by their model.unet key, in words.
+DERIVED_INPUTS = {"tx_distance": "the distance channel", "tx_los": "the line-of-sight channels"}
+
+
+def derived_overrides(*, tx_distance: bool, tx_los: bool) -> list[str]:
+    """radiodiff-train-ldm overrides giving the LDM the derived inputs a regressor gets from the same flags."""
+    return [f"model.unet.{key}={str(on).lower()}" for key, on in zip(DERIVED_INPUTS, (tx_distance, tx_los))]
+
+
+def derived_names(*, tx_distance: bool, tx_los: bool) -> str:
+    """The derived inputs that are on, in words with their keys ("" when none is)."""
+    return " and ".join(f"{name} (model.unet.{key})" for (key, name), on
+                        in zip(DERIVED_INPUTS.items(), (tx_distance, tx_los)) if on)
 
 
 def conv_block(cin: int, cout: int) -> nn.Sequential:

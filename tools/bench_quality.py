@@ -43,6 +43,8 @@ import torch
 from pipeline.quality import (
     METRICS,
     ceiling_predictor,
+    derived_names,
+    derived_overrides,
     latent_regressor,
     ldm_predictor,
     regressor_predictor,
@@ -205,8 +207,7 @@ def ldm_recipe(args: argparse.Namespace, vae_dir: Path) -> list[str]:
     """The LDM's overrides beyond the common ones: its VAE, the recipe of the module's header, the inputs."""
     return [f"vae.checkpoint={vae_dir}", f"sampler.steps={ABLATION_STEPS}", f"ema.start_step={args.ldm_steps // 2}",
             "ema.update_every=1", f"ema.warmup_power={EMA_WARMUP_POWER:g}", f"diffusion.time_power={TIME_POWER:g}",
-            f"model.unet.tx_distance={str(args.tx_distance).lower()}", f"model.unet.tx_los={str(args.tx_los).lower()}",
-            *args.ldm_override]
+            *derived_overrides(tx_distance=args.tx_distance, tx_los=args.tx_los), *args.ldm_override]
 
 
 def cli_rows(args: argparse.Namespace, runs: dict[str, Path], evals: Path) -> tuple[list[dict], dict]:
@@ -276,14 +277,8 @@ def trained_precisions(runs: dict[str, Path]) -> str:
     return ", ".join(f"{name} {OmegaConf.load(run / 'config.yaml').deepspeed.precision}" for name, run in runs.items())
 
 
-def derived_names(args: argparse.Namespace) -> str:
-    """The opt-in derived input channels the run gives its models, in words."""
-    names = [name for name, on in (("the distance channel (model.unet.tx_distance)", args.tx_distance),
-                                   ("the line-of-sight channels (model.unet.tx_los)", args.tx_los)) if on]
-    return " and ".join(names)
-
-
 def header(args: argparse.Namespace, num_samples: int, elapsed: float, precisions: str) -> str:
+    derived = derived_names(tx_distance=args.tx_distance, tx_los=args.tx_los)
     overrides = [f"{stage} overrides {' '.join(given)}" for stage, given in
                  (("VAE", args.vae_override), ("LDM", args.ldm_override)) if given]
     parts = [(f"quality benchmark: synthetic RadioMapSeer {args.maps} maps x {args.tx} tx (seed {args.seed}), "
@@ -296,8 +291,7 @@ def header(args: argparse.Namespace, num_samples: int, elapsed: float, precision
               f"~ t^{TIME_POWER:g}, EMA from update {args.ldm_steps // 2} with warmup power {EMA_WARMUP_POWER:g}"),
              *overrides,
              *([f"training streams augmented: data.augment={args.augment}"] if args.augment != "none" else []),
-             *([f"the LDM and both regressors see {derived_names(args)} (not published inputs)"]
-               if args.tx_distance or args.tx_los else []),
+             *([f"the LDM and both regressors see {derived} (not published inputs)"] if derived else []),
              f"trained in {precisions}",
              f"{elapsed / 60:.1f} min wall, {cpu_seconds() / 60:.1f} min CPU, {args.threads} thread(s) per process"]
     return "; ".join(parts)

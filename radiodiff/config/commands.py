@@ -202,10 +202,12 @@ class DemoConfig:
     # the full-size models trained for days.
     lr: float = 1e-3
     nproc: int = 1  # training ranks (torchrun when > 1)
-    # The LDM gets the opt-in distance-to-transmitter channel (model.unet.tx_distance, see
-    # radiodiff/models/README.md): at a demo's few hundred updates only it makes the prediction follow
-    # the transmitter. false trains on the published inputs only.
+    # The LDM and the demo's regressor get the opt-in distance-to-transmitter channel
+    # (model.unet.tx_distance, see radiodiff/models/README.md): at a demo's few hundred updates only it
+    # makes the prediction follow the transmitter. false trains on the published inputs only.
     tx_distance: bool = True
+    # The opt-in line-of-sight channels (model.unet.tx_los), for both models too; off, as in training.
+    tx_los: bool = False
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "vae_steps", "ldm_steps", "sampler_steps", "nproc", "lr"):
