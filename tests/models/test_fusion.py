@@ -191,8 +191,8 @@ def test_tx_los_adds_two_encoder_channels_after_the_distance() -> None:
 
 
 def test_derived_channels_run_on_the_meta_device() -> None:
-    # Shape-only passes (parameter and FLOP counts) build the model on the meta device, which has no
-    # autocast: the line-of-sight channels' fp32 region must not need one.
+    # The meta device (shape-only passes: a model's size without its memory) has no autocast: the
+    # line-of-sight channels' fp32 region must not need one.
     cond = torch.zeros(2, 3, 64, 64, device="meta")
     out = with_derived_channels(cond, tx_distance=True, tx_los=True)
     assert out.shape == (2, 3 + 1 + 2, 64, 64) and out.device.type == "meta"

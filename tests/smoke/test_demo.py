@@ -32,4 +32,5 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path: Path) -> None:
         assert f"eval/{name}/grid.png" in report
     # Stage 2 against a direct regressor and both without the transmitter, in the report.
     assert "Stage 2 against references" in report and "transmitter removed" in report
+    assert "The LDM and the regressor both also see the distance channel" in report  # the demo's default
     assert (out / "eval" / "ldm_no_tx_grid.png").is_file() and (out / "eval" / "regressor_grid.png").is_file()
