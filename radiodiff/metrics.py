@@ -5,6 +5,13 @@
                                                 population covariances, the 5-pixel border excluded
 Building pixels are not masked. Every function maps (B, 1, H, W) tensors to (B,) values; averages
 over a set are taken per image, then over images.
+
+Two sharpness measures (not published metrics; the quality benchmark's, not radiodiff-eval's), on the
+forward differences of a map along both axes (the horizontal then the vertical ones):
+
+    edge energy  = sum d^2                          (a set's: its maps' total over its targets' total;
+                                                     1 is as sharp as the targets, a blurred map < 1)
+    edge error   = mean |d pred - d gt|             (whether the edges are where the target's are)
 """
 
 from __future__ import annotations
@@ -62,6 +69,20 @@ def ssim(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     c1, c2 = SSIM_K1**2, SSIM_K2**2
     s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return s.flatten(1).mean(dim=1)
+
+
+def finite_differences(x: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) -> (B, H (W - 1) + (H - 1) W): the horizontal, then the vertical forward differences."""
+    x = x.double()
+    return torch.cat([(x[..., :, 1:] - x[..., :, :-1]).flatten(1), (x[..., 1:, :] - x[..., :-1, :]).flatten(1)], dim=1)
+
+
+def edge_energy(x: torch.Tensor) -> torch.Tensor:
+    return finite_differences(x).square().sum(dim=1)
+
+
+def edge_error(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    return (finite_differences(pred) - finite_differences(gt)).abs().mean(dim=1)
 
 
 def all_metrics(pred: torch.Tensor, gt: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -20,7 +20,12 @@ the test split as radiodiff-eval scores (native 256x256, [0, 1] gray, per image 
 - transmitter ablation: the LDM (EMA, 5 steps) and the regressor with the transmitter channel set to
   its background value, scored in this process.
 
-Prints one markdown table, the three quality targets and where the gap to the regressor lies;
+The edge columns (sharpness: radiodiff.metrics' edge energy and edge error at the models' size, which
+radiodiff-eval does not give; pipeline/quality.py) are scored in this process: the in-process rows',
+and the EMA LDM's at 5 steps with the predictor and seed of its radiodiff-eval row.
+
+Prints one markdown table, the three quality targets, where the gap to the regressor lies and where
+the LDM beats it;
 writes table.md, results.json and the test grids (radiodiff-eval's layout) to --out.
 """
 
@@ -41,6 +46,7 @@ from pathlib import Path
 import torch
 
 from pipeline.quality import (
+    EDGE_METRICS,
     METRICS,
     ceiling_predictor,
     derived_names,
@@ -133,16 +139,22 @@ def evaluate(run_dir: Path, out_dir: Path, args: argparse.Namespace, *extra: str
 
 
 def row(name: str, metrics: dict, seconds: bool = True) -> dict:
-    return {"name": name, **{k: metrics[k] for k in METRICS},
+    """A table row; the edge metrics are None where the metrics have none (radiodiff-eval's)."""
+    return {"name": name, **{k: metrics[k] for k in METRICS}, **{k: metrics.get(k) for k in EDGE_METRICS},
             "seconds_per_map": metrics["seconds_per_map"] if seconds else None}
 
 
+def cell(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def format_table(rows: list[dict]) -> str:
-    lines = ["| model | PSNR dB | SSIM | NMSE | RMSE | s/map |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| model | PSNR dB | SSIM | NMSE | RMSE | edge energy | edge error | s/map |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        per_map = "-" if r["seconds_per_map"] is None else f"{r['seconds_per_map']:.4f}"
         lines.append(f"| {r['name']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['nmse']:.4f} | {r['rmse']:.4f} "
-                     f"| {per_map} |")
+                     f"| {cell(r['edge_energy'], '.3f')} | {cell(r['edge_error'], '.5f')} "
+                     f"| {cell(r['seconds_per_map'], '.4f')} |")
     return "\n".join(lines)
 
 
@@ -176,6 +188,22 @@ def estimate_line(ldm_psnr: float, reference_psnr: float, regressor_psnr: float)
     return (f"INFO  with the published update (sampler.estimate=reference) the LDM at {ABLATION_STEPS} steps scores "
             f"{reference_psnr - ldm_psnr:+.2f} dB against the default C-head estimate, "
             f"{reference_psnr - regressor_psnr:+.2f} dB from the regressor")
+
+
+def where_line(ldm: dict, regressor: dict, ceiling: dict) -> str:
+    """Where the LDM beats the regressor beyond PSNR: SSIM, sharpness (edge energy nearer the resolution
+    ceiling's, a perfect model's at this size) and edge placement (a lower edge error); rows as ``row``
+    gives them, with their edge metrics."""
+    sharp = ceiling["edge_energy"]
+    wins = [name for name, won in (
+        ("SSIM", ldm["ssim"] > regressor["ssim"]),
+        ("sharpness", abs(sharp - ldm["edge_energy"]) < abs(sharp - regressor["edge_energy"])),
+        ("edge placement", ldm["edge_error"] < regressor["edge_error"])) if won]
+    return (f"INFO  the LDM (EMA, {ABLATION_STEPS} steps) against the regressor: SSIM {ldm['ssim']:.4f} against "
+            f"{regressor['ssim']:.4f}; edge energy {ldm['edge_energy']:.3f} against {regressor['edge_energy']:.3f} "
+            f"of the targets' (a perfect model's: the resolution ceiling's {sharp:.3f}); edge error "
+            f"{ldm['edge_error']:.5f} against {regressor['edge_error']:.5f}; the LDM beats it on: "
+            f"{', '.join(wins) if wins else 'none of these'}")
 
 
 STARTED = time.perf_counter()
@@ -249,6 +277,8 @@ def in_process_rows(args: argparse.Namespace, ldm_dir: Path, evals: Path) -> dic
     _, latent_predict = latent_regressor(ldm_dir, data, device, steps=args.ldm_steps, batch=args.batch, lr=args.lr,
                                          seed=args.seed, tx_distance=args.tx_distance, tx_los=args.tx_los)
     latent = score_split(latent_predict, data, device, EVAL_BATCH, evals / "latent_regressor_grid.png")
+    progress(f"LDM EMA, {ABLATION_STEPS} steps: the edge metrics")
+    ldm_scores = score_split(ldm, data, device, EVAL_BATCH)
     progress("transmitter ablation")
     reg_blank = score_split(without_transmitter(reg_predict, data.value_range), data, device, EVAL_BATCH,
                             evals / "regressor_no_tx_grid.png")
@@ -260,7 +290,8 @@ def in_process_rows(args: argparse.Namespace, ldm_dir: Path, evals: Path) -> dic
              "latent": row("latent regressor (the conv U-Net -> the LDM's latent, decoded by the VAE)", latent),
              "regressor_no_tx": row(f"regressor, transmitter removed ({reg_blank['psnr'] - reg['psnr']:+.2f} dB)",
                                     reg_blank),
-             "ldm_no_tx": row("LDM EMA, 5 steps, transmitter removed", ldm_blank)}
+             "ldm_no_tx": row("LDM EMA, 5 steps, transmitter removed", ldm_blank),
+             "ldm": row(f"LDM EMA, {ABLATION_STEPS} steps (scored in this process)", ldm_scores)}
     return {**named, "regressor_train_seconds": train_seconds, "num_samples": reg["num_samples"]}
 
 
@@ -293,6 +324,8 @@ def header(args: argparse.Namespace, num_samples: int, elapsed: float, precision
              *([f"training streams augmented: data.augment={args.augment}"] if args.augment != "none" else []),
              *([f"the LDM and both regressors see {derived} (not published inputs)"] if derived else []),
              f"trained in {precisions}",
+             (f"edge energy / edge error: sharpness (radiodiff.metrics) at {args.image_size}x{args.image_size}, "
+              "scored in this process; '-' where only radiodiff-eval scored the row"),
              f"{elapsed / 60:.1f} min wall, {cpu_seconds() / 60:.1f} min CPU, {args.threads} thread(s) per process"]
     return "; ".join(parts)
 
@@ -319,6 +352,7 @@ def bench_quality(args: argparse.Namespace) -> None:
     for path in sorted((out / "eval").glob("*/grid.png")):
         shutil.copy(path, grids / f"{path.parent.name}_grid.png")
     ldm5 = next(r for r in eval_rows if r["name"] == f"LDM EMA, {ABLATION_STEPS} steps")
+    ldm5.update({k: named["ldm"][k] for k in EDGE_METRICS})  # the same predictor and seed, scored here
     named["ldm_no_tx"]["name"] += f" ({named['ldm_no_tx']['psnr'] - ldm5['psnr']:+.2f} dB)"
     rows = [named["ceiling"], row("mean training map (radiodiff-eval baseline)", baseline, seconds=False),
             named["regressor"], named["latent"], *eval_rows, named["ldm_no_tx"], named["regressor_no_tx"]]
@@ -328,14 +362,16 @@ def bench_quality(args: argparse.Namespace) -> None:
     targets.append(draws_line(mean_draws["psnr"], named["regressor"]["psnr"], eval_rows[0]["psnr"]))
     reference = next(r for r in eval_rows if r["name"] == REFERENCE_ROW)
     targets.append(estimate_line(ldm5["psnr"], reference["psnr"], named["regressor"]["psnr"]))
+    targets.append(where_line(ldm5, named["regressor"], named["ceiling"]))
     elapsed = time.perf_counter() - began
     text = "\n".join([header(args, named["num_samples"], elapsed, precisions), "", format_table(rows), "", *targets])
     print("\n" + text)
     (out / "table.md").write_text(text + "\n")
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     (out / "results.json").write_text(json.dumps(
-        {"settings": settings, "rows": rows, "targets": targets, "elapsed_seconds": elapsed,
-         "cpu_seconds": cpu_seconds(), "regressor_train_seconds": named["regressor_train_seconds"]}, indent=1) + "\n")
+        {"settings": settings, "rows": rows, "ldm_in_process": named["ldm"], "targets": targets,
+         "elapsed_seconds": elapsed, "cpu_seconds": cpu_seconds(),
+         "regressor_train_seconds": named["regressor_train_seconds"]}, indent=1) + "\n")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

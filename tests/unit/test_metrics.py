@@ -7,7 +7,7 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from radiodiff.metrics import all_metrics, to_unit
+from radiodiff.metrics import all_metrics, edge_energy, edge_error, to_unit
 
 
 def maps(seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -43,3 +43,27 @@ def test_identical_maps_are_perfect() -> None:
 def test_to_unit_maps_model_range_to_gray() -> None:
     x = torch.tensor([-1.5, -1.0, 0.0, 1.0])
     assert to_unit(x).tolist() == [0.0, 0.0, 0.5, 1.0]
+
+
+def test_edge_measures_match_numpy_differences_by_hand() -> None:
+    pred, gt = maps(2)
+    got_energy = edge_energy(torch.from_numpy(pred)[:, None])
+    got_error = edge_error(torch.from_numpy(pred)[:, None], torch.from_numpy(gt)[:, None])
+    for i in range(len(gt)):
+        dx_p, dy_p = np.diff(pred[i], axis=1), np.diff(pred[i], axis=0)
+        dx_g, dy_g = np.diff(gt[i], axis=1), np.diff(gt[i], axis=0)
+        assert got_energy[i].item() == pytest.approx((dx_p**2).sum() + (dy_p**2).sum(), rel=1e-12)
+        error = np.concatenate([np.abs(dx_p - dx_g).ravel(), np.abs(dy_p - dy_g).ravel()]).mean()
+        assert got_error[i].item() == pytest.approx(error, rel=1e-12)
+
+
+def test_edge_energy_of_a_step_counts_each_jump_once_and_falls_when_blurred() -> None:
+    step = torch.zeros(1, 1, 4, 6)
+    step[..., 3:] = 1.0  # one jump of 1 per row, between columns 2 and 3
+    assert edge_energy(step).item() == 4.0
+    ramp = step.clone()
+    ramp[..., 2], ramp[..., 3] = 1 / 3, 2 / 3  # the same rise over three columns: 3 x (1/3)^2 per row
+    assert edge_energy(ramp).item() == pytest.approx(4 / 3)
+    assert edge_error(step, step).item() == 0.0
+    # the ramp's differences (1/3 each at columns 1-2, 2-3, 3-4) against the step's (1 at 2-3): 4/3 per row
+    assert edge_error(ramp, step).item() == pytest.approx(4 * (4 / 3) / (4 * 5 + 3 * 6))
