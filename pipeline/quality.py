@@ -14,7 +14,10 @@
   at the models' size: the prediction and the target both resized as training resizes targets. At 256
   the targets' finest structure, which no model at 64 draws, would swamp them (the resolution ceiling
   keeps ~13% of the 256x256 targets' edge energy; ~60% at 64, where the upsampling to 256 and the
-  antialiased resize back smooth the rest). The ceiling's value is what a perfect model scores;
+  antialiased resize back smooth the rest). The ceiling's value is what a perfect model scores. It
+  also says where the error lies: the share of the squared error on building pixels (0 in every
+  RadioMapSeer target; the condition marks them at 256) and the PSNR with them set to 0 (not the
+  published scoring: a measurement of how much of a model's error the buildings' edges are);
 - ``derived_overrides`` / ``derived_names``: the LDM's opt-in derived input channels, so that a
   comparison gives the LDM and its regressors the same inputs and says which.
 """
@@ -35,7 +38,8 @@ from radiodiff.models.fusion import derived_channels, with_derived_channels
 
 METRICS = ("psnr", "ssim", "nmse", "rmse")
 EDGE_METRICS = ("edge_energy", "edge_error")  # score_split's only: radiodiff.metrics' sharpness measures
-TX_CHANNEL = 1  # cond = [buildings, transmitter, cars or buildings]
+BUILDING_METRICS = ("building_share", "psnr_buildings_zeroed")  # score_split's only: where the error lies
+BUILDINGS_CHANNEL, TX_CHANNEL = 0, 1  # cond = [buildings, transmitter, cars or buildings]
 NUM_GRID = 4
 # The opt-in derived input channels (radiodiff/models/fusion.py), by their model.unet key, in words.
 DERIVED_INPUTS = {"tx_distance": "the distance channel", "tx_los": "the line-of-sight channels"}
@@ -196,8 +200,26 @@ def without_transmitter(predict, value_range: str):
     return ablated
 
 
+def building_pixels(cond: torch.Tensor, data) -> torch.Tensor:
+    """(B, 1, 256, 256) bool: the building pixels of a native-size condition in the run's value range."""
+    from radiodiff.runs.predict import to_unit_scale
+
+    return to_unit_scale(cond[:, BUILDINGS_CHANNEL:BUILDINGS_CHANNEL + 1], data) > 0.5
+
+
+def building_errors(pred: torch.Tensor, gt: torch.Tensor, buildings: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per image: the squared error summed over building pixels and over all, and the PSNR of ``pred``
+    with its building pixels set to 0 (every target's value there)."""
+    from radiodiff.metrics import psnr
+
+    squared = (pred.double() - gt.double()).square()
+    return {"building_error": (squared * buildings).sum(dim=(1, 2, 3)), "total_error": squared.sum(dim=(1, 2, 3)),
+            "psnr_buildings_zeroed": psnr(pred.masked_fill(buildings, 0.0), gt)}
+
+
 def score_split(predict, data, device: torch.device, batch: int, grid_path: Path | None = None) -> dict:
-    """Mean metrics and model seconds per map of ``predict`` on the test split, as radiodiff-eval scores."""
+    """Mean metrics and model seconds per map of ``predict`` on the test split, as radiodiff-eval scores;
+    the edge and building measures of the module's header (ratios: the set's totals, not per image)."""
     from radiodiff.data.schema import resize_target
     from radiodiff.data.shards import ShardLoader
     from radiodiff.eval.evaluate import grid_row, write_grid
@@ -206,7 +228,9 @@ def score_split(predict, data, device: torch.device, batch: int, grid_path: Path
 
     loader = ShardLoader(replace(data, image_size=256), "test", batch_size=batch, epochs=1, shuffle=False,
                          num_workers=0)
-    sums, count, seconds, grid = dict.fromkeys((*METRICS, "edge_error", "pred_edges", "target_edges"), 0.0), 0, 0.0, []
+    names = (*METRICS, "edge_error", "pred_edges", "target_edges", "psnr_buildings_zeroed", "building_error",
+             "total_error")
+    sums, count, seconds, grid = dict.fromkeys(names, 0.0), 0, 0.0, []
     model_size = replace(data, value_range="unit")  # resize_target on [0, 1] maps, to data.image_size
     for sample in loader:
         cond, target = sample["cond"], sample["target"]  # (B, 3, 256, 256), (B, 1, 256, 256)
@@ -215,7 +239,8 @@ def score_split(predict, data, device: torch.device, batch: int, grid_path: Path
         seconds += time.perf_counter() - started
         small_pred, small_gt = resize_target(pred, model_size), resize_target(gt, model_size)
         values = {**all_metrics(pred, gt), "edge_error": edge_error(small_pred, small_gt),
-                  "pred_edges": edge_energy(small_pred), "target_edges": edge_energy(small_gt)}
+                  "pred_edges": edge_energy(small_pred), "target_edges": edge_energy(small_gt),
+                  **building_errors(pred, gt, building_pixels(cond, data))}
         for name in sums:
             sums[name] += math.fsum(values[name].tolist())
         count += len(sample["key"])
@@ -223,9 +248,21 @@ def score_split(predict, data, device: torch.device, batch: int, grid_path: Path
         grid += [(key, grid_row(cond[i], gt[i], pred[i], data)) for i, key in enumerate(keys)]
     if grid_path is not None:
         write_grid(grid, grid_path)
-    edges = {"edge_energy": sums.pop("pred_edges") / sums.pop("target_edges")}  # the set's: totals, not per image
-    return {**{name: total / count for name, total in sums.items()}, **edges, "seconds_per_map": seconds / count,
+    total_error, building_error = sums.pop("total_error"), sums.pop("building_error")
+    ratios = {"edge_energy": sums.pop("pred_edges") / sums.pop("target_edges"),
+              "building_share": building_error / total_error if total_error else 0.0}
+    return {**{name: total / count for name, total in sums.items()}, **ratios, "seconds_per_map": seconds / count,
             "num_samples": count}
+
+
+def vae_predictor(run_dir: Path, device: torch.device):
+    """The VAE run's reconstruction (posterior mode) as radiodiff-eval builds it, and the run's data config."""
+    from radiodiff.runs import load_models, open_run
+    from radiodiff.runs.predict import make_predictor, sampler_generator
+
+    run = open_run(run_dir)
+    return make_predictor(load_models(run, device), run.config.data, generator=sampler_generator(0, 0, device)), \
+        run.config.data
 
 
 def ldm_predictor(run_dir: Path, device: torch.device, steps: int, seed: int = 0):

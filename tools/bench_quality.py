@@ -22,7 +22,9 @@ the test split as radiodiff-eval scores (native 256x256, [0, 1] gray, per image 
 
 The edge columns (sharpness: radiodiff.metrics' edge energy and edge error at the models' size, which
 radiodiff-eval does not give; pipeline/quality.py) are scored in this process: the in-process rows',
-and the EMA LDM's at 5 steps with the predictor and seed of its radiodiff-eval row.
+and the EMA LDM's at 5 steps with the predictor and seed of its radiodiff-eval row. So is where the
+error lies: the share of each model's squared error on building pixels (0 in every target) and the
+gaps with those pixels set to 0 (the VAE reconstruction scored here too, for that line).
 
 Prints one markdown table, the three quality targets, where the gap to the regressor lies and where
 the LDM beats it;
@@ -46,6 +48,7 @@ from pathlib import Path
 import torch
 
 from pipeline.quality import (
+    BUILDING_METRICS,
     EDGE_METRICS,
     METRICS,
     ceiling_predictor,
@@ -56,6 +59,7 @@ from pipeline.quality import (
     regressor_predictor,
     score_split,
     train_regressor,
+    vae_predictor,
     without_transmitter,
 )
 from radiodiff.launch import console_command
@@ -206,6 +210,20 @@ def where_line(ldm: dict, regressor: dict, ceiling: dict) -> str:
             f"{', '.join(wins) if wins else 'none of these'}")
 
 
+def buildings_line(scores: dict[str, dict]) -> str:
+    """Where the error lies: each model's share of its squared error on building pixels, and the LDM's gaps
+    with those pixels set to 0; ``scores`` by role (ceiling, vae, regressor, ldm) as score_split gives them."""
+    shares = ", ".join(f"{scores[role]['building_share']:.0%} of the {name}'s" for role, name in (
+        ("ceiling", "resolution ceiling"), ("vae", "VAE reconstruction"), ("regressor", "regressor"),
+        ("ldm", "LDM")))
+    zeroed = {role: s["psnr_buildings_zeroed"] for role, s in scores.items()}
+    ldm, vae, regressor = scores["ldm"]["psnr"], scores["vae"]["psnr"], scores["regressor"]["psnr"]
+    return (f"INFO  building pixels (0 in every target; the condition marks them at 256) hold {shares} squared "
+            f"error; with them set to 0 (not the published scoring) the LDM is {zeroed['ldm'] - zeroed['vae']:+.2f} "
+            f"dB from the VAE reconstruction ({ldm - vae:+.2f} as scored) and "
+            f"{zeroed['ldm'] - zeroed['regressor']:+.2f} dB from the regressor ({ldm - regressor:+.2f})")
+
+
 STARTED = time.perf_counter()
 
 
@@ -256,11 +274,12 @@ def cli_rows(args: argparse.Namespace, runs: dict[str, Path], evals: Path) -> tu
     return rows, vae["baseline"]
 
 
-def in_process_rows(args: argparse.Namespace, ldm_dir: Path, evals: Path) -> dict:
-    """Ceiling, regressor and the transmitter ablations, scored here: rows by role, and counts."""
+def in_process_rows(args: argparse.Namespace, runs: dict[str, Path], evals: Path) -> dict:
+    """Ceiling, regressor and the transmitter ablations, scored here: rows by role, where the error lies
+    (``buildings``: score_split's building measures by role), and counts."""
     from radiodiff.runs.predict import default_device
 
-    device = default_device()
+    device, ldm_dir = default_device(), runs["ldm"]
     ldm, data = ldm_predictor(ldm_dir, device, ABLATION_STEPS, seed=args.seed)
     data = replace(data, num_workers=0)
     size = data.image_size
@@ -279,6 +298,8 @@ def in_process_rows(args: argparse.Namespace, ldm_dir: Path, evals: Path) -> dic
     latent = score_split(latent_predict, data, device, EVAL_BATCH, evals / "latent_regressor_grid.png")
     progress(f"LDM EMA, {ABLATION_STEPS} steps: the edge metrics")
     ldm_scores = score_split(ldm, data, device, EVAL_BATCH)
+    progress("VAE reconstruction: where its error lies")
+    vae = score_split(vae_predictor(runs["vae"], device)[0], data, device, EVAL_BATCH)
     progress("transmitter ablation")
     reg_blank = score_split(without_transmitter(reg_predict, data.value_range), data, device, EVAL_BATCH,
                             evals / "regressor_no_tx_grid.png")
@@ -292,7 +313,10 @@ def in_process_rows(args: argparse.Namespace, ldm_dir: Path, evals: Path) -> dic
                                     reg_blank),
              "ldm_no_tx": row("LDM EMA, 5 steps, transmitter removed", ldm_blank),
              "ldm": row(f"LDM EMA, {ABLATION_STEPS} steps (scored in this process)", ldm_scores)}
-    return {**named, "regressor_train_seconds": train_seconds, "num_samples": reg["num_samples"]}
+    buildings = {role: {k: scores[k] for k in ("psnr", *BUILDING_METRICS)} for role, scores in (
+        ("ceiling", ceiling), ("vae", vae), ("regressor", reg), ("latent", latent), ("ldm", ldm_scores))}
+    return {**named, "buildings": buildings, "regressor_train_seconds": train_seconds,
+            "num_samples": reg["num_samples"]}
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
@@ -347,7 +371,7 @@ def bench_quality(args: argparse.Namespace) -> None:
         _, shards = synthetic_shards(work, num_maps=args.maps, num_tx=args.tx, seed=args.seed)
         runs = train_models(args, work, shards)
         precisions = trained_precisions(runs)
-        named = in_process_rows(args, runs["ldm"], grids)
+        named = in_process_rows(args, runs, grids)
         eval_rows, baseline = cli_rows(args, runs, out / "eval")
     for path in sorted((out / "eval").glob("*/grid.png")):
         shutil.copy(path, grids / f"{path.parent.name}_grid.png")
@@ -363,13 +387,15 @@ def bench_quality(args: argparse.Namespace) -> None:
     reference = next(r for r in eval_rows if r["name"] == REFERENCE_ROW)
     targets.append(estimate_line(ldm5["psnr"], reference["psnr"], named["regressor"]["psnr"]))
     targets.append(where_line(ldm5, named["regressor"], named["ceiling"]))
+    targets.append(buildings_line(named["buildings"]))
     elapsed = time.perf_counter() - began
     text = "\n".join([header(args, named["num_samples"], elapsed, precisions), "", format_table(rows), "", *targets])
     print("\n" + text)
     (out / "table.md").write_text(text + "\n")
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     (out / "results.json").write_text(json.dumps(
-        {"settings": settings, "rows": rows, "ldm_in_process": named["ldm"], "targets": targets,
+        {"settings": settings, "rows": rows, "ldm_in_process": named["ldm"], "buildings": named["buildings"],
+         "targets": targets,
          "elapsed_seconds": elapsed, "cpu_seconds": cpu_seconds(),
          "regressor_train_seconds": named["regressor_train_seconds"]}, indent=1) + "\n")
 

@@ -87,6 +87,42 @@ def test_score_split_measures_the_edges_at_the_models_size(
     assert 0.4 < ceiling["edge_energy"] < 1.0
 
 
+def test_score_split_building_share_and_psnr_with_buildings_zeroed_against_numpy(train_shards):
+    """At the native size: a predictor wrong everywhere (0.5 t + 0.25), numpy on the loader's maps as reference."""
+    from radiodiff.config import DataConfig
+    from radiodiff.data.shards import ShardLoader
+    from radiodiff.runs.predict import to_unit_scale
+
+    data = DataConfig(shards=str(train_shards), num_workers=0, image_size=256)
+    batches = list(ShardLoader(data, "test", batch_size=3, epochs=1, shuffle=False, num_workers=0))
+    targets = np.concatenate([to_unit_scale(b["target"], data)[:, 0].double().numpy() for b in batches])
+    buildings = np.concatenate([to_unit_scale(b["cond"][:, :1], data)[:, 0].numpy() > 0.5 for b in batches])
+    assert buildings.mean() > 0.05 and np.all(targets[buildings] == 0.0)  # the premise: 0 on every building pixel
+
+    scores = quality.score_split(lambda cond, target: 0.5 * quality.ceiling_predictor(data)(cond, target) + 0.25,
+                                 data, torch.device("cpu"), batch=3)
+    pred = 0.5 * targets + 0.25
+    squared = (pred - targets) ** 2
+    assert scores["building_share"] == pytest.approx((squared * buildings).sum() / squared.sum(), rel=1e-6)
+    zeroed = np.where(buildings, 0.0, pred)
+    psnr = 10 * np.log10(1.0 / ((zeroed - targets) ** 2).mean(axis=(1, 2)))
+    assert scores["psnr_buildings_zeroed"] == pytest.approx(psnr.mean(), rel=1e-6)
+    assert scores["psnr_buildings_zeroed"] > scores["psnr"] + 0.5  # zeroing removes the error on buildings
+
+
+def test_buildings_line_gives_each_share_and_the_gaps_with_buildings_zeroed(bq):
+    def scores(psnr, share, zeroed):
+        return {"psnr": psnr, "building_share": share, "psnr_buildings_zeroed": zeroed}
+
+    line = bq.buildings_line({"ceiling": scores(25.8, 0.57, 29.4), "vae": scores(24.8, 0.5, 27.0),
+                              "regressor": scores(22.1, 0.3, 23.0), "ldm": scores(21.3, 0.25, 22.0)})
+    assert line.startswith("INFO  building pixels")
+    assert ("hold 57% of the resolution ceiling's, 50% of the VAE reconstruction's, 30% of the regressor's, "
+            "25% of the LDM's squared error") in line
+    assert line.endswith("the LDM is -5.00 dB from the VAE reconstruction (-3.50 as scored) and -1.00 dB from "
+                         "the regressor (-0.80)")
+
+
 @pytest.mark.parametrize("ldm, no_tx, regressor, vae, expected", [
     (25.0, 22.0, 26.0, 26.5, ["PASS", "PASS", "PASS"]),   # exactly on every bound
     (25.0, 22.1, 26.1, 26.6, ["FAIL", "FAIL", "FAIL"]),   # just past every bound
