@@ -26,8 +26,8 @@ and the EMA LDM's at 5 steps with the predictor and seed of its radiodiff-eval r
 error lies: the share of each model's squared error on building pixels (0 in every target) and the
 gaps with those pixels set to 0 (the VAE reconstruction scored here too, for that line).
 
-Prints one markdown table, the three quality targets, where the gap to the regressor lies and where
-the LDM beats it;
+Prints one markdown table, the three quality targets, where the gap to the regressor lies, where the
+LDM beats it and where the error lies;
 writes table.md, results.json and the test grids (radiodiff-eval's layout) to --out.
 """
 
