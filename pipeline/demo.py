@@ -83,11 +83,11 @@ def quality_references(cfg: DemoConfig, ldm_dir: Path, evals: Path) -> dict[str,
     with and without the transmitter (scored as radiodiff-eval scores; the grids go to ``evals``)."""
     from dataclasses import replace
 
-    from pipeline.quality import ldm_predictor, regressor_predictor, score_split, without_transmitter
+    from pipeline.quality import regressor_predictor, run_predictor, score_split, without_transmitter
     from radiodiff.runs.predict import default_device
 
     device = default_device()
-    ldm, data = ldm_predictor(ldm_dir, device, cfg.sampler_steps)
+    ldm, data = run_predictor(ldm_dir, device, cfg.sampler_steps)
     data = replace(data, num_workers=0)
     regressor = demo_regressor(cfg, data).to(device)
     predict = regressor_predictor(regressor, data)

@@ -255,18 +255,10 @@ def score_split(predict, data, device: torch.device, batch: int, grid_path: Path
             "num_samples": count}
 
 
-def vae_predictor(run_dir: Path, device: torch.device):
-    """The VAE run's reconstruction (posterior mode) as radiodiff-eval builds it, and the run's data config."""
-    from radiodiff.runs import load_models, open_run
-    from radiodiff.runs.predict import make_predictor, sampler_generator
-
-    run = open_run(run_dir)
-    return make_predictor(load_models(run, device), run.config.data, generator=sampler_generator(0, 0, device)), \
-        run.config.data
-
-
-def ldm_predictor(run_dir: Path, device: torch.device, steps: int, seed: int = 0):
-    """The EMA LDM's predictor as radiodiff-eval builds it (seed 0, rank 0), and the run's data config."""
+def run_predictor(run_dir: Path, device: torch.device, steps: int, seed: int = 0):
+    """A trained run's predictor as radiodiff-eval builds it (rank 0), and the run's data config: an LDM
+    run's EMA model at ``steps`` sampler steps, a VAE run's reconstruction (posterior mode; it ignores
+    ``steps``, the EMA and the seed)."""
     from radiodiff.config import SamplerConfig
     from radiodiff.runs import load_models, open_run
     from radiodiff.runs.predict import make_predictor, sampler_generator

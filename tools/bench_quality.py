@@ -55,11 +55,10 @@ from pipeline.quality import (
     derived_names,
     derived_overrides,
     latent_regressor,
-    ldm_predictor,
     regressor_predictor,
+    run_predictor,
     score_split,
     train_regressor,
-    vae_predictor,
     without_transmitter,
 )
 from radiodiff.launch import console_command
@@ -280,7 +279,7 @@ def in_process_rows(args: argparse.Namespace, runs: dict[str, Path], evals: Path
     from radiodiff.runs.predict import default_device
 
     device, ldm_dir = default_device(), runs["ldm"]
-    ldm, data = ldm_predictor(ldm_dir, device, ABLATION_STEPS, seed=args.seed)
+    ldm, data = run_predictor(ldm_dir, device, ABLATION_STEPS, seed=args.seed)
     data = replace(data, num_workers=0)
     size = data.image_size
     progress("resolution ceiling")
@@ -299,7 +298,7 @@ def in_process_rows(args: argparse.Namespace, runs: dict[str, Path], evals: Path
     progress(f"LDM EMA, {ABLATION_STEPS} steps: the edge metrics")
     ldm_scores = score_split(ldm, data, device, EVAL_BATCH)
     progress("VAE reconstruction: where its error lies")
-    vae = score_split(vae_predictor(runs["vae"], device)[0], data, device, EVAL_BATCH)
+    vae = score_split(run_predictor(runs["vae"], device, ABLATION_STEPS)[0], data, device, EVAL_BATCH)
     progress("transmitter ablation")
     reg_blank = score_split(without_transmitter(reg_predict, data.value_range), data, device, EVAL_BATCH,
                             evals / "regressor_no_tx_grid.png")
