@@ -45,7 +45,12 @@ def config_groups(folder: Path, name: str) -> dict[str, list[str]]:
 
     defaults = OmegaConf.to_container(OmegaConf.load(folder / f"{name}.yaml")).get("defaults") or []
     groups = [key for entry in defaults if isinstance(entry, dict) for key in entry]
-    return {group: sorted(p.stem for p in (folder / group).glob("*.yaml")) for group in groups}
+    return {group: group_presets(folder, group) for group in groups}
+
+
+def group_presets(folder: Path, group: str) -> list[str]:
+    """The presets of a config group: the yaml files in ``folder/group``."""
+    return sorted(p.stem for p in (folder / group).glob("*.yaml"))
 
 
 def _node(cfg: Any, key: str) -> Any:
@@ -151,6 +156,7 @@ def compose_config(config_name: str, overrides: list[str], config_file: str | No
     from hydra import initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import ConfigCompositionException
+    from omegaconf import OmegaConf
 
     from radiodiff.config import register_configs
 
@@ -163,17 +169,25 @@ def compose_config(config_name: str, overrides: list[str], config_file: str | No
         folder, name = path.parent, path.stem
     groups = config_groups(folder, name)
     parsed = OverridesParser.create().parse_overrides(overrides)
-    _check_choices(parsed, groups)
+    # A plain key named like a preset folder (the demo's model=tiny, passed on to both trainings):
+    # Hydra would read it as a group choice missing from the defaults list, so it is checked against
+    # the folder's presets like a group and set on the composed config.
+    shadowed = {o.key_or_group: o for o in parsed
+                if o.key_or_group not in groups and (folder / o.key_or_group).is_dir()}
+    _check_choices(parsed, groups | {key: group_presets(folder, key) for key in shadowed})
     with initialize_config_dir(config_dir=str(folder), version_base="1.3"):
         choices = [o.input_line.lstrip("+") for o in parsed if o.key_or_group in groups]
         base = hydra_compose(config_name=name, overrides=choices)
         _check_keys(parsed, base, groups)
         # Every key exists, so +key / ++key mean key: the schema decides what is accepted.
-        plain = [o.input_line.lstrip("+") for o in parsed]
+        plain = [o.input_line.lstrip("+") for o in parsed if o.key_or_group not in shadowed]
         try:
-            return hydra_compose(config_name=name, overrides=plain)
+            cfg = hydra_compose(config_name=name, overrides=plain)
         except ConfigCompositionException as err:
             raise _type_error(err, parsed, base) from err
+    for key, override in shadowed.items():
+        OmegaConf.update(cfg, key, override.value(), merge=False)
+    return cfg
 
 
 def compose(config_name: str, overrides: list[str], config_file: str | None = None) -> Any:

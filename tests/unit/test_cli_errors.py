@@ -121,6 +121,22 @@ def test_only_real_model_presets_may_be_chosen(choice: str, capsys) -> None:
     assert "model_schema" not in presets and command.configs == []
 
 
+@pytest.mark.parametrize("choice", ["tiny", "reference"])
+def test_the_demo_takes_the_model_preset_both_trainings_get(choice: str) -> None:
+    # The demo's model is a plain string key named like the model/ preset folder, which Hydra alone
+    # rejects as a group choice missing from the demo's defaults list.
+    command = Recorder()
+    assert run_app("demo", command, [f"model={choice}", "vae_steps=7"]) == 0
+    assert command.configs[0].model == choice and command.configs[0].vae_steps == 7
+
+
+def test_the_demo_refuses_a_model_that_is_not_a_preset(capsys) -> None:
+    command = Recorder()
+    assert run_app("demo", command, ["model=huge"]) == 2
+    assert one_error_line(capsys) == "error: model=huge: not a model preset; choose one of reference, tiny"
+    assert command.configs == []
+
+
 class CorruptDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return 4
