@@ -3,7 +3,10 @@
 Layout of a run directory (``train/checkpoint.py`` writes it; everything else reads it here)::
 
     config.yaml                     the resolved config (schema: TrainVaeConfig | TrainLdmConfig)
+    configs/step_XXXXXXXX.yaml      the config of every start (``train/run_dir.py``)
     metrics.jsonl                   one JSON object per logged step
+    LOCK                            while a training owns the directory (``train/lock.py``)
+    checkpoints/rejected/           checkpoints that failed verification, kept for inspection
     checkpoints/step_XXXXXXXX/
         {engine}/...                one folder per DeepSpeed engine (autoencoder, discriminator | unet)
         rank_00000.pt ...           per-rank state: RNG states, data-reader position
@@ -29,8 +32,11 @@ from typing import Any, Callable
 import torch
 
 CONFIG_FILE = "config.yaml"
+CONFIG_HISTORY = "configs"
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = "LOCK"
 CHECKPOINTS = "checkpoints"
+REJECTED = "rejected"  # under checkpoints/
 META_FILE = "meta.json"
 COMMITTED = "COMMITTED"
 PROFILE_DIR = "profile"

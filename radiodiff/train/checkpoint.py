@@ -32,6 +32,7 @@ from radiodiff.runs.layout import (
     CHECKPOINTS,
     COMMITTED,
     META_FILE,
+    REJECTED,
     STEP_PATTERN,
     commit_record,
     committed_steps,
@@ -120,8 +121,6 @@ def save(run_dir: Path, step: int, engines: dict[str, Any], *, rank_state: dict,
     barrier()
     return folder
 
-
-REJECTED = "rejected"  # under checkpoints/: checkpoints that failed verification, kept for inspection
 
 
 def prune(run_dir: Path, keep_last: int) -> None:

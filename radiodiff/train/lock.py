@@ -19,7 +19,7 @@ import time
 import uuid
 from pathlib import Path
 
-LOCK_FILE = "LOCK"
+from radiodiff.runs.layout import LOCK_FILE
 
 
 class RunDirLocked(ValueError):

@@ -16,7 +16,6 @@ from omegaconf import OmegaConf
 from radiodiff.config import ConfigError
 from radiodiff.runs import layout
 
-CONFIG_HISTORY = "configs"
 # The parts of the model config that shape the weights a stage's checkpoints hold.
 MODEL_PARTS = {"vae": ("autoencoder", "discriminator"), "ldm": ("unet", "condition")}
 
@@ -63,7 +62,7 @@ def check_compatible(run_dir: Path, cfg: Any, stage: str) -> None:
 def write_config(run_dir: Path, cfg: Any, step: int) -> None:
     """The resolved config as ``config.yaml`` and as this start's entry in the history."""
     text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
-    history = run_dir / CONFIG_HISTORY
+    history = run_dir / layout.CONFIG_HISTORY
     history.mkdir(parents=True, exist_ok=True)
     for path in (history / f"step_{step:08d}.yaml", run_dir / layout.CONFIG_FILE):
         temporary = path.with_name(f".{path.name}.tmp")
