@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
+
+# What a torch process group puts in the environment, which processes started later must not inherit.
+PROCESS_GROUP_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_ROOT = Path(os.environ.get("RADIOMAPSEER_REAL", REPO.parent / "shared" / "radiomapseer-real"))
@@ -61,7 +65,12 @@ def synth_copy(synth_root: Path, tmp_path: Path) -> Path:
 def ray_local():
     """One local Ray instance shared by the tests that run Ray tasks (starting Ray takes seconds)."""
     ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # Ray's processes inherit this environment: not the process group that world_of_one may have set.
+    saved = {key: os.environ.pop(key) for key in PROCESS_GROUP_KEYS if key in os.environ}
+    try:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    finally:
+        os.environ.update(saved)
     yield ray
     ray.shutdown()
 
@@ -79,11 +88,44 @@ def world_of_one():
     """A real one-process group, once per session: DeepSpeed keeps its group for the process's life."""
     from radiodiff import dist
 
-    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    saved = {key: os.environ.pop(key) for key in keys if key in os.environ}
+    saved = {key: os.environ.pop(key) for key in PROCESS_GROUP_KEYS if key in os.environ}
     info = dist.setup()  # sets the keys for a world of one
     yield info
     dist.teardown()
-    for key in keys:  # later tests start their own processes from this environment
+    for key in PROCESS_GROUP_KEYS:  # later tests start their own processes from this environment
         os.environ.pop(key, None)
     os.environ.update(saved)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A real filesystem of its own (tmpfs), to be filled; unmounted afterwards."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs for a real full disk (needs root): {done.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def resize(mount_point: Path, size_bytes: int) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size_bytes}", str(mount_point)], check=True)
+
+
+def fill(mount_point: Path) -> Path:
+    """Write until the filesystem refuses: a disk full to the last byte."""
+    filler = mount_point / "filler"
+    try:
+        fd = os.open(filler, os.O_CREAT | os.O_WRONLY, 0o644)
+    except OSError:
+        return filler  # not even an inode left
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return filler

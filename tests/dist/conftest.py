@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from radiodiff.launch import console_command
+from tests.conftest import PROCESS_GROUP_KEYS
 
 
 BIN = Path(sys.executable).parent
@@ -41,7 +42,6 @@ class Run:
 
 # A test process that joined a process group of its own (the world_of_one fixture) has these set;
 # a training it starts must form its own group, not inherit the parent's rank and port.
-PROCESS_GROUP_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def environment() -> dict[str, str]:
