@@ -187,8 +187,15 @@ def write_atomically(fs: fsspec.AbstractFileSystem, target: str, data: bytes) ->
     """Write under a temporary name, then rename: a reader never sees a partial file."""
     fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
     temporary = f"{target}.tmp-{time.time_ns()}"
-    fs.pipe_file(temporary, data)
-    fs.mv(temporary, target)
+    try:
+        fs.pipe_file(temporary, data)
+        fs.mv(temporary, target)
+    except BaseException:
+        try:  # a full disk or a kill: leave no partial file behind
+            fs.rm(temporary)
+        except OSError:
+            pass
+        raise
 
 
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict | None:

@@ -18,7 +18,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from radiodiff.cli import check_output_dir
 from radiodiff.config import ConfigError, TrainVaeConfig, TuneConfig, TuneSweepConfig
+from radiodiff.data.manifest import check_manifest_options, read_manifest
 from pipeline.tune_results import (BEST_NAME, RESULTS_NAME, STATUS_OK, best_row, collect_rows, summary,
                                    write_best, write_results)
 from pipeline.tune_trial import TRIALS_DIR, run_trial, run_trial_workers, trial_config
@@ -130,9 +132,12 @@ def tune_command(cfg: TuneConfig) -> int:
     from pipeline.ray_setup import ray_session
 
     check_search_available(cfg.tune)
+    check_output_dir("out_dir", cfg.out_dir)
+    base = base_training_config(cfg)
+    # Before Ray starts: every trial would fail on shards that are missing or hold other data.
+    check_manifest_options(read_manifest(base.data.shards), base.data)
     out_dir = Path(cfg.out_dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = base_training_config(cfg)
     sweep = cfg.tune
     print(f"sweep: {num_trials(sweep)} trials ({sweep.search}, scheduler {sweep.scheduler}) of "
           f"{base.train.max_steps} steps, {sweep.workers_per_trial} rank(s) each; {sweep.metric} ({sweep.mode}); "

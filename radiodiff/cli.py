@@ -20,6 +20,7 @@ from typing import Any, Callable
 from radiodiff.config import ConfigError
 
 EXIT_USAGE = 2
+EXIT_FAILURE = 1
 REQUIRED_MARK = "  # required"
 # torch.utils.data re-raises a worker's exception as the same type with this message prefix and
 # the worker's traceback; its last line is the original "Type: message".
@@ -326,4 +327,9 @@ def run_app(config_name: str, command: Callable[[Any], int | None], argv: list[s
             raise
         print(f"error: {error_line(err)}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as err:  # the machine's, not the user's: a full disk, an I/O error
+        if os.environ.get("RADIODIFF_TRACEBACK"):
+            raise
+        print(f"error: {error_line(err)}", file=sys.stderr)
+        return EXIT_FAILURE
     return int(code or 0)

@@ -122,18 +122,21 @@ def verify_checkpoint(folder: Path) -> None:
     """Check every committed file's size and sha256 (and meta.json) before anything is loaded.
 
     Files added after the commit (a universal conversion) are not part of the record. A COMMITTED
-    without a record (written by an older version) only has its meta.json checked.
+    holding only the step number (written by an older version) has only its meta.json checked;
+    anything else that is not a record is corrupt, and so is the checkpoint.
     """
     read_meta(folder)
+    path = folder / COMMITTED
     try:
-        record = json.loads((folder / COMMITTED).read_text())
-    except (OSError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{folder / COMMITTED}: unreadable ({err})") from err
-    except json.JSONDecodeError:
-        return  # not JSON: committed before files were recorded
-    if not isinstance(record, dict):
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable or corrupt ({err})") from err
+    if isinstance(record, int) and not isinstance(record, bool):
         return  # a bare step number: committed before files were recorded
-    for name, (size, sha) in sorted(record.get("files", {}).items()):
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(v, list) and len(v) == 2 for v in files.values()):
+        raise CheckpointError(f"{path}: corrupt (not a commit record of the checkpoint's files)")
+    for name, (size, sha) in sorted(files.items()):
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{path}: missing (the checkpoint was committed with it)")
@@ -186,10 +189,15 @@ def read_run_config(run_dir: Path, schema: type) -> Any:
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {run_dir} is not a training run directory")
+    import yaml
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(path)))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"{path}: not valid YAML{where} (a damaged or hand-edited run config)") from err
     except OmegaConfBaseException as err:  # e.g. a key this version does not know
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{path}: {first} (a config written by another radiodiff version, or edited?)") from err

@@ -80,6 +80,12 @@ class CheckpointSaveError(RuntimeError):
     """A save failed on some rank (a full disk, a lost filesystem); nothing was committed."""
 
 
+def parameters_finite(engines: dict[str, Any]) -> bool:
+    """Whether every parameter of every engine's module is finite (one host read)."""
+    flags = [torch.isfinite(p).all() for engine in engines.values() for p in engine.module.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
 def _write_files(folder: Path, engines: dict[str, Any], rank_state: dict, extras: dict[str, Any],
                  dist: DistInfo, fail: bool) -> None:
     for name, engine in engines.items():
@@ -98,9 +104,14 @@ def save(run_dir: Path, step: int, engines: dict[str, Any], *, rank_state: dict,
 
     Every rank reports whether its writing succeeded (one all-reduce) before anything is committed,
     so a rank that failed (ENOSPC) cannot leave the others waiting, and a failed save commits
-    nothing: the previous checkpoint stays the newest valid one.
+    nothing: the previous checkpoint stays the newest valid one. Parameters that are no longer
+    finite (a diverged training) are refused the same way, before anything is written.
     """
     folder = step_dir(run_dir, step)
+    if all_reduce_max(not parameters_finite(engines), dist.device) > 0:
+        raise CheckpointSaveError(f"not saving checkpoint {folder}: the model's parameters are no longer finite "
+                                  "(the training diverged: lower train.lr); the previous checkpoint is the newest "
+                                  "valid one")
     if dist.is_main:
         if folder.exists() and not is_committed(folder):  # a save of this step that never committed
             shutil.rmtree(folder)
@@ -109,7 +120,7 @@ def save(run_dir: Path, step: int, engines: dict[str, Any], *, rank_state: dict,
     error = None
     try:
         _write_files(folder, engines, rank_state, extras, dist, fail)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
         error = err
     if all_reduce_max(error is not None, dist.device) > 0:  # also a barrier: every rank's files are complete
         raise CheckpointSaveError(f"saving checkpoint {folder} failed ({error or 'on another rank'}); "

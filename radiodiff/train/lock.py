@@ -85,8 +85,12 @@ class RunLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return self._take_over()
-        with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps(self._record()))
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(json.dumps(self._record()))
+        except OSError:  # a full disk: an empty LOCK left here would be taken over as a stale one
+            self.path.unlink(missing_ok=True)
+            raise
         self._start_heartbeat()
         return "acquired"
 

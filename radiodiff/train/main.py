@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from radiodiff.cli import run_app
+from radiodiff.cli import check_output_dir, run_app
 from radiodiff.config import TrainLdmConfig, TrainVaeConfig
 from radiodiff.data.shards import ShardLoader
 from radiodiff.dist import (
@@ -106,11 +106,14 @@ def own_run_dir(run_dir: Path, cfg: TrainConfigs, dist: DistInfo) -> RunLock | N
     if dist.is_main:
         lock = RunLock(run_dir, stale_s=cfg.train.lock_stale_s)
         try:
+            check_output_dir("run_dir", str(run_dir))
             how = lock.acquire()
             if how != "acquired":
                 print0(f"run_dir lock {how}")
-        except RunDirLocked as err:
+        except (RunDirLocked, NotADirectoryError, PermissionError) as err:
             lock, refusal = None, str(err)
+        except OSError as err:  # e.g. its disk is full
+            lock, refusal = None, f"run_dir={run_dir}: cannot take its lock ({err})"
     refusal = broadcast_object(refusal)
     if refusal:
         raise RunDirLocked(refusal)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import fill, resize
 from tests.dist.conftest import start, stopped_at, train
 from tests.dist.test_fault_tolerance import committed, kill_tree, wait_for
 
@@ -98,3 +99,28 @@ def test_a_full_disk_during_a_save_loses_nothing(whole, train_shards: Path, tmp_
     assert resumed.returncode == 0 and "(step 2)" in resumed.output, resumed.output[-3000:]
     assert resumed.losses("ae/loss") == whole.losses("ae/loss")  # bitwise: the same run as without the fault
     assert not (run_dir / "LOCK").exists() and os.listdir(run_dir / "checkpoints")
+
+
+def test_a_real_full_disk_fails_in_one_line_and_loses_nothing(whole, train_shards: Path, small_disk: Path) -> None:
+    # The disk holds the run's first checkpoint, not its second: torch.save and DeepSpeed report
+    # that as a RuntimeError, not the OSError of the injected fault above.
+    first = whole.run_dir / "checkpoints" / "step_00000002"
+    size = sum(p.stat().st_size for p in first.rglob("*") if p.is_file())
+    resize(small_disk, int(size * 1.5) + (1 << 20))
+    run_dir = small_disk / "run"
+    failed = train("vae", run_dir, train_shards, *ONE, "train.max_steps=6", nproc=1)
+    assert failed.returncode == 1 and "Traceback" not in failed.output, failed.output[-3000:]
+    assert "error: saving checkpoint" in failed.output and committed(run_dir) == [2]
+    assert not (run_dir / "LOCK").exists()
+
+    filler = fill(small_disk)  # a restart while the disk is still full: refused in one line, no LOCK left
+    again = train("vae", run_dir, train_shards, *ONE, "train.max_steps=6", nproc=1)
+    assert again.returncode == 2 and "Traceback" not in again.output, again.output[-3000:]
+    assert "cannot take its lock" in again.output and "No space left on device" in again.output
+    assert not (run_dir / "LOCK").exists() and committed(run_dir) == [2]
+
+    filler.unlink(missing_ok=True)
+    resize(small_disk, 64 << 20)
+    resumed = train("vae", run_dir, train_shards, *ONE, "train.max_steps=6", nproc=1)
+    assert resumed.returncode == 0 and "(step 2)" in resumed.output, resumed.output[-3000:]
+    assert resumed.losses("ae/loss") == whole.losses("ae/loss")  # bitwise: the same run as without the fault

@@ -23,6 +23,7 @@ from radiodiff.config import DataConfig, ShardConfig
 from radiodiff.data.radiomapseer import RadioMapSeer
 from radiodiff.data.schema import DataFormatError
 from pipeline.shard import ShardTask, ShardingError, run_shard, run_tasks, shard_command
+from tests.conftest import resize
 
 
 def shard_cfg(root: Path, out: str, **overrides) -> ShardConfig:
@@ -316,3 +317,14 @@ def test_a_ray_task_error_is_raised_as_itself(synth_root: Path, tmp_path: Path, 
     argv = [f"data.root={synth_root}", f"out={tmp_path / 'shards'}"]
     assert run_app("shard", command, argv) == 2
     assert capsys.readouterr().err.splitlines() == ["error: 3_1.png: corrupt"]
+
+
+def test_a_full_disk_fails_in_one_line_and_leaves_no_partial_file(synth_root: Path, small_disk: Path, ray_local,
+                                                                  capsys) -> None:
+    resize(small_disk, 256 << 10)  # room for a few shards of the synthetic set, not all of them
+    out = small_disk / "shards"
+    assert run_app("shard", shard_command, [f"data.root={synth_root}", f"out={out}", "min_shards_per_split=2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "No space left on device" in err[0], err
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]  # only whole shards, each under its own name
+    assert not (out / "manifest.json").exists()

@@ -137,3 +137,19 @@ def test_optuna_search_with_asha_samples_within_the_ranges(ray_local, train_shar
         assert row["status"] == "TERMINATED" and 1 <= int(row["steps"]) <= 2
         assert 0 <= int(row["disc_start"]) <= 2 and 1e-6 <= float(row["kl_weight"]) <= 1e-2
         assert math.isfinite(float(row["val/psnr"]))
+
+
+@pytest.mark.parametrize("bad", ["missing shards", "out_dir a file"])
+def test_bad_paths_are_refused_in_one_line_before_ray_starts(bad: str, train_shards: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    shards, out_dir = train_shards, tmp_path / "sweep"
+    if bad == "missing shards":
+        shards = tmp_path / "nope"
+    else:
+        out_dir.write_text("a file")
+    assert sweep(out_dir, shards, "tune.disc_start=[0]", "tune.kl_weight=[1e-6]") == 2
+    captured = capsys.readouterr()
+    [line] = captured.err.splitlines()
+    where = f"{shards}/manifest.json" if bad == "missing shards" else f"out_dir={out_dir} is a file"
+    assert line.startswith("error: ") and where in line, line
+    assert "sweep:" not in captured.out and "Traceback" not in captured.err

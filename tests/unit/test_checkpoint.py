@@ -80,6 +80,33 @@ def test_a_checkpoint_committed_before_files_were_recorded_still_verifies(world_
     assert layout.resolve_checkpoint(tmp_path) == folder
 
 
+@pytest.mark.parametrize("damage", ["truncated", "not a record", "files not a map"])
+def test_a_damaged_commit_record_fails_verification_and_the_previous_checkpoint_is_used(
+        damage: str, world_of_one, tmp_path: Path) -> None:
+    older = save(tmp_path, 1, make_engine(0), world_of_one)
+    newer = save(tmp_path, 2, make_engine(0), world_of_one)
+    record = (newer / layout.COMMITTED).read_bytes()
+    damaged = {"truncated": record[:len(record) // 2], "not a record": b'"2"',
+               "files not a map": json.dumps({"step": 2, "files": [1, 2]}).encode()}[damage]
+    (newer / layout.COMMITTED).write_bytes(damaged)
+    with pytest.raises(layout.CheckpointError, match=f"{newer / layout.COMMITTED}: "):
+        layout.verify_checkpoint(newer)
+    rejected: list[Path] = []
+    assert layout.newest_verified(tmp_path, lambda folder, reason: rejected.append(folder)) == older
+    assert rejected == [newer]
+
+
+def test_a_diverged_model_is_not_saved_and_the_previous_checkpoint_stays(world_of_one, tmp_path: Path) -> None:
+    engine = make_engine(0)
+    save(tmp_path, 1, engine, world_of_one)
+    with torch.no_grad():
+        engine.module.weight[0, 0] = float("nan")
+    with pytest.raises(checkpoint.CheckpointSaveError, match="parameters are no longer finite"):
+        save(tmp_path, 2, engine, world_of_one)
+    assert [step for step, _ in layout.committed_steps(tmp_path)] == [1]
+    assert not layout.step_dir(tmp_path, 2).exists()
+
+
 def test_unreadable_meta_names_the_file(tmp_path: Path) -> None:
     folder = layout.step_dir(tmp_path, 1)
     folder.mkdir(parents=True)
@@ -132,4 +159,12 @@ def test_a_run_config_with_an_unknown_key_is_one_error_naming_the_file(tmp_path:
 
     (tmp_path / layout.CONFIG_FILE).write_text("train:\n  no_such_key: 3\n")
     with pytest.raises(ValueError, match=r"config\.yaml: Key 'no_such_key' not in 'TrainConfig'.*another radiodiff version"):
+        layout.read_run_config(tmp_path, TrainVaeConfig)
+
+
+def test_a_run_config_that_is_not_yaml_is_one_error_naming_the_file_and_line(tmp_path: Path) -> None:
+    from radiodiff.config import TrainVaeConfig
+
+    (tmp_path / layout.CONFIG_FILE).write_text("train:\n  lr: 1e-4\nseed: [\n")
+    with pytest.raises(ValueError, match=r"config\.yaml: not valid YAML at line \d+ \(a damaged or hand-edited"):
         layout.read_run_config(tmp_path, TrainVaeConfig)

@@ -16,6 +16,7 @@ from PIL import Image
 from radiodiff.cli import run_app
 from radiodiff.data.schema import DataFormatError, check_antenna
 from radiodiff.eval.main import evaluate_main, sample_main
+from tests.dist.conftest import environment
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_VAE = ["run_dir=/tmp/radiodiff-never/run", "data.shards=/tmp/radiodiff-never/shards"]
@@ -218,3 +219,22 @@ def test_sample_rejects_an_antenna_png_with_two_transmitters_before_opening_the_
     assert one_error_line(capsys) == (f"error: {bad}: expected exactly one transmitter pixel (value 255), "
                                       "found 2 at (1, 2), (3, 4)")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("override", ["train.lr=nan", "train.lr=inf", "loss.kl_weight=nan", "train.min_lr=-inf"])
+def test_a_non_finite_setting_is_refused_before_anything_runs(override: str, capsys) -> None:
+    command = Recorder()
+    assert run_app("train_vae", command, [*TRAIN_VAE, override]) == 2
+    assert one_error_line(capsys) == f"error: {override} must be a finite number" and command.configs == []
+
+
+def test_a_run_dir_that_is_a_file_is_refused_in_one_line(train_shards: Path, tmp_path: Path) -> None:
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a run")
+    script = Path(sys.executable).parent / "radiodiff-train-vae"
+    done = subprocess.run([str(script), f"run_dir={a_file}", f"data.shards={train_shards}", "model=tiny",
+                           "wandb.enabled=false"],
+                          capture_output=True, text=True, timeout=300, env=environment())
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and f"error: run_dir={a_file} is a file, not a folder" in done.stderr
+    assert a_file.read_text() == "not a run"
