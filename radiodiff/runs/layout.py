@@ -126,16 +126,16 @@ def verify_checkpoint(folder: Path) -> None:
     anything else that is not a record is corrupt, and so is the checkpoint.
     """
     read_meta(folder)
-    path = folder / COMMITTED
+    record_file = folder / COMMITTED
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(record_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: unreadable or corrupt ({err})") from err
+        raise CheckpointError(f"{record_file}: unreadable or corrupt ({err})") from err
     if isinstance(record, int) and not isinstance(record, bool):
         return  # a bare step number: committed before files were recorded
     files = record.get("files") if isinstance(record, dict) else None
     if not isinstance(files, dict) or not all(isinstance(v, list) and len(v) == 2 for v in files.values()):
-        raise CheckpointError(f"{path}: corrupt (not a commit record of the checkpoint's files)")
+        raise CheckpointError(f"{record_file}: corrupt (not a commit record of the checkpoint's files)")
     for name, (size, sha) in sorted(files.items()):
         path = folder / name
         if not path.is_file():
