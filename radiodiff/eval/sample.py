@@ -40,6 +40,8 @@ ANTENNA = re.compile(r"^(\d+)_(\d+)\.png$")
 def read_map(path: str | Path) -> np.ndarray:
     """A 256x256 mode L PNG as (256, 256) uint8; errors name the file."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, not a PNG file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     return decode_png(path.read_bytes(), str(path))

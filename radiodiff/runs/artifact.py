@@ -66,6 +66,8 @@ class LoadedModels:
 def open_run(run_dir: str | Path) -> TrainedRun:
     """The newest committed checkpoint of ``run_dir`` and the run's config; errors name the path."""
     run_dir = Path(run_dir).expanduser()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(f"run_dir={run_dir} is a file, not a run directory")
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run_dir={run_dir}: no such directory")
     if not layout.committed_steps(run_dir):

@@ -238,3 +238,19 @@ def test_a_run_dir_that_is_a_file_is_refused_in_one_line(train_shards: Path, tmp
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and f"error: run_dir={a_file} is a file, not a folder" in done.stderr
     assert a_file.read_text() == "not a run"
+
+
+def test_eval_of_a_run_dir_that_is_a_file_says_so(tmp_path: Path, capsys) -> None:
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a run")
+    assert evaluate_main([f"run_dir={a_file}", f"out_dir={tmp_path / 'out'}"]) == 2
+    assert one_error_line(capsys) == f"error: run_dir={a_file} is a file, not a run directory"
+
+
+def test_sample_of_buildings_that_are_a_directory_says_so(tmp_path: Path, capsys) -> None:
+    antenna_png = tmp_path / "a.png"
+    Image.fromarray(antenna((1, 2)), mode="L").save(antenna_png)
+    argv = ["run_dir=/tmp/radiodiff-never/run", f"buildings={tmp_path}", f"antenna={antenna_png}",
+            f"out={tmp_path / 'o.png'}"]
+    assert sample_main(argv) == 2
+    assert one_error_line(capsys) == f"error: {tmp_path} is a directory, not a PNG file"
