@@ -322,14 +322,10 @@ def run_app(config_name: str, command: Callable[[Any], int | None], argv: list[s
         config_file, overrides = split_config_file(args)
         cfg = compose(config_name, overrides, config_file)
         code = command(cfg)
-    except user_errors() as err:
+    except (*user_errors(), OSError) as err:
         if os.environ.get("RADIODIFF_TRACEBACK"):
             raise
         print(f"error: {error_line(err)}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as err:  # the machine's, not the user's: a full disk, an I/O error
-        if os.environ.get("RADIODIFF_TRACEBACK"):
-            raise
-        print(f"error: {error_line(err)}", file=sys.stderr)
-        return EXIT_FAILURE
+        # Any other OSError is the machine's, not the user's: a full disk, an I/O error.
+        return EXIT_USAGE if isinstance(err, user_errors()) else EXIT_FAILURE
     return int(code or 0)

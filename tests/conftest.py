@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-# What a torch process group puts in the environment, which processes started later must not inherit.
+# What a torch process group puts in the environment. A test process that joined a group of its own
+# (world_of_one) has these set; a training or a Ray it starts later must not inherit its rank and port.
 PROCESS_GROUP_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 REPO = Path(__file__).resolve().parents[1]

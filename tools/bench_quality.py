@@ -394,8 +394,7 @@ def bench_quality(args: argparse.Namespace) -> None:
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     (out / "results.json").write_text(json.dumps(
         {"settings": settings, "rows": rows, "ldm_in_process": named["ldm"], "buildings": named["buildings"],
-         "targets": targets,
-         "elapsed_seconds": elapsed, "cpu_seconds": cpu_seconds(),
+         "targets": targets, "elapsed_seconds": elapsed, "cpu_seconds": cpu_seconds(),
          "regressor_train_seconds": named["regressor_train_seconds"]}, indent=1) + "\n")
 
 

@@ -40,10 +40,6 @@ class Run:
         return {m["step"]: m[key] for m in self.metrics() if key in m}
 
 
-# A test process that joined a process group of its own (the world_of_one fixture) has these set;
-# a training it starts must form its own group, not inherit the parent's rank and port.
-
-
 def environment() -> dict[str, str]:
     inherited = {k: v for k, v in os.environ.items() if k not in PROCESS_GROUP_KEYS}
     return {**inherited, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",

@@ -13,7 +13,7 @@ from tests.slurm.conftest import sbatch
 
 # Another user's Ray on the same machine: it runs a task every second and exits 1 if one fails.
 BYSTANDER = """
-import ray, sys, time
+import ray, time
 ray.init(address="local", num_cpus=1, include_dashboard=False)
 ping = ray.remote(lambda: 1)
 print("up", flush=True)
