@@ -55,6 +55,15 @@ start() {
     return 0
   fi
   command -v slurmctld >/dev/null || { echo "slurmctld not found: apt-get install -y slurm-wlm" >&2; exit 1; }
+  # Another cluster's daemons on these ports (a second checkout, or daemons left by a killed run)
+  # would answer this cluster's sinfo and sbatch: refuse rather than talk to them.
+  for p in "$port" $((port + 1)) $((port + 2)) $((port + 3)); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+      echo "local Slurm: port $p on 127.0.0.1 is in use (another cluster's daemons?);" \
+        "stop them or set RADIODIFF_SLURM_PORT to another free range of 4 ports" >&2
+      exit 1
+    fi
+  done
   write_conf
   slurmctld -i
   slurmd -N node1
