@@ -14,6 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from radiodiff.cli import check_output_dir, run_app
 from radiodiff.config import DemoConfig
 from radiodiff.launch import console_command
 
@@ -104,7 +105,7 @@ def run_demo(cfg: DemoConfig) -> int:
     from radiodiff.data.synth_main import run_synth
     from radiodiff.eval.figures import write_figures
 
-    began, out = time.perf_counter(), Path(cfg.out_dir)
+    began, out = time.perf_counter(), check_output_dir("out_dir", cfg.out_dir)
     print(f"radiodiff demo in {out.resolve()}")
     stage(1, f"synthetic RadioMapSeer: {cfg.synth.num_maps} maps x {cfg.synth.num_tx} transmitters")
     run_synth(cfg.synth)
@@ -148,6 +149,4 @@ def run_demo(cfg: DemoConfig) -> int:
 
 
 def main() -> int:
-    from radiodiff.cli import run_app
-
     return run_app("demo", run_demo)

@@ -254,3 +254,13 @@ def test_sample_of_buildings_that_are_a_directory_says_so(tmp_path: Path, capsys
             f"out={tmp_path / 'o.png'}"]
     assert sample_main(argv) == 2
     assert one_error_line(capsys) == f"error: {tmp_path} is a directory, not a PNG file"
+
+
+def test_the_demo_names_an_out_dir_that_is_a_file(tmp_path: Path, capsys) -> None:
+    from pipeline.demo import run_demo
+
+    taken = tmp_path / "demo_out"
+    taken.write_text("a file someone else wrote\n")
+    assert run_app("demo", run_demo, [f"out_dir={taken}"]) == 2
+    assert one_error_line(capsys) == f"error: out_dir={taken} is a file, not a folder"
+    assert taken.read_text() == "a file someone else wrote\n"
