@@ -42,6 +42,7 @@ class RunLock:
         self.stale_s, self.heartbeat_s = stale_s, heartbeat_s
         self.token = uuid.uuid4().hex
         self.since = time.time()
+        self.created: list[Path] = []  # the folders acquire made, deepest first
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -80,11 +81,18 @@ class RunLock:
 
     def acquire(self) -> str:
         """Own the run directory or raise RunDirLocked; returns how it was acquired."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return self._take_over()
+        folder = self.path.parent.absolute()
+        self.created = [f for f in (folder, *folder.parents) if not f.exists()]
+        for attempt in range(3):  # a refused start elsewhere may remove the folder it made in between
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                break
+            except FileExistsError:
+                return self._take_over()
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
         try:
             with os.fdopen(fd, "w") as handle:
                 handle.write(json.dumps(self._record()))
@@ -127,3 +135,10 @@ class RunLock:
         current = self._read()
         if current is not None and current.get("token") == self.token:
             self.path.unlink(missing_ok=True)
+        # A start refused before it wrote anything leaves no empty run directory behind: the folders
+        # acquire made go again while they are empty (rmdir never removes what another wrote).
+        for folder in self.created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break

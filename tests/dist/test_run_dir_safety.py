@@ -124,3 +124,15 @@ def test_a_real_full_disk_fails_in_one_line_and_loses_nothing(whole, train_shard
     resumed = train("vae", run_dir, train_shards, *ONE, "train.max_steps=6", nproc=1)
     assert resumed.returncode == 0 and "(step 2)" in resumed.output, resumed.output[-3000:]
     assert resumed.losses("ae/loss") == whole.losses("ae/loss")  # bitwise: the same run as without the fault
+
+
+def test_a_refused_start_leaves_no_empty_run_dir_and_keeps_a_folder_it_did_not_make(train_shards: Path,
+                                                                                  tmp_path: Path) -> None:
+    mine = tmp_path / "made_by_the_user"
+    mine.mkdir()
+    for run_dir in (tmp_path / "new" / "run", mine):
+        refused = train("ldm", run_dir, train_shards, *ONE, "train.max_steps=2",
+                        f"vae.checkpoint={tmp_path / 'no_vae'}", nproc=1)
+        assert refused.returncode == 2 and "no_vae" in refused.output, refused.output[-2000:]
+    assert not (tmp_path / "new").exists()  # both folders it made are gone again
+    assert mine.is_dir() and list(mine.iterdir()) == []
