@@ -151,7 +151,10 @@ def load_models(run: TrainedRun, device: torch.device, *, use_ema: Optional[bool
     if run.stage == "vae":
         return LoadedModels(load_frozen_vae(run.checkpoint, device).model)
     cfg = run.config
-    vae = load_frozen_vae(cfg.vae.checkpoint, device)
+    try:
+        vae = load_frozen_vae(cfg.vae.checkpoint, device)
+    except (FileNotFoundError, layout.CheckpointError) as err:  # e.g. the VAE run moved since
+        raise type(err)(f"{err} (this LDM run's VAE: vae.checkpoint in {run.run_dir / layout.CONFIG_FILE})") from None
     unet, ema = load_unet(run, device, use_ema)
     return LoadedModels(vae.model, unet, latent_scale(cfg.diffusion, vae.config, run.checkpoint), cfg.diffusion.eps,
                         ema)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import re
 import subprocess
 from pathlib import Path
@@ -299,3 +300,16 @@ def test_export_checkpoint_gives_strict_loadable_weights(runs: dict[str, Path], 
     unet.load_state_dict(ldm["unet"], strict=True)
     assert ldm["ema"] is True and ldm["step"] == vae["step"] == 3
     assert tool.main([str(tmp_path / "missing"), str(tmp_path / "x.pt")]) == 2
+
+
+def test_sample_names_where_a_moved_vae_was_expected(runs, synth_root: Path, tmp_path: Path, capsys) -> None:
+    ldm = tmp_path / "ldm"
+    shutil.copytree(runs["ldm"], ldm)
+    gone = tmp_path / "vae_moved_away"
+    config = ldm / "config.yaml"
+    config.write_text(config.read_text().replace(str(runs["vae"]), str(gone)))
+    code = sample_main([f"run_dir={ldm}", f"buildings={synth_root}/png/buildings_complete/1.png", "tx_row=5",
+                        "tx_col=5", f"out={tmp_path / 'out.png'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert str(gone) in err and f"vae.checkpoint in {config}" in err
