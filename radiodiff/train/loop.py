@@ -201,6 +201,10 @@ def train(stage: Stage, loader: Any, state: RunState, loop: LoopConfig, dist: Di
         if state.step % cfg.ckpt_every == 0 or state.step == cfg.max_steps:
             save_checkpoint(stage, state, loop, dist, loader)
     print0(f"{loop.stage_name}: finished at step {state.step} ({state.skipped_steps} skipped updates)")
+    if state.bad_in_a_row:  # fewer than train.max_bad_steps, so no abort; but the user should know
+        print0(f"warning: {loop.stage_name}: the last {state.bad_in_a_row} update(s), to step {state.step}, had "
+               f"non-finite losses and were skipped: the saved weights are those after step "
+               f"{state.step - state.bad_in_a_row}")
     return 0
 
 

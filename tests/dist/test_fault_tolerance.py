@@ -136,6 +136,14 @@ def test_repeated_nonfinite_losses_abort(train_shards: Path, tmp_path: Path) -> 
     assert "non-finite loss in 2 updates in a row (up to step 3)" in run.output
 
 
+def test_a_run_ending_in_skipped_updates_says_so(train_shards: Path, tmp_path: Path) -> None:
+    run = train("vae", tmp_path / "run", train_shards, *CKPT, "train.max_steps=3", "train.nan_steps=[2,3]",
+                "train.max_bad_steps=3", nproc=1)
+    assert run.returncode == 0, run.output[-3000:]  # finished: fewer than max_bad_steps in a row
+    assert ("warning: vae: the last 2 update(s), to step 3, had non-finite losses and were skipped: the saved "
+            "weights are those after step 1") in run.output
+
+
 def test_saved_on_two_ranks_resumes_on_one(train_shards: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     first = train("vae", run_dir, train_shards, *CKPT, "train.max_steps=2")
