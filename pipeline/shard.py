@@ -280,8 +280,12 @@ def check_output(out: str) -> None:
 
 
 def sharding_error(failed: list[dict]) -> ShardingError:
-    listing = "; ".join(f"{bad['path']} ({bad['error']})" for bad in failed)
-    return ShardingError(f"{len(failed)} bad source file{'s' if len(failed) != 1 else ''} "
+    """Each bad file once, though every sample that reads it (a city map: all its transmitters') failed."""
+    first: dict[str, str] = {}
+    for bad in failed:
+        first.setdefault(bad["path"], bad["error"])
+    listing = "; ".join(f"{path} ({error})" for path, error in first.items())
+    return ShardingError(f"{len(first)} bad source file{'s' if len(first) != 1 else ''} "
                          f"(on_error=skip leaves them out): {listing}")
 
 

@@ -235,6 +235,17 @@ def test_known_bad_files_fail_a_later_on_error_fail_run_at_once(synth_copy: Path
     assert mtimes(out) == files
 
 
+def test_a_bad_city_map_read_by_many_samples_is_named_once(synth_copy: Path, tmp_path: Path, ray_local,
+                                                             capsys) -> None:
+    bad_city = synth_copy / "png" / "buildings_complete" / "2.png"
+    bad_city.write_bytes(b"not a png")
+    argv = [f"data.root={synth_copy}", f"out={tmp_path / 'shards'}", "min_shards_per_split=2"]
+    assert run_app("shard", shard_command, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: 1 bad source file (on_error=skip leaves them out): {bad_city} (cannot decode PNG")
+    assert err.count(str(bad_city)) == 1 and len(err.splitlines()) == 1, err
+
+
 def rewrite_gain(path: Path) -> None:
     gain = np.asarray(Image.open(path)).copy()
     gain[0, 0] = (int(gain[0, 0]) + 1) % 256
