@@ -17,6 +17,12 @@ from tests.dist.conftest import environment
 
 
 REPO = Path(__file__).resolve().parents[2]
+LOCAL_SLURM = str(REPO / "tools" / "local_slurm.sh")
+
+
+def skip_without_slurm() -> None:
+    if shutil.which("slurmctld") is None:
+        pytest.skip("Slurm is not installed (apt-get install -y slurm-wlm); .ci/run installs it")
 
 
 @dataclass
@@ -43,15 +49,14 @@ def free_port_range(count: int) -> int:
 @pytest.fixture(scope="session")
 def local_slurm(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Environment (SLURM_CONF, PATH with this venv) of a running 2-node local Slurm cluster."""
-    if shutil.which("slurmctld") is None:
-        pytest.skip("Slurm is not installed (apt-get install -y slurm-wlm); .ci/run installs it")
+    skip_without_slurm()
     state = tmp_path_factory.mktemp("slurm")
     env = {**environment(), "RADIODIFF_SLURM_DIR": str(state), "RADIODIFF_SLURM_PORT": str(free_port_range(4)),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    subprocess.run([str(REPO / "tools" / "local_slurm.sh"), "start"], env=env, check=True, timeout=120)
+    subprocess.run([LOCAL_SLURM, "start"], env=env, check=True, timeout=120)
     env["SLURM_CONF"] = str(state / "slurm.conf")
     yield env
-    subprocess.run([str(REPO / "tools" / "local_slurm.sh"), "stop"], env=env, timeout=120)
+    subprocess.run([LOCAL_SLURM, "stop"], env=env, timeout=120)
 
 
 def sbatch(args: list[str], env: dict, workdir: Path, timeout_s: int = 600) -> Job:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import math
-import shutil
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
