@@ -6,9 +6,9 @@ The driver loads the frozen VAE once (``load_frozen_vae`` verifies the checkpoin
 record) and hands its weights to the tasks through Ray's object store. Each task reads one source
 shard (checked against the source manifest's size and sha256), encodes its targets in fp32 (TF32
 off on GPUs) exactly as the training reader would make them, and writes the cache shard at the same
-relative path under a temporary name that is renamed when complete. ``manifest.json`` is written
-last; while shards change, the previous one is kept aside as ``manifest.json.previous``, as the
-sharder does, so that no reader trusts a half-updated cache.
+relative path, staged as the sharder stages its shards (``pipeline.shard_set``): the cache changes
+only when every task has succeeded, ``manifest.json`` last, and a second run on the same local
+folder is refused.
 
 A cache shard's plan digest covers what its bytes depend on: the source shard (path and sha256), the
 VAE (the committed sha256 of its weights) and the data settings. A re-run keeps every shard whose
@@ -27,16 +27,8 @@ import fsspec
 import numpy as np
 import torch
 
-from pipeline.shard import (
-    PROCESS_LOCAL_PROTOCOLS,
-    check_output,
-    commit_manifest,
-    previous_manifest,
-    read_json,
-    run_tasks,
-    set_manifest_aside,
-    write_atomically,
-)
+from pipeline.shard import PROCESS_LOCAL_PROTOCOLS, check_output, run_tasks
+from pipeline.shard_set import ShardSetWriter, is_intact, read_json
 from radiodiff.config import AutoencoderConfig, ConfigError, DataConfig, EncodeConfig
 from radiodiff.data.latents import (
     LATENT_MANIFEST,
@@ -128,11 +120,7 @@ def plan_tasks(cfg: EncodeConfig, source: dict, settings: dict, previous: dict |
 
 def kept_shard(task: EncodeTask, cfg: EncodeConfig) -> EncodeResult | None:
     """The previous cache shard of the same plan, if its file is intact."""
-    if task.previous is None:
-        return None
-    fs, root = fsspec.core.url_to_fs(cfg.out)
-    target = f"{root.rstrip('/')}/{task.previous['path']}"
-    if not fs.exists(target) or sha256(fs.cat_file(target)) != task.previous["sha256"]:
+    if task.previous is None or not is_intact(cfg.out, task.previous):
         return None
     entry = task.previous
     return EncodeResult(task.split, entry["path"], task.plan, str(task.shard.sha256), entry["num_samples"],
@@ -151,8 +139,8 @@ def full_fp32() -> Iterator[None]:
 
 
 def encode_task(task: EncodeTask, cfg: EncodeConfig, data: DataConfig, vae_cfg: AutoencoderConfig,
-                weights: dict[str, torch.Tensor]) -> EncodeResult:
-    """Body of one Ray task: read, encode and write one cache shard."""
+                weights: dict[str, torch.Tensor], writer: ShardSetWriter) -> EncodeResult:
+    """Body of one Ray task: read, encode and stage one cache shard."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a GPU when the task asked for one
     vae = AutoencoderKL(vae_cfg)
     vae.load_state_dict(weights, strict=True)
@@ -163,14 +151,14 @@ def encode_task(task: EncodeTask, cfg: EncodeConfig, data: DataConfig, vae_cfg: 
                                          lambda x: posterior_moments(vae, x.to(device)), batch_size=cfg.batch_size)
     if count != task.shard.num_samples:
         raise DataFormatError(f"{url}: shard holds {count} samples, the manifest says {task.shard.num_samples}")
-    fs, root = fsspec.core.url_to_fs(cfg.out)
-    write_atomically(fs, f"{root.rstrip('/')}/{task.shard.path}", data_bytes)
+    writer.stage(task.shard.path, data_bytes)
     return EncodeResult(task.split, task.shard.path, task.plan, str(task.shard.sha256), count, len(data_bytes),
                         sha256(data_bytes))
 
 
-def build_cache(tasks: list[EncodeTask], cfg: EncodeConfig, data: DataConfig, vae: FrozenVae) -> list[EncodeResult]:
-    """Keep the intact shards, encode the others (in a ``ray_session``); results in plan order."""
+def build_cache(tasks: list[EncodeTask], cfg: EncodeConfig, data: DataConfig, vae: FrozenVae,
+                writer: ShardSetWriter) -> list[EncodeResult]:
+    """Keep the intact shards, encode and stage the others (in a ``ray_session``); results in plan order."""
     import ray
 
     checking = [task for task in tasks if task.previous is not None]
@@ -178,40 +166,40 @@ def build_cache(tasks: list[EncodeTask], cfg: EncodeConfig, data: DataConfig, va
     kept = [checked.get(id(task)) for task in tasks]
     todo = [task for task, result in zip(tasks, kept) if result is None]
     if todo:
-        fs, root = fsspec.core.url_to_fs(cfg.out)
-        set_manifest_aside(fs, root.rstrip("/"))
         weights = ray.put({k: v.detach().cpu() for k, v in vae.model.state_dict().items()})
         resources = {"num_gpus": cfg.gpus_per_task} if cfg.gpus_per_task else None
-        built = iter(run_tasks(encode_task, todo, cfg, data, vae.config, weights, desc="latent shards",
+        built = iter(run_tasks(encode_task, todo, cfg, data, vae.config, weights, writer, desc="latent shards",
                                resources=resources))
         kept = [result if result is not None else next(built) for result in kept]
     return [result for result in kept if result is not None]
 
 
 def run_encode(cfg: EncodeConfig) -> dict:
-    """Plan, write and commit a latent cache; returns its manifest."""
+    """Plan, write and commit a latent cache (``pipeline.shard_set``: a failed run changes nothing);
+    returns its manifest."""
     from pipeline.ray_setup import ray_session
 
     check_output(cfg.out)
-    fs, root = fsspec.core.url_to_fs(cfg.out)
-    root = root.rstrip("/")
-    check_locations(cfg, fs, root)
+    writer = ShardSetWriter(cfg.out)
+    check_locations(cfg, writer.fs, writer.root)
     vae = load_frozen_vae(cfg.vae.checkpoint, torch.device("cpu"))
     source = read_manifest(cfg.data.shards)
     data = encode_data(vae, source, cfg.data.shards)
     record = vae_record(vae)
     settings = {"format": LATENT_MANIFEST.format, "version": LATENT_MANIFEST.version,
                 "vae": record["weights_sha256"], "data": cache_data(data)}
-    tasks = plan_tasks(cfg, source, settings, previous_manifest(fs, root))
-    with ray_session(cfg.ray):
-        results = build_cache(tasks, cfg, data, vae)
-    written = sum(r.status == "written" for r in results)
-    print(f"latent shards: {written} written, {len(results) - written} kept (plan and checksum matched)")
-    channels, height, width = vae.model.latent_shape(data.image_size)
-    manifest = build_latent_manifest(moments_shape=(2 * channels, height, width), vae=record, data=cache_data(data),
-                                     source_root=cfg.data.shards, source=source,
-                                     shards=[(r.split, r.entry()) for r in results])
-    commit_manifest(fs, root, manifest)
+    with writer.run("radiodiff-encode"):
+        tasks = plan_tasks(cfg, source, settings, writer.previous_manifest())
+        with ray_session(cfg.ray):
+            results = build_cache(tasks, cfg, data, vae, writer)
+        written = [r.path for r in results if r.status == "written"]
+        print(f"latent shards: {len(written)} written, {len(results) - len(written)} kept "
+              "(plan and checksum matched)")
+        channels, height, width = vae.model.latent_shape(data.image_size)
+        manifest = build_latent_manifest(moments_shape=(2 * channels, height, width), vae=record,
+                                         data=cache_data(data), source_root=cfg.data.shards, source=source,
+                                         shards=[(r.split, r.entry()) for r in results])
+        writer.publish(written, manifest)
     return manifest
 
 

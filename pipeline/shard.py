@@ -3,9 +3,10 @@
 Plan (driver): split the maps by protocol, shuffle each split's samples with ``order_seed`` so that
 every shard mixes maps, and cut them into ``max(min_shards_per_split, ceil(n / samples_per_shard))``
 shards. Each Ray task reads its samples' source files, checks every PNG, builds the tar in memory
-and writes it under a temporary name that is renamed when complete. ``manifest.json`` is written
-last and is what makes a shard set valid: while a run changes shards, the previous manifest is
-kept aside as ``manifest.json.previous`` so that no reader trusts a half-updated set.
+and stages it whole. Only when every task has succeeded are the staged shards swapped in and
+``manifest.json``, which is what makes a shard set valid, written last; a failed run leaves the
+previous set as it was, and a second run on the same local folder is refused
+(``pipeline.shard_set``).
 
 A shard's plan digest covers what shapes its bytes: the source settings, the source root, the
 ordered sample keys and the identity of every source file (path relative to the root, size and
@@ -20,7 +21,6 @@ dropped silently.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -31,16 +31,16 @@ from typing import Callable
 import fsspec
 import numpy as np
 
+from pipeline.shard_set import ShardSetWriter, is_intact, is_local
 from radiodiff.config import SPLITS, ShardConfig
 from radiodiff.data.radiomapseer import RadioMapSeer
 from radiodiff.data.schema import DataFormatError, SampleId, check_antenna, decode_png
-from radiodiff.data.manifest import MANIFEST_NAME, build_manifest, manifest_summary, plan_digest
+from radiodiff.data.manifest import build_manifest, manifest_summary, plan_digest
 from radiodiff.data.shard_format import sha256, shard_path, write_tar
 
 # Filesystems that live inside one process: Ray workers cannot see the driver's, so tasks hand
 # their tar bytes back and the driver writes them (and checks kept shards itself).
 PROCESS_LOCAL_PROTOCOLS = {"memory"}
-LOCAL_PROTOCOLS = {"file", "local"}
 
 
 class ShardingError(DataFormatError):
@@ -147,11 +147,7 @@ def _read_sample(source: RadioMapSeer, key: str, split: str) -> tuple[dict[str, 
 
 def kept_shard(task: ShardTask, cfg: ShardConfig) -> ShardResult | None:
     """The previous shard of the same plan with its recorded entry, if its file is intact."""
-    if task.previous is None:
-        return None
-    fs, root = fsspec.core.url_to_fs(cfg.out)
-    target = f"{root.rstrip('/')}/{task.previous['path']}"
-    if not fs.exists(target) or sha256(fs.cat_file(target)) != task.previous["sha256"]:
+    if task.previous is None or not is_intact(cfg.out, task.previous):
         return None
     entry = task.previous
     return ShardResult(task.split, task.index, entry["path"], task.plan, num_samples=entry["num_samples"],
@@ -159,9 +155,8 @@ def kept_shard(task: ShardTask, cfg: ShardConfig) -> ShardResult | None:
                        bad=list(task.previous_bad))
 
 
-def build_shard(task: ShardTask, cfg: ShardConfig, process_local: bool) -> ShardResult:
-    """Body of one Ray task: read, check, pack and write one shard."""
-    fs, root = fsspec.core.url_to_fs(cfg.out)
+def build_shard(task: ShardTask, cfg: ShardConfig, writer: ShardSetWriter | None) -> ShardResult:
+    """Body of one Ray task: read, check, pack and stage one shard (``writer`` None: hand its bytes back)."""
     path = shard_path(task.split, task.index)
     result = ShardResult(task.split, task.index, path, task.plan)
     source = RadioMapSeer(cfg.data, only=[SampleId.from_key(k) for k in task.keys], validate=False)
@@ -176,64 +171,11 @@ def build_shard(task: ShardTask, cfg: ShardConfig, process_local: bool) -> Shard
         return result
     data = write_tar(samples)
     result.num_samples, result.bytes, result.sha256 = len(samples), len(data), sha256(data)
-    if process_local:
+    if writer is None:
         result.data = data
     else:
-        write_atomically(fs, f"{root.rstrip('/')}/{path}", data)
+        writer.stage(path, data)
     return result
-
-
-def write_atomically(fs: fsspec.AbstractFileSystem, target: str, data: bytes) -> None:
-    """Write under a temporary name, then rename: a reader never sees a partial file."""
-    fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-    temporary = f"{target}.tmp-{time.time_ns()}"
-    try:
-        fs.pipe_file(temporary, data)
-        fs.mv(temporary, target)
-    except BaseException:
-        try:  # a full disk or a kill: leave no partial file behind
-            fs.rm(temporary)
-        except OSError:
-            pass
-        raise
-
-
-def read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict | None:
-    if not fs.exists(path):
-        return None
-    try:
-        return json.loads(fs.cat_file(path))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None  # a corrupt manifest only means nothing can be skipped
-
-
-def manifest_paths(root: str) -> tuple[str, str]:
-    """The manifest of the set at ``root`` and the place it is kept aside while shards change."""
-    return f"{root}/{MANIFEST_NAME}", f"{root}/{MANIFEST_NAME}.previous"
-
-
-def previous_manifest(fs: fsspec.AbstractFileSystem, root: str) -> dict | None:
-    """The last committed manifest, or the one kept aside by a run that did not finish."""
-    manifest_path, previous_path = manifest_paths(root)
-    return read_json(fs, manifest_path) or read_json(fs, previous_path)
-
-
-def set_manifest_aside(fs: fsspec.AbstractFileSystem, root: str) -> None:
-    """Before shards change: the old manifest no longer describes the set, so no reader may trust it."""
-    fs.makedirs(root, exist_ok=True)
-    manifest_path, previous_path = manifest_paths(root)
-    if fs.exists(manifest_path):
-        fs.mv(manifest_path, previous_path)
-
-
-def commit_manifest(fs: fsspec.AbstractFileSystem, root: str, manifest: dict) -> None:
-    """Write the manifest last (an unchanged set keeps its file untouched), then drop the aside copy."""
-    manifest_path, previous_path = manifest_paths(root)
-    encoded = json.dumps(manifest, indent=1).encode()
-    if not (fs.exists(manifest_path) and fs.cat_file(manifest_path) == encoded):
-        write_atomically(fs, manifest_path, encoded)
-    if fs.exists(previous_path):
-        fs.rm(previous_path)
 
 
 def run_tasks(function: Callable, tasks: list, cfg: object, *args: object, desc: str,
@@ -241,7 +183,8 @@ def run_tasks(function: Callable, tasks: list, cfg: object, *args: object, desc:
     """``function(task, cfg, *args)`` as one Ray task per shard (in a ``ray_session``; ``resources``:
     Ray's per-task options, e.g. ``num_gpus``), with a progress bar; results in plan order. A task's
     error is raised as itself: the Ray wrapper only adds the worker's traceback (chained, shown with
-    RADIODIFF_TRACEBACK=1)."""
+    RADIODIFF_TRACEBACK=1). On any error the other tasks are cancelled and waited for first, so that
+    none writes after the caller has cleaned up (a Ray cluster outlives its driver's error)."""
     import ray
     from tqdm import tqdm
 
@@ -250,17 +193,35 @@ def run_tasks(function: Callable, tasks: list, cfg: object, *args: object, desc:
     remote = ray.remote(**resources)(function) if resources else ray.remote(function)
     pending = {remote.remote(task, cfg, *args): i for i, task in enumerate(tasks)}
     results: list = [None] * len(tasks)
-    with tqdm(total=len(tasks), desc=desc, unit="shard", file=sys.stdout) as progress:
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            try:
-                results[pending.pop(done[0])] = ray.get(done[0])
-            except ray.exceptions.RayTaskError as err:
-                if isinstance(err.cause, Exception):
-                    raise err.cause from err
-                raise
-            progress.update(1)
+    try:
+        with tqdm(total=len(tasks), desc=desc, unit="shard", file=sys.stdout) as progress:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                try:
+                    results[pending.pop(done[0])] = ray.get(done[0])
+                except ray.exceptions.RayTaskError as err:
+                    if isinstance(err.cause, Exception):
+                        raise err.cause from err
+                    raise
+                progress.update(1)
+    except BaseException:
+        cancel_and_wait(list(pending))
+        raise
     return results
+
+
+def cancel_and_wait(refs: list, timeout_s: float = 60.0) -> None:
+    """Interrupt running tasks (KeyboardInterrupt in the task: its temporary files go), drop queued
+    ones, and wait until they have stopped; a task still running after ``timeout_s`` is killed."""
+    import ray
+
+    if not refs:
+        return
+    for ref in refs:
+        ray.cancel(ref, force=False)
+    _, running = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    for ref in running:
+        ray.cancel(ref, force=True)
 
 
 def manifest_of(cfg: ShardConfig, source: RadioMapSeer, results: list[ShardResult]) -> dict:
@@ -273,7 +234,7 @@ def manifest_of(cfg: ShardConfig, source: RadioMapSeer, results: list[ShardResul
 def check_output(out: str) -> None:
     """Before any work: a local ``out`` must be a folder we can write in."""
     fs, root = fsspec.core.url_to_fs(out)
-    if LOCAL_PROTOCOLS & set(np.atleast_1d(fs.protocol)):
+    if is_local(fs):
         from radiodiff.cli import check_output_dir
 
         check_output_dir("out", root)
@@ -290,18 +251,18 @@ def sharding_error(failed: list[dict]) -> ShardingError:
 
 
 def build_missing(tasks: list[ShardTask], kept: list[ShardResult | None], cfg: ShardConfig,
-                  process_local: bool) -> list[ShardResult]:
-    """Build every shard that was not kept, and write the process-local ones; results in plan order."""
+                  writer: ShardSetWriter, process_local: bool) -> list[ShardResult]:
+    """Build and stage every shard that was not kept (the driver stages the process-local ones);
+    results in plan order."""
     todo = [task for task, result in zip(tasks, kept) if result is None]
-    built = iter(run_tasks(build_shard, todo, cfg, process_local, desc="shards"))
+    built = iter(run_tasks(build_shard, todo, cfg, None if process_local else writer, desc="shards"))
     results = [result if result is not None else next(built) for result in kept]
     failed = [bad for r in results if r.status == "failed" for bad in r.bad]
     if failed:
         raise sharding_error(failed)
-    fs, root = fsspec.core.url_to_fs(cfg.out)
     for r in results:
         if r.data is not None:
-            write_atomically(fs, f"{root.rstrip('/')}/{r.path}", r.data)
+            writer.stage(r.path, r.data)
             r.data = None
     return results
 
@@ -318,27 +279,26 @@ def check_kept(tasks: list[ShardTask], cfg: ShardConfig, process_local: bool) ->
 
 
 def run_shard(cfg: ShardConfig) -> dict:
-    """Plan, write and commit a shard set; returns the manifest."""
+    """Plan, write and commit a shard set (``pipeline.shard_set``: a failed run changes nothing);
+    returns the manifest."""
     from pipeline.ray_setup import ray_session
 
     check_output(cfg.out)
-    fs, root = fsspec.core.url_to_fs(cfg.out)
-    root = root.rstrip("/")
-    process_local = bool(PROCESS_LOCAL_PROTOCOLS & set(np.atleast_1d(fs.protocol)))
+    writer = ShardSetWriter(cfg.out)
+    process_local = bool(PROCESS_LOCAL_PROTOCOLS & set(np.atleast_1d(writer.fs.protocol)))
     source = RadioMapSeer(cfg.data, validate=False)
-    tasks = plan_shards(source, cfg, previous_manifest(fs, root))
-    known_bad = [bad for task in tasks if task.previous is not None for bad in task.previous_bad]
-    if known_bad and cfg.on_error == "fail":  # unchanged since they were skipped: fail before any work
-        raise sharding_error(known_bad)
-    with ray_session(cfg.ray):
-        kept = check_kept(tasks, cfg, process_local)
-        num_kept = sum(r is not None for r in kept)
-        if num_kept < len(tasks):
-            set_manifest_aside(fs, root)
-        results = build_missing(tasks, kept, cfg, process_local)
-    print(f"shards: {len(results) - num_kept} written, {num_kept} kept (plan and checksum matched)")
-    manifest = manifest_of(cfg, source, results)
-    commit_manifest(fs, root, manifest)
+    with writer.run("radiodiff-shard"):
+        tasks = plan_shards(source, cfg, writer.previous_manifest())
+        known_bad = [bad for task in tasks if task.previous is not None for bad in task.previous_bad]
+        if known_bad and cfg.on_error == "fail":  # unchanged since they were skipped: fail before any work
+            raise sharding_error(known_bad)
+        with ray_session(cfg.ray):
+            kept = check_kept(tasks, cfg, process_local)
+            results = build_missing(tasks, kept, cfg, writer, process_local)
+        written = [r.path for r in results if r.status == "written"]
+        print(f"shards: {len(written)} written, {len(results) - len(written)} kept (plan and checksum matched)")
+        manifest = manifest_of(cfg, source, results)
+        writer.publish(written, manifest)
     return manifest
 
 

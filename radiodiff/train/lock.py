@@ -1,12 +1,13 @@
 """One process group owns a run directory at a time: a lock file with a heartbeat.
 
-``{run_dir}/LOCK`` holds the owner (host, pid, Slurm job id, since when) and a heartbeat that rank
-0 refreshes every ``heartbeat_s`` seconds. It is created with O_EXCL, which is atomic on local and
-NFS v3+ filesystems. A second training on the directory stops with a one-line error naming the
-owner; a lock whose heartbeat is older than ``stale_s`` (a killed job), whose process is gone (same
-host), or that belongs to this very Slurm job (a requeue) is taken over. Taking over writes a new
-lock through a rename and reads it back, so of two processes taking over at once one wins and the
-other stops. Evaluation and sampling read a run without the lock.
+``{run_dir}/LOCK`` holds the owner (what it is, host, pid, Slurm job id, since when) and a heartbeat
+that rank 0 refreshes every ``heartbeat_s`` seconds. It is created with O_EXCL, which is atomic on
+local and NFS v3+ filesystems. A second training on the directory stops with a one-line error naming
+the owner; a lock whose heartbeat is older than ``stale_s`` (a killed job), whose process is gone
+(same host), or that belongs to this very Slurm job (a requeue) is taken over. Taking over writes a
+new lock through a rename and reads it back, so of two processes taking over at once one wins and
+the other stops. Evaluation and sampling read a run without the lock. The sharder and the latent
+encoder lock their output folder the same way (``pipeline.shard_set``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from radiodiff.runs.layout import LOCK_FILE
 
 
 class RunDirLocked(ValueError):
-    """Another training owns the run directory."""
+    """Another process owns the folder."""
 
 
 def _alive(pid: int) -> bool:
@@ -37,8 +38,10 @@ def _alive(pid: int) -> bool:
 
 
 class RunLock:
-    def __init__(self, run_dir: Path, *, stale_s: float = 300.0, heartbeat_s: float = 30.0) -> None:
+    def __init__(self, run_dir: Path, *, stale_s: float = 300.0, heartbeat_s: float = 30.0,
+                 name: str = "run_dir", owner: str = "training") -> None:
         self.path = run_dir / LOCK_FILE
+        self.name, self.owner = name, owner  # "{name}=<folder> is in use by another {owner}" (the lock's)
         self.stale_s, self.heartbeat_s = stale_s, heartbeat_s
         self.token = uuid.uuid4().hex
         self.since = time.time()
@@ -48,7 +51,7 @@ class RunLock:
 
     def _record(self) -> dict:
         return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-                "since": self.since, "heartbeat": time.time(), "token": self.token}
+                "since": self.since, "heartbeat": time.time(), "token": self.token, "owner": self.owner}
 
     def _read(self) -> dict | None:
         try:
@@ -80,9 +83,16 @@ class RunLock:
                 f"(last heartbeat {age:.0f} s ago)")
 
     def acquire(self) -> str:
-        """Own the run directory or raise RunDirLocked; returns how it was acquired."""
+        """Own the folder or raise RunDirLocked; returns how it was acquired."""
         folder = self.path.parent.absolute()
         self.created = [f for f in (folder, *folder.parents) if not f.exists()]
+        try:
+            return self._acquire(folder)
+        except OSError:  # e.g. a full disk, during a mkdir or the lock's write: no empty folder stays
+            self._remove_created()
+            raise
+
+    def _acquire(self, folder: Path) -> str:
         for attempt in range(3):  # a refused start elsewhere may remove the folder it made in between
             folder.mkdir(parents=True, exist_ok=True)
             try:
@@ -96,7 +106,7 @@ class RunLock:
         try:
             with os.fdopen(fd, "w") as handle:
                 handle.write(json.dumps(self._record()))
-        except OSError:  # a full disk: an empty LOCK left here would be taken over as a stale one
+        except OSError:  # an empty LOCK left here would be taken over as a stale one
             self.path.unlink(missing_ok=True)
             raise
         self._start_heartbeat()
@@ -106,14 +116,15 @@ class RunLock:
         owner = self._read() or {}
         reason = self._takeover_reason(owner)
         if reason is None:
-            raise RunDirLocked(f"run_dir={self.path.parent} is in use by another training: {self.describe(owner)}; "
+            kind = owner.get("owner", "training")
+            raise RunDirLocked(f"{self.name}={self.path.parent} is in use by another {kind}: {self.describe(owner)}; "
                                f"wait for it to end (a lock without heartbeat for {self.stale_s:.0f} s is taken over)")
         self._replace()
         time.sleep(min(1.0, self.heartbeat_s / 10))  # a concurrent taker's rename lands in this window
         current = self._read() or {}
         if current.get("token") != self.token:
-            raise RunDirLocked(f"run_dir={self.path.parent}: another training took it over at the same time: "
-                               f"{self.describe(current)}")
+            raise RunDirLocked(f"{self.name}={self.path.parent}: another {current.get('owner', 'training')} took it "
+                               f"over at the same time: {self.describe(current)}")
         self._start_heartbeat()
         return f"taken over ({reason})"
 
@@ -135,8 +146,11 @@ class RunLock:
         current = self._read()
         if current is not None and current.get("token") == self.token:
             self.path.unlink(missing_ok=True)
-        # A start refused before it wrote anything leaves no empty run directory behind: the folders
-        # acquire made go again while they are empty (rmdir never removes what another wrote).
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        """A start refused before it wrote anything leaves no empty folder behind: the folders acquire
+        made go again while they are empty (rmdir never removes what another wrote)."""
         for folder in self.created:
             try:
                 folder.rmdir()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from radiodiff.train.lock import RunLock
 from tests.conftest import fill, resize
 from tests.dist.conftest import start, stopped_at, train
 from tests.dist.test_fault_tolerance import committed, kill_tree, wait_for
@@ -30,11 +31,14 @@ def whole(train_shards: Path, tmp_path_factory: pytest.TempPathFactory):
 
 def test_a_second_training_on_a_run_dir_exits_2_naming_the_owner(train_shards: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    first = start("vae", run_dir, train_shards, *ONE, "train.max_steps=400", nproc=1)
+    # Far more steps than the second start takes to begin on a loaded machine (400 tiny steps did
+    # not: the first had finished and the second resumed); the first is killed at the end.
+    steps = "train.max_steps=1000000"
+    first = start("vae", run_dir, train_shards, *ONE, steps, nproc=1)
     try:
         wait_for(run_dir / "checkpoints" / "step_00000002" / "COMMITTED", first)
         config = (run_dir / "config.yaml").read_bytes()
-        second = train("vae", run_dir, train_shards, *ONE, "train.max_steps=400", nproc=1)
+        second = train("vae", run_dir, train_shards, *ONE, steps, nproc=1)
         assert second.returncode == 2, second.output[-3000:]
         owner = json.loads((run_dir / "LOCK").read_text())
         assert f"pid {owner['pid']}" in second.output and socket.gethostname() in second.output
@@ -136,3 +140,10 @@ def test_a_refused_start_leaves_no_empty_run_dir_and_keeps_a_folder_it_did_not_m
         assert refused.returncode == 2 and "no_vae" in refused.output, refused.output[-2000:]
     assert not (tmp_path / "new").exists()  # both folders it made are gone again
     assert mine.is_dir() and list(mine.iterdir()) == []
+
+
+def test_a_lock_refused_by_a_full_disk_leaves_no_folder_it_made(small_disk: Path) -> None:
+    filler = fill(small_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        RunLock(small_disk / "new" / "run").acquire()
+    assert os.listdir(small_disk) == [filler.name]

@@ -24,6 +24,7 @@ from radiodiff.config import (
     RayConfig,
     VaeRefConfig,
 )
+from radiodiff.data.schema import DataFormatError
 from radiodiff.data.shards import ShardLoader
 from radiodiff.diffusion.latent_scale import LatentScale
 from radiodiff.launch import console_command
@@ -131,6 +132,20 @@ def test_an_unchanged_rerun_skips_every_shard_and_leaves_the_manifest_untouched(
     assert manifest.read_bytes() == before and damaged.stat().st_size > 7
     changed = {name for name, mtime in mtimes(cache).items() if mtime != files.get(name)}
     assert changed == {"train/train-000001.tar", "manifest.json"}
+
+
+def test_a_failed_encode_leaves_the_previous_cache_as_it_was(made: Made, tmp_path: Path) -> None:
+    shards = Path(shutil.copytree(made.shards, tmp_path / "shards"))
+    cache = Path(shutil.copytree(made.cache, tmp_path / "cache"))
+    for damaged in ("train/train-000000.tar", "train/train-000001.tar"):  # both are encoded again
+        (cache / damaged).write_bytes(b"corrupt")
+    source = shards / "train" / "train-000001.tar"
+    source.write_bytes(source.read_bytes()[::-1])  # the same size, another sha256: its task fails
+    before = {name: (cache / name).read_bytes() for name in mtimes(cache)}
+    with pytest.raises(DataFormatError, match="train-000001.tar: shard sha256 does not match the manifest"):
+        run_encode(encode_cfg(made.vae, shards, cache))
+    # The task of train-000000 succeeded, but the run did not: nothing of it lands, the manifest stays.
+    assert {name: (cache / name).read_bytes() for name in mtimes(cache)} == before
 
 
 def test_check_cache_refuses_another_checkpoint_other_data_settings_and_other_shards(made: Made,

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tarfile
@@ -22,6 +23,7 @@ from radiodiff.cli import run_app
 from radiodiff.config import DataConfig, ShardConfig
 from radiodiff.data.radiomapseer import RadioMapSeer
 from radiodiff.data.schema import DataFormatError
+from radiodiff.train.lock import RunLock
 from pipeline.shard import ShardTask, ShardingError, run_shard, run_tasks, shard_command
 from tests.conftest import resize
 
@@ -337,5 +339,46 @@ def test_a_full_disk_fails_in_one_line_and_leaves_no_partial_file(synth_root: Pa
     assert run_app("shard", shard_command, [f"data.root={synth_root}", f"out={out}", "min_shards_per_split=2"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "No space left on device" in err[0], err
-    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]  # only whole shards, each under its own name
-    assert not (out / "manifest.json").exists()
+    assert files_under(out) == []  # no partial file, and no whole shard of the failed run either
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def test_a_failed_rerun_leaves_the_previous_set_as_it_was(synth_copy: Path, tmp_path: Path, ray_local) -> None:
+    out = tmp_path / "shards"
+    first = run_shard(shard_cfg(synth_copy, str(out)))
+    before = {name: (out / name).read_bytes() for name in files_under(out)}
+    (synth_copy / "gain" / "DPM" / "2_1.png").write_bytes(b"not a png")
+    with pytest.raises(ShardingError, match="2_1.png"):  # a new cut: every good shard was built before the error
+        run_shard(shard_cfg(synth_copy, str(out), samples_per_shard=5))
+    assert {name: (out / name).read_bytes() for name in files_under(out)} == before  # nothing staged stays
+    assert read_manifest(out) == first  # and the previous set is still the valid one, for every reader
+
+
+def test_a_second_run_on_the_same_folder_is_refused_naming_the_owner(synth_root: Path, tmp_path: Path,
+                                                                      capsys) -> None:
+    out = tmp_path / "new" / "shards"
+    holder = RunLock(out, name="out", owner="radiodiff-encode")
+    holder.acquire()
+    try:
+        assert run_app("shard", shard_command, [f"data.root={synth_root}", f"out={out}"]) == 2
+        assert files_under(out) == ["LOCK"]
+    finally:
+        holder.release()
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: out={out} is in use by another radiodiff-encode: "
+                                               f"host {socket.gethostname()}, pid {os.getpid()}"), err
+    assert "Ray:" not in captured.out and not (tmp_path / "new").exists()
+
+
+def test_the_next_run_removes_what_a_killed_run_staged(synth_root: Path, tmp_path: Path, ray_local) -> None:
+    out = tmp_path / "shards"
+    first = run_shard(shard_cfg(synth_root, str(out)))
+    leftover = out / "train" / "train-000000.tar.staged-0123456789ab"
+    leftover.write_bytes(b"half of a killed run")
+    assert run_shard(shard_cfg(synth_root, str(out))) == first
+    assert files_under(out) == sorted(["manifest.json", *(s["path"] for e in first["splits"].values()
+                                                          for s in e["shards"])])
