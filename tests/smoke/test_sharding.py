@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import fsspec
@@ -330,6 +331,20 @@ def test_a_ray_task_error_is_raised_as_itself(synth_root: Path, tmp_path: Path, 
     argv = [f"data.root={synth_root}", f"out={tmp_path / 'shards'}"]
     assert run_app("shard", command, argv) == 2
     assert capsys.readouterr().err.splitlines() == ["error: 3_1.png: corrupt"]
+
+
+def test_a_task_error_stops_the_other_tasks_before_it_is_raised(tmp_path: Path, ray_local) -> None:
+    def task_body(task: int, cfg: None, folder: Path) -> None:
+        if task == 0:
+            time.sleep(1.0)  # the other task is running by now
+            raise DataFormatError("task 0 failed")
+        time.sleep(4.0)
+        (folder / "written after the error").write_bytes(b"")
+
+    with pytest.raises(DataFormatError, match="task 0 failed"):
+        run_tasks(task_body, [0, 1], None, tmp_path, desc="test")
+    time.sleep(5.0)  # past the moment the other task would have written
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_full_disk_fails_in_one_line_and_leaves_no_partial_file(synth_root: Path, small_disk: Path, ray_local,
