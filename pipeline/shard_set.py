@@ -29,6 +29,7 @@ import numpy as np
 
 from radiodiff.data.manifest import MANIFEST_NAME
 from radiodiff.data.shard_format import sha256
+from radiodiff.train.lock import RunLock
 
 LOCAL_PROTOCOLS = {"file", "local"}
 STAGED = ".staged-"
@@ -146,8 +147,6 @@ class ShardSetWriter:
         """The run's span: the folder's lock (local folders) and, on any failure, no staged file left."""
         lock = None
         if is_local(self.fs):
-            from radiodiff.train.lock import RunLock
-
             lock = RunLock(Path(self.root), name="out", owner=owner)
             lock.acquire()
         try:
