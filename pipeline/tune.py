@@ -6,7 +6,8 @@ radiodiff-train-vae, each in its own run directory ``out_dir/trials/<trial name>
 any run). Search: a grid of every listed combination, or Optuna sampling the ranges the lists span;
 optionally ASHA stops weak trials at validation steps. The sweep writes ``out_dir/results.csv`` and
 ``out_dir/best.yaml`` and prints a summary; failed trials are listed with their error, and the exit
-code is 1 when every trial failed.
+code is 1 when every trial failed. A sweep holds ``out_dir/LOCK`` while it runs (as a training holds
+its run directory): a second sweep on the same out_dir stops with a one-line error.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 from radiodiff.cli import check_output_dir
 from radiodiff.config import ConfigError, TrainVaeConfig, TuneConfig, TuneSweepConfig
 from radiodiff.data.manifest import check_manifest_options, read_manifest
+from radiodiff.train.lock import RunLock
 from pipeline.tune_results import (BEST_NAME, RESULTS_NAME, STATUS_OK, best_row, collect_rows, summary,
                                    write_best, write_results)
 from pipeline.tune_trial import TRIALS_DIR, run_trial, run_trial_workers, trial_config
@@ -129,15 +131,25 @@ def num_trials(sweep: TuneSweepConfig) -> int:
 
 
 def tune_command(cfg: TuneConfig) -> int:
-    from pipeline.ray_setup import ray_session
-
     check_search_available(cfg.tune)
     check_output_dir("out_dir", cfg.out_dir)
     base = base_training_config(cfg)
     # Before Ray starts: every trial would fail on shards that are missing or hold other data.
     check_manifest_options(read_manifest(base.data.shards), base.data)
     out_dir = Path(cfg.out_dir).expanduser().resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # One sweep per out_dir at a time (its results.csv, best.yaml and Ray Tune state are the sweep's):
+    # a second stops in one line naming the owner; a requeued Slurm job takes its own lock over.
+    lock = RunLock(out_dir, name="out_dir", owner="radiodiff-tune")
+    lock.acquire()
+    try:
+        return run_sweep(cfg, base, out_dir)
+    finally:
+        lock.release()
+
+
+def run_sweep(cfg: TuneConfig, base: TrainVaeConfig, out_dir: Path) -> int:
+    from pipeline.ray_setup import ray_session
+
     sweep = cfg.tune
     print(f"sweep: {num_trials(sweep)} trials ({sweep.search}, scheduler {sweep.scheduler}) of "
           f"{base.train.max_steps} steps, {sweep.workers_per_trial} rank(s) each; {sweep.metric} ({sweep.mode}); "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from omegaconf import OmegaConf
 
 from radiodiff.cli import compose, run_app, split_config_file
 from radiodiff.config import ConfigError, TrainVaeConfig, TuneSweepConfig
+from radiodiff.train.lock import RunLock
 from pipeline.tune import check_search_available, tune_command
 from tests.dist.conftest import STAGE_TINY
 
@@ -153,3 +156,20 @@ def test_bad_paths_are_refused_in_one_line_before_ray_starts(bad: str, train_sha
     where = f"{shards}/manifest.json" if bad == "missing shards" else f"out_dir={out_dir} is a file"
     assert line.startswith("error: ") and where in line, line
     assert "sweep:" not in captured.out and "Traceback" not in captured.err
+
+
+def test_a_second_sweep_on_the_same_out_dir_is_refused_naming_the_owner(train_shards: Path, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    out_dir = tmp_path / "sweep"
+    holder = RunLock(out_dir, name="out_dir", owner="radiodiff-tune")
+    holder.acquire()
+    try:
+        assert sweep(out_dir, train_shards, "tune.disc_start=[0]", "tune.kl_weight=[1e-6]") == 2
+        assert os.listdir(out_dir) == ["LOCK"]  # nothing of the second sweep
+    finally:
+        holder.release()
+    captured = capsys.readouterr()
+    [line] = captured.err.splitlines()
+    assert line.startswith(f"error: out_dir={out_dir} is in use by another radiodiff-tune: host "
+                           f"{socket.gethostname()}, pid {os.getpid()}"), line
+    assert "sweep:" not in captured.out and not out_dir.exists()
