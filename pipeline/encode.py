@@ -24,11 +24,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import fsspec
-import numpy as np
 import torch
 
-from pipeline.shard import PROCESS_LOCAL_PROTOCOLS, check_output, run_tasks
-from pipeline.shard_set import ShardSetWriter, is_intact, read_json
+from pipeline.shard import check_output, run_tasks
+from pipeline.shard_set import ShardSetWriter, is_intact, is_process_local, read_json
 from radiodiff.config import AutoencoderConfig, ConfigError, DataConfig, EncodeConfig
 from radiodiff.data.latents import (
     LATENT_MANIFEST,
@@ -89,7 +88,7 @@ def check_locations(cfg: EncodeConfig, fs: fsspec.AbstractFileSystem, root: str)
     """Before any work: the cache needs a folder of its own, which Ray workers can write."""
     source_fs, source_root = fsspec.core.url_to_fs(cfg.data.shards)
     for key, value, filesystem in (("out", cfg.out, fs), ("data.shards", cfg.data.shards, source_fs)):
-        if PROCESS_LOCAL_PROTOCOLS & set(np.atleast_1d(filesystem.protocol)):
+        if is_process_local(filesystem):
             raise ConfigError(f"{key}={value}: Ray worker processes cannot reach a memory:// filesystem; "
                               "use a folder or a shared URL")
     if type(fs) is type(source_fs) and root.rstrip("/") == source_root.rstrip("/"):

@@ -38,10 +38,6 @@ from radiodiff.data.schema import DataFormatError, SampleId, check_antenna, deco
 from radiodiff.data.manifest import build_manifest, manifest_summary, plan_digest
 from radiodiff.data.shard_format import sha256, shard_path, write_tar
 
-# Filesystems that live inside one process: Ray workers cannot see the driver's, so tasks hand
-# their tar bytes back and the driver writes them (and checks kept shards itself).
-PROCESS_LOCAL_PROTOCOLS = {"memory"}
-
 
 class ShardingError(DataFormatError):
     """Source files were bad and ``on_error=fail``: the message lists every bad file."""
@@ -251,11 +247,11 @@ def sharding_error(failed: list[dict]) -> ShardingError:
 
 
 def build_missing(tasks: list[ShardTask], kept: list[ShardResult | None], cfg: ShardConfig,
-                  writer: ShardSetWriter, process_local: bool) -> list[ShardResult]:
+                  writer: ShardSetWriter) -> list[ShardResult]:
     """Build and stage every shard that was not kept (the driver stages the process-local ones);
     results in plan order."""
     todo = [task for task, result in zip(tasks, kept) if result is None]
-    built = iter(run_tasks(build_shard, todo, cfg, None if process_local else writer, desc="shards"))
+    built = iter(run_tasks(build_shard, todo, cfg, None if writer.process_local else writer, desc="shards"))
     results = [result if result is not None else next(built) for result in kept]
     failed = [bad for r in results if r.status == "failed" for bad in r.bad]
     if failed:
@@ -285,7 +281,6 @@ def run_shard(cfg: ShardConfig) -> dict:
 
     check_output(cfg.out)
     writer = ShardSetWriter(cfg.out)
-    process_local = bool(PROCESS_LOCAL_PROTOCOLS & set(np.atleast_1d(writer.fs.protocol)))
     source = RadioMapSeer(cfg.data, validate=False)
     with writer.run("radiodiff-shard"):
         tasks = plan_shards(source, cfg, writer.previous_manifest())
@@ -293,8 +288,8 @@ def run_shard(cfg: ShardConfig) -> dict:
         if known_bad and cfg.on_error == "fail":  # unchanged since they were skipped: fail before any work
             raise sharding_error(known_bad)
         with ray_session(cfg.ray):
-            kept = check_kept(tasks, cfg, process_local)
-            results = build_missing(tasks, kept, cfg, writer, process_local)
+            kept = check_kept(tasks, cfg, writer.process_local)
+            results = build_missing(tasks, kept, cfg, writer)
         written = [r.path for r in results if r.status == "written"]
         print(f"shards: {len(written)} written, {len(results) - len(written)} kept (plan and checksum matched)")
         manifest = manifest_of(cfg, source, results)

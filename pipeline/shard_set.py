@@ -32,6 +32,9 @@ from radiodiff.data.shard_format import sha256
 from radiodiff.train.lock import RunLock
 
 LOCAL_PROTOCOLS = {"file", "local"}
+# Filesystems that live inside one process: Ray workers cannot see the driver's, so tasks hand
+# their bytes back and the driver writes them (and checks kept shards itself).
+PROCESS_LOCAL_PROTOCOLS = {"memory"}
 STAGED = ".staged-"
 
 
@@ -99,12 +102,17 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return bool(LOCAL_PROTOCOLS & set(np.atleast_1d(fs.protocol)))
 
 
+def is_process_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return bool(PROCESS_LOCAL_PROTOCOLS & set(np.atleast_1d(fs.protocol)))
+
+
 class ShardSetWriter:
     """One run's writes into the shard set at ``out``: stage shards, then publish or discard them."""
 
     def __init__(self, out: str) -> None:
         self.fs, root = fsspec.core.url_to_fs(out)
         self.root = root.rstrip("/")
+        self.process_local = is_process_local(self.fs)  # Ray tasks cannot stage here: the driver does
         self.token = uuid.uuid4().hex[:12]
 
     def staged_path(self, path: str) -> str:
@@ -145,17 +153,12 @@ class ShardSetWriter:
     @contextlib.contextmanager
     def run(self, owner: str) -> Iterator[ShardSetWriter]:
         """The run's span: the folder's lock (local folders) and, on any failure, no staged file left."""
-        lock = None
-        if is_local(self.fs):
-            lock = RunLock(Path(self.root), name="out", owner=owner)
-            lock.acquire()
-        try:
-            if lock is not None:
+        local = is_local(self.fs)
+        with RunLock(Path(self.root), name="out", owner=owner) if local else contextlib.nullcontext():
+            if local:
                 self.discard("")  # of earlier runs that were killed: the lock says none is running
-            yield self
-        except BaseException:
-            self.discard()
-            raise
-        finally:
-            if lock is not None:
-                lock.release()
+            try:
+                yield self
+            except BaseException:
+                self.discard()
+                raise

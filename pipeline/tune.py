@@ -139,12 +139,8 @@ def tune_command(cfg: TuneConfig) -> int:
     out_dir = Path(cfg.out_dir).expanduser().resolve()
     # One sweep per out_dir at a time (its results.csv, best.yaml and Ray Tune state are the sweep's):
     # a second stops in one line naming the owner; a requeued Slurm job takes its own lock over.
-    lock = RunLock(out_dir, name="out_dir", owner="radiodiff-tune")
-    lock.acquire()
-    try:
+    with RunLock(out_dir, name="out_dir", owner="radiodiff-tune"):
         return run_sweep(cfg, base, out_dir)
-    finally:
-        lock.release()
 
 
 def run_sweep(cfg: TuneConfig, base: TrainVaeConfig, out_dir: Path) -> int:

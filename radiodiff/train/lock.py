@@ -37,6 +37,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _kind(owner: dict) -> str:
+    """What holds a lock (locks written before the record named it are trainings')."""
+    return owner.get("owner", "training")
+
+
 class RunLock:
     def __init__(self, run_dir: Path, *, stale_s: float = 300.0, heartbeat_s: float = 30.0,
                  name: str = "run_dir", owner: str = "training") -> None:
@@ -116,15 +121,15 @@ class RunLock:
         owner = self._read() or {}
         reason = self._takeover_reason(owner)
         if reason is None:
-            kind = owner.get("owner", "training")
-            raise RunDirLocked(f"{self.name}={self.path.parent} is in use by another {kind}: {self.describe(owner)}; "
+            raise RunDirLocked(f"{self.name}={self.path.parent} is in use by another {_kind(owner)}: "
+                               f"{self.describe(owner)}; "
                                f"wait for it to end (a lock without heartbeat for {self.stale_s:.0f} s is taken over)")
         self._replace()
         time.sleep(min(1.0, self.heartbeat_s / 10))  # a concurrent taker's rename lands in this window
         current = self._read() or {}
         if current.get("token") != self.token:
-            raise RunDirLocked(f"{self.name}={self.path.parent}: another {current.get('owner', 'training')} took it "
-                               f"over at the same time: {self.describe(current)}")
+            raise RunDirLocked(f"{self.name}={self.path.parent}: another {_kind(current)} took it over at the same "
+                               f"time: {self.describe(current)}")
         self._start_heartbeat()
         return f"taken over ({reason})"
 
@@ -138,6 +143,13 @@ class RunLock:
 
         self._thread = threading.Thread(target=beat, name="run-dir-lock", daemon=True)
         self._thread.start()
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
     def release(self) -> None:
         self._stop.set()

@@ -375,13 +375,9 @@ def test_a_failed_rerun_leaves_the_previous_set_as_it_was(synth_copy: Path, tmp_
 def test_a_second_run_on_the_same_folder_is_refused_naming_the_owner(synth_root: Path, tmp_path: Path,
                                                                       capsys) -> None:
     out = tmp_path / "new" / "shards"
-    holder = RunLock(out, name="out", owner="radiodiff-encode")
-    holder.acquire()
-    try:
+    with RunLock(out, name="out", owner="radiodiff-encode"):
         assert run_app("shard", shard_command, [f"data.root={synth_root}", f"out={out}"]) == 2
         assert files_under(out) == ["LOCK"]
-    finally:
-        holder.release()
     captured = capsys.readouterr()
     err = captured.err.splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: out={out} is in use by another radiodiff-encode: "

@@ -161,13 +161,9 @@ def test_bad_paths_are_refused_in_one_line_before_ray_starts(bad: str, train_sha
 def test_a_second_sweep_on_the_same_out_dir_is_refused_naming_the_owner(train_shards: Path, tmp_path: Path,
                                                                          capsys: pytest.CaptureFixture) -> None:
     out_dir = tmp_path / "sweep"
-    holder = RunLock(out_dir, name="out_dir", owner="radiodiff-tune")
-    holder.acquire()
-    try:
+    with RunLock(out_dir, name="out_dir", owner="radiodiff-tune"):
         assert sweep(out_dir, train_shards, "tune.disc_start=[0]", "tune.kl_weight=[1e-6]") == 2
         assert os.listdir(out_dir) == ["LOCK"]  # nothing of the second sweep
-    finally:
-        holder.release()
     captured = capsys.readouterr()
     [line] = captured.err.splitlines()
     assert line.startswith(f"error: out_dir={out_dir} is in use by another radiodiff-tune: host "
