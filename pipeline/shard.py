@@ -208,7 +208,9 @@ def run_tasks(function: Callable, tasks: list, cfg: object, *args: object, desc:
 
 def cancel_and_wait(refs: list, timeout_s: float = 60.0) -> None:
     """Interrupt running tasks (KeyboardInterrupt in the task: its temporary files go), drop queued
-    ones, and wait until they have stopped; a task still running after ``timeout_s`` is killed."""
+    ones, and wait until they have stopped; a task still running after ``timeout_s`` is killed. A task
+    that Ray was handing to a worker at that moment may still run to its end: a shard it stages then
+    stays, never read, until the next run on the folder removes it (``pipeline.shard_set``)."""
     import ray
 
     if not refs:
