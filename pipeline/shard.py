@@ -180,7 +180,9 @@ def run_tasks(function: Callable, tasks: list, cfg: object, *args: object, desc:
     Ray's per-task options, e.g. ``num_gpus``), with a progress bar; results in plan order. A task's
     error is raised as itself: the Ray wrapper only adds the worker's traceback (chained, shown with
     RADIODIFF_TRACEBACK=1). On any error the other tasks are cancelled and waited for first, so that
-    none writes after the caller has cleaned up (a Ray cluster outlives its driver's error)."""
+    fewer write after the caller has cleaned up (a Ray cluster outlives its driver's error); this is
+    best effort (a cancelled task was seen to run to its end under load), and a shard such a task
+    stages stays, never read, until the next run on the folder removes it (``pipeline.shard_set``)."""
     import ray
     from tqdm import tqdm
 
@@ -207,10 +209,8 @@ def run_tasks(function: Callable, tasks: list, cfg: object, *args: object, desc:
 
 
 def cancel_and_wait(refs: list, timeout_s: float = 60.0) -> None:
-    """Interrupt running tasks (KeyboardInterrupt in the task: its temporary files go), drop queued
-    ones, and wait until they have stopped; a task still running after ``timeout_s`` is killed. A task
-    that Ray was handing to a worker at that moment may still run to its end: a shard it stages then
-    stays, never read, until the next run on the folder removes it (``pipeline.shard_set``)."""
+    """Ask running tasks to stop (KeyboardInterrupt in the task), drop queued ones, and wait for
+    them; a task still running after ``timeout_s`` is killed."""
     import ray
 
     if not refs:
