@@ -2,12 +2,19 @@
 
 The config is radiodiff-train-vae's (``train.max_steps`` is every trial's length) plus ``tune:``,
 ``ray:`` and ``out_dir``. Trials (pipeline/tune_trial.py) run the same training function as
-radiodiff-train-vae, each in its own run directory ``out_dir/trials/<trial name>`` (resumable like
-any run). Search: a grid of every listed combination, or Optuna sampling the ranges the lists span;
+radiodiff-train-vae, each in its own run directory ``out_dir/trials/ds<disc_start>_kl<kl_weight>``.
+Search: a grid of every listed combination, or Optuna sampling the ranges the lists span;
 optionally ASHA stops weak trials at validation steps. The sweep writes ``out_dir/results.csv`` and
 ``out_dir/best.yaml`` and prints a summary; failed trials are listed with their error, and the exit
 code is 1 when every trial failed. A sweep holds ``out_dir/LOCK`` while it runs (as a training holds
 its run directory): a second sweep on the same out_dir stops with a one-line error.
+
+A resubmitted sweep (after preemption, a failure, or with a larger ``train.max_steps``) continues
+where the last one stopped, without Ray Tune's restore (which unpickles its experiment state): run
+directories are named by the parameters, so a trial of the same parameters resumes its run from the
+newest checkpoint, and one that had finished reports what its run logged. A grid has the same trials
+again; Optuna first re-runs the earlier trials in ``out_dir/trials`` that lie within the ranges (they
+count in ``tune.num_samples``), and so learns their results, then samples new ones.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
+import re
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -25,7 +33,7 @@ from radiodiff.data.manifest import check_manifest_options, read_manifest
 from radiodiff.train.lock import RunLock
 from pipeline.tune_results import (BEST_NAME, RESULTS_NAME, STATUS_OK, best_row, collect_rows, summary,
                                    write_best, write_results)
-from pipeline.tune_trial import TRIALS_DIR, run_trial, run_trial_workers, trial_config
+from pipeline.tune_trial import TRIALS_DIR, run_dir_name, run_trial, run_trial_workers, trial_config
 
 TUNE_DIR = "ray_tune"  # under out_dir: Ray Tune's experiment state and per-trial logs
 
@@ -69,12 +77,40 @@ def check_search_available(sweep: TuneSweepConfig) -> None:
         raise ConfigError("tune.search=optuna needs the optuna package: pip install optuna")
 
 
-def make_search(sweep: TuneSweepConfig) -> Any:
+def earlier_trials(trials_dir: Path) -> list[dict[str, Any]]:
+    """The parameters of the trials in ``trials_dir`` (from their run directories' names), by name."""
+    found = []
+    for path in sorted(trials_dir.iterdir()) if trials_dir.is_dir() else []:
+        match = re.fullmatch(r"ds(\d+)_kl(.+)", path.name)
+        if not path.is_dir() or match is None:
+            continue
+        try:
+            params = {"disc_start": int(match[1]), "kl_weight": float(match[2])}
+        except ValueError:
+            continue
+        if run_dir_name(params) == path.name:  # one of ours, not a folder someone named alike
+            found.append(params)
+    return found
+
+
+def optuna_points(sweep: TuneSweepConfig, earlier: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The earlier trials Optuna runs first: those within the ranges (at most tune.num_samples), with
+    only the sampled parameters (a constant one is not in Optuna's space)."""
+    ranges = {"disc_start": sweep.disc_start, "kl_weight": sweep.kl_weight}
+    points = [params for params in earlier
+              if all(min(ranges[key]) <= value <= max(ranges[key]) for key, value in params.items())]
+    sampled = [key for key, values in ranges.items() if min(values) < max(values)]
+    if not sampled:
+        return []
+    return [{key: params[key] for key in sampled} for params in points[:sweep.num_samples]]
+
+
+def make_search(sweep: TuneSweepConfig, points: list[dict[str, Any]]) -> Any:
     if sweep.search == "grid":
         return None
     from ray.tune.search.optuna import OptunaSearch
 
-    return OptunaSearch()
+    return OptunaSearch(points_to_evaluate=points or None)
 
 
 def make_scheduler(sweep: TuneSweepConfig, base: TrainVaeConfig) -> Any:
@@ -107,14 +143,15 @@ def make_trainable(sweep: TuneSweepConfig, base: TrainVaeConfig, out_dir: Path) 
     return tune.with_resources(trainable, resources)
 
 
-def make_tuner(cfg: TuneConfig, base: TrainVaeConfig, out_dir: Path) -> Any:
+def make_tuner(cfg: TuneConfig, base: TrainVaeConfig, out_dir: Path, points: list[dict[str, Any]]) -> Any:
     from ray import tune
 
     from pipeline.tune_progress import ProgressPrinter
 
     sweep = cfg.tune
     tune_config = tune.TuneConfig(
-        metric=sweep.metric, mode=sweep.mode, search_alg=make_search(sweep), scheduler=make_scheduler(sweep, base),
+        metric=sweep.metric, mode=sweep.mode, search_alg=make_search(sweep, points),
+        scheduler=make_scheduler(sweep, base),
         num_samples=1 if sweep.search == "grid" else sweep.num_samples,
         max_concurrent_trials=sweep.max_concurrent or None, reuse_actors=False,
         trial_name_creator=trial_name, trial_dirname_creator=trial_name)
@@ -128,6 +165,12 @@ def make_tuner(cfg: TuneConfig, base: TrainVaeConfig, out_dir: Path) -> Any:
 
 def num_trials(sweep: TuneSweepConfig) -> int:
     return len(sweep.disc_start) * len(sweep.kl_weight) if sweep.search == "grid" else sweep.num_samples
+
+
+def grid_continued(sweep: TuneSweepConfig, earlier: list[dict[str, Any]]) -> int:
+    """How many of a grid's trials continue a run directory of an earlier submission."""
+    return sum(params["disc_start"] in sweep.disc_start and params["kl_weight"] in sweep.kl_weight
+               for params in earlier)
 
 
 def tune_command(cfg: TuneConfig) -> int:
@@ -150,8 +193,13 @@ def run_sweep(cfg: TuneConfig, base: TrainVaeConfig, out_dir: Path) -> int:
     print(f"sweep: {num_trials(sweep)} trials ({sweep.search}, scheduler {sweep.scheduler}) of "
           f"{base.train.max_steps} steps, {sweep.workers_per_trial} rank(s) each; {sweep.metric} ({sweep.mode}); "
           f"out {out_dir}", flush=True)
+    earlier = earlier_trials(out_dir / TRIALS_DIR)
+    points = optuna_points(sweep, earlier) if sweep.search == "optuna" else []
+    continued = len(points) if sweep.search == "optuna" else grid_continued(sweep, earlier)
+    if continued:
+        print(f"sweep: {continued} trial(s) continue their run directories in {out_dir / TRIALS_DIR}", flush=True)
     with ray_session(cfg.ray):
-        results = make_tuner(cfg, base, out_dir).fit()
+        results = make_tuner(cfg, base, out_dir, points).fit()
     rows = collect_rows(results, out_dir / TRIALS_DIR)
     write_results(rows, out_dir / RESULTS_NAME, sweep.metric)
     best = best_row(rows, sweep.metric, sweep.mode)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +11,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from radiodiff.config import TrainVaeConfig
-from radiodiff.runs.layout import METRICS_FILE
-from pipeline.tune_trial import TrialFailed
+from pipeline.tune_trial import TrialFailed, logged_metrics, run_dir_name
 
 RESULTS_NAME = "results.csv"
 BEST_NAME = "best.yaml"
@@ -45,29 +43,20 @@ def error_message(error: BaseException) -> str:
     return lines[-1].removeprefix(f"{TrialFailed.__module__}.{TrialFailed.__name__}: ")
 
 
-def last_logged_step(run_dir: Path) -> int:
-    """The last step in a run directory's metrics.jsonl (0 if nothing was logged)."""
-    path = run_dir / METRICS_FILE
-    if not path.is_file():
-        return 0
-    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()]
-    return max(steps, default=0)
-
-
 def collect_rows(results: Any, trials_dir: Path) -> list[TrialRow]:
     """One row per trial of a Ray Tune ResultGrid, in trial-id order."""
     rows = []
     for result in results:
-        name = Path(result.path).name  # trial dirs are named like the trial (and its run directory)
         metrics = result.metrics or {}
         reported = {key: float(value) for key, value in metrics.items()
                     if isinstance(value, (int, float)) and not isinstance(value, bool)}
-        run_dir = trials_dir / name
+        run_dir = trials_dir / run_dir_name(result.config)
         rows.append(TrialRow(
-            trial_id=str(metrics.get("trial_id") or name.split("_ds")[0]),
+            # Ray Tune's trial folders are named "<trial id>_ds..." (pipeline.tune.trial_name)
+            trial_id=str(metrics.get("trial_id") or Path(result.path).name.split("_ds")[0]),
             disc_start=int(result.config["disc_start"]), kl_weight=float(result.config["kl_weight"]),
             status=STATUS_ERROR if result.error else STATUS_OK, metrics=reported,
-            steps=last_logged_step(run_dir), run_dir=str(run_dir),
+            steps=int(logged_metrics(run_dir).get("step", 0)), run_dir=str(run_dir),
             error=error_message(result.error) if result.error else ""))
     return sorted(rows, key=lambda row: row.trial_id)
 

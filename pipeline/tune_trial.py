@@ -5,6 +5,11 @@ A trial applies its ``disc_start`` / ``kl_weight`` to a copy of the typed traini
 ``tune.workers_per_trial > 1``, on every worker of a Ray Train ``TorchTrainer`` (each worker joins
 the process group Ray Train set up). Metrics reach Ray Tune from ``on_log``; a non-zero exit code
 fails the trial with the training's own error message.
+
+A trial's run directory is named by its parameters (``trials/ds<disc_start>_kl<kl_weight>``), not by
+Ray's trial id, so that the same trial in a resubmitted sweep (or a retry) resumes it from its
+newest checkpoint. A trial whose run had already finished trains nothing and reports what its run
+logged (``metrics.jsonl``).
 """
 
 from __future__ import annotations
@@ -18,10 +23,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 from radiodiff.config import TrainVaeConfig, TuneSweepConfig
+from radiodiff.eval.run_log import MetricsFileError, read_metrics
+from radiodiff.runs.layout import METRICS_FILE
 
 TRIALS_DIR = "trials"  # under out_dir: one training run directory per trial
 
 Report = Callable[[dict[str, Any]], None]
+
+
+def run_dir_name(params: dict[str, Any]) -> str:
+    """A trial's run directory name: its parameters, exactly (``repr`` of the float round-trips)."""
+    return f"ds{int(params['disc_start'])}_kl{float(params['kl_weight'])!r}"
 
 
 class TrialFailed(RuntimeError):
@@ -45,11 +57,28 @@ class MetricReporter:
         self.metric = metric
         self.report = report
         self.latest: dict[str, float] = {}
+        self.reported = False
 
     def __call__(self, step: int, values: dict[str, float]) -> None:
         self.latest.update(values)
         if self.metric in values:
             self.report({**self.latest, "step": step})
+            self.reported = True
+
+
+def logged_metrics(run_dir: Path) -> dict[str, float]:
+    """The last logged value of every metric of a run (its ``metrics.jsonl``), with ``step`` the last
+    logged step; {} when the run logged nothing."""
+    try:
+        records = read_metrics(run_dir / METRICS_FILE)
+    except MetricsFileError:
+        return {}
+    latest: dict[str, float] = {}
+    for record in records:
+        latest.update({key: value for key, value in record.items()
+                       if isinstance(value, (int, float)) and not isinstance(value, bool)})
+    latest["step"] = max(record["step"] for record in records)
+    return latest
 
 
 class _ErrorLines(io.TextIOBase):
@@ -76,23 +105,23 @@ def train_and_report(cfg: TrainVaeConfig, metric: str, report: Report) -> None:
     from radiodiff.train.stages import build_vae_stage
 
     errors = _ErrorLines(sys.stderr)
+    reporter = MetricReporter(metric, report)
     with contextlib.redirect_stderr(errors):
-        code = run_training(cfg, build_vae_stage, "vae", on_log=MetricReporter(metric, report))
+        code = run_training(cfg, build_vae_stage, "vae", on_log=reporter)
     if code != 0:
         raise TrialFailed(f"training exited with code {code}" + (f": {errors.last}" if errors.last else ""))
-
-
-def _trial_run_dir(trials_dir: str) -> Path:
-    from ray import tune
-
-    return Path(trials_dir) / tune.get_context().get_trial_name()
+    if not reporter.reported:  # a run that had already finished (a resubmitted sweep): what it logged
+        logged = logged_metrics(Path(cfg.run_dir))
+        if metric in logged:
+            report(logged)
 
 
 def run_trial(params: dict[str, Any], *, base: TrainVaeConfig, trials_dir: str, metric: str) -> None:
     """A trial of one process (tune.workers_per_trial=1)."""
     from ray import tune
 
-    train_and_report(trial_config(base, params, _trial_run_dir(trials_dir)), metric, tune.report)
+    run_dir = Path(trials_dir) / run_dir_name(params)
+    train_and_report(trial_config(base, params, run_dir), metric, tune.report)
 
 
 def _train_worker(loop_config: dict[str, Any]) -> None:
@@ -106,11 +135,12 @@ def run_trial_workers(params: dict[str, Any], *, base: TrainVaeConfig, trials_di
                       sweep: TuneSweepConfig, storage_dir: str) -> None:
     """A trial of ``tune.workers_per_trial`` ranks: a TorchTrainer whose workers each call the
     training function; rank 0's reports reach Tune through TuneReportCallback."""
+    from ray import tune
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    run_dir = _trial_run_dir(trials_dir)
+    run_dir = Path(trials_dir) / run_dir_name(params)
     resources = {"CPU": sweep.cpus_per_trial, **({"GPU": sweep.gpus_per_trial} if sweep.gpus_per_trial else {})}
     trainer = TorchTrainer(
         _train_worker,
@@ -118,6 +148,9 @@ def run_trial_workers(params: dict[str, Any], *, base: TrainVaeConfig, trials_di
         scaling_config=ScalingConfig(num_workers=sweep.workers_per_trial, use_gpu=sweep.gpus_per_trial > 0,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if sweep.gpus_per_trial > 0 else "gloo"),
-        run_config=RunConfig(name=run_dir.name, storage_path=storage_dir, callbacks=[TuneReportCallback()]),
+        # Ray Train's own folder is this trial's alone (a resubmitted trial gets a new one): the
+        # training state is in the run directory, never restored from Ray's.
+        run_config=RunConfig(name=f"{run_dir.name}_{tune.get_context().get_trial_id()}", storage_path=storage_dir,
+                             callbacks=[TuneReportCallback()]),
     )
     trainer.fit()

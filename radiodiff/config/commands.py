@@ -161,6 +161,8 @@ class TuneSweepConfig:
             values = getattr(self, key)
             if not values or any(v < 0 for v in values):
                 raise ConfigError(f"tune.{key}={values!r} must be a non-empty list of values >= 0")
+            if len(set(values)) < len(values):  # two trials would share one run directory
+                raise ConfigError(f"tune.{key}={values!r} lists a value twice")
         for key in ("num_samples", "workers_per_trial", "reduction_factor", "grace_steps"):
             check_positive(f"tune.{key}", getattr(self, key))
         for key in ("cpus_per_trial", "gpus_per_trial", "max_concurrent", "max_failures"):
@@ -173,7 +175,7 @@ class TuneSweepConfig:
 class TuneConfig(TrainVaeConfig):
     """radiodiff-tune: Ray Tune trials of stage-1 training (every radiodiff-train-vae key applies)."""
 
-    run_dir: str = "${out_dir}/trials"  # unused: each trial trains in out_dir/trials/<trial name>
+    run_dir: str = "${out_dir}/trials"  # unused: each trial trains in out_dir/trials/ds<disc_start>_kl<kl_weight>
     out_dir: str = MISSING  # results.csv, best.yaml, trials/, ray_tune/
     tune: TuneSweepConfig = field(default_factory=TuneSweepConfig)
     ray: RayConfig = field(default_factory=RayConfig)

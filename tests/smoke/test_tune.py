@@ -32,6 +32,14 @@ def read_rows(out_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(stream))
 
 
+def trial_dirs(out_dir: Path) -> list[str]:
+    return sorted(path.name for path in (out_dir / "trials").iterdir())
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.fixture(autouse=True)
 def quiet_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -64,7 +72,7 @@ def test_each_trial_is_a_run_directory_with_its_parameters(grid_sweep: tuple[Pat
     out_dir, _ = grid_sweep
     for row in read_rows(out_dir):
         run_dir = Path(row["run_dir"])
-        assert run_dir.parent == out_dir / "trials"
+        assert run_dir == out_dir / "trials" / f"ds{row['disc_start']}_kl{float(row['kl_weight'])!r}"
         assert (run_dir / "checkpoints" / "step_00000003" / "COMMITTED").is_file()
         assert json.loads((run_dir / "checkpoints" / "step_00000003" / "meta.json").read_text())["step"] == 3
         logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -102,14 +110,20 @@ def test_failed_trials_are_reported_and_fail_the_sweep(ray_local, train_shards: 
     assert not (tmp_path / "best.yaml").exists()
 
 
-def test_multi_worker_trial_trains_on_two_ranks(ray_local, train_shards: Path, tmp_path: Path) -> None:
-    code = sweep(tmp_path, train_shards, "tune.disc_start=[1]", "tune.kl_weight=[1e-6]", "train.max_steps=2",
-                 "tune.workers_per_trial=2", "train.micro_batch=1")  # the global batch of 2 over 2 ranks
-    assert code == 0
+def test_multi_worker_trial_trains_on_two_ranks_and_resubmitted_reports_its_run(ray_local, train_shards: Path,
+                                                                                 tmp_path: Path) -> None:
+    args = ("tune.disc_start=[1]", "tune.kl_weight=[1e-6]", "train.max_steps=2", "tune.workers_per_trial=2",
+            "train.micro_batch=1")  # the global batch of 2 over 2 ranks
+    assert sweep(tmp_path, train_shards, *args) == 0
     [row] = read_rows(tmp_path)
     assert row["status"] == "TERMINATED" and math.isfinite(float(row["val/psnr"]))  # val_every 0 -> at the end
     meta = json.loads((Path(row["run_dir"]) / "checkpoints" / "step_00000002" / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["step"] == 2
+    # Resubmitted: both ranks find the run finished and report what it logged, in Ray Train's new folder.
+    assert sweep(tmp_path, train_shards, *args) == 0
+    [again] = read_rows(tmp_path)
+    assert again["status"] == "TERMINATED" and again["val/psnr"] == row["val/psnr"] and again["steps"] == "2"
+    assert len(list((tmp_path / "ray_train").iterdir())) == 2
 
 
 def test_sweep_config_is_validated() -> None:
@@ -117,6 +131,38 @@ def test_sweep_config_is_validated() -> None:
         TuneSweepConfig(kl_weight=[])
     with pytest.raises(ConfigError, match="tune.scheduler"):
         TuneSweepConfig(scheduler="hyperband")
+    with pytest.raises(ConfigError, match=r"tune.disc_start=\[0, 0\] lists a value twice"):
+        TuneSweepConfig(disc_start=[0, 0])  # two trials in one run directory
+
+
+def test_a_resubmitted_grid_sweep_continues_its_trials(ray_local, train_shards: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    grid = ("tune.disc_start=[0]", "tune.kl_weight=[1e-6,1e-2]", "train.val_every=2")
+    assert sweep(tmp_path, train_shards, *grid, "train.max_steps=2") == 0
+    assert trial_dirs(tmp_path) == ["ds0_kl0.01", "ds0_kl1e-06"]
+    capsys.readouterr()
+    # Resubmitted with more steps (as after a preemption at step 2): each trial resumes its own run.
+    assert sweep(tmp_path, train_shards, *grid, "train.max_steps=4") == 0
+    assert "2 trial(s) continue their run directories" in capsys.readouterr().out
+    assert trial_dirs(tmp_path) == ["ds0_kl0.01", "ds0_kl1e-06"]
+    rows = read_rows(tmp_path)
+    assert len(rows) == 2
+    for row in rows:
+        run_dir = Path(row["run_dir"])
+        assert sorted(path.name for path in (run_dir / "configs").iterdir()) == [
+            "step_00000000.yaml", "step_00000002.yaml"]  # started at 0, resumed at 2
+        assert logged_steps(run_dir)[-1] == 4 and int(row["steps"]) == 4
+        assert row["status"] == "TERMINATED" and math.isfinite(float(row["val/psnr"]))
+    checkpoints = {row["run_dir"]: sorted((Path(row["run_dir"]) / "checkpoints").iterdir()) for row in rows}
+    stamps = {path: path.stat().st_mtime_ns for paths in checkpoints.values() for path in paths}
+    # Once more: nothing is left to train, and every row reports what its run logged.
+    assert sweep(tmp_path, train_shards, *grid, "train.max_steps=4") == 0
+    again = read_rows(tmp_path)
+    shown = ("disc_start", "kl_weight", "status", "val/psnr", "val/ssim", "ae/loss", "steps", "run_dir")
+    assert [[row[key] for key in shown] for row in again] == [[row[key] for key in shown] for row in rows]
+    assert {path: path.stat().st_mtime_ns for path in stamps} == stamps
+    assert all(sorted(Path(run_dir, "checkpoints").iterdir()) == paths for run_dir, paths in checkpoints.items())
+    assert trial_dirs(tmp_path) == ["ds0_kl0.01", "ds0_kl1e-06"]
 
 
 def test_optuna_search_names_the_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -140,6 +186,21 @@ def test_optuna_search_with_asha_samples_within_the_ranges(ray_local, train_shar
         assert row["status"] == "TERMINATED" and 1 <= int(row["steps"]) <= 2
         assert 0 <= int(row["disc_start"]) <= 2 and 1e-6 <= float(row["kl_weight"]) <= 1e-2
         assert math.isfinite(float(row["val/psnr"]))
+
+
+def test_a_resubmitted_optuna_sweep_reruns_its_earlier_trials_first(ray_local, train_shards: Path,
+                                                                     tmp_path: Path) -> None:
+    pytest.importorskip("optuna")
+    search = ("tune.search=optuna", "tune.num_samples=2", "tune.disc_start=[0,2]", "tune.kl_weight=[1e-6,1e-2]",
+              "train.max_steps=2")
+    assert sweep(tmp_path, train_shards, *search) == 0
+    first = sorted((row["disc_start"], row["kl_weight"], row["val/psnr"]) for row in read_rows(tmp_path))
+    dirs = trial_dirs(tmp_path)
+    assert len(dirs) == 2
+    # Optuna would sample two new points; resubmitted, the sweep's two trials are the earlier ones.
+    assert sweep(tmp_path, train_shards, *search) == 0
+    assert sorted((row["disc_start"], row["kl_weight"], row["val/psnr"]) for row in read_rows(tmp_path)) == first
+    assert trial_dirs(tmp_path) == dirs
 
 
 @pytest.mark.parametrize("bad", ["missing shards", "out_dir a file"])
