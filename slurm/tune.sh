@@ -5,12 +5,37 @@
 #     train.max_steps=20000 train.val_every=2000 'tune.disc_start=[0,10001]' 'tune.kl_weight=[1e-6,1e-4]' \
 #     tune.gpus_per_trial=1 tune.cpus_per_trial=4
 # Resources are sbatch options (override them on the command line); "$@" are radiodiff-tune overrides.
+# Preemption and time limits: a preempted job is requeued (--requeue), and Slurm signals this script
+# 300 s before the time limit (B:USR1@300), which requeues the job itself. The requeued job runs the
+# same sweep, which continues: each trial resumes its run directory from its newest checkpoint (the
+# trials run in Ray's threads and do not save on a signal, so train.ckpt_every bounds what is redone).
+# Both runs log to one file. A plain scancel ends the sweep for good.
 #SBATCH --job-name=radiodiff-tune
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
 #SBATCH --cpus-per-task=16
 #SBATCH --time=24:00:00
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out
 set -euo pipefail
+echo "radiodiff: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: sweep on $SLURM_JOB_NUM_NODES node(s)"
 source "${RADIODIFF_HOME:-$SLURM_SUBMIT_DIR}/slurm/ray_cluster.sh"  # submit from the repository root
-radiodiff-tune ray.address=auto "$@"
+
+requeue() {
+  echo "radiodiff: time limit near (SIGUSR1): requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID" || echo "radiodiff: scontrol requeue $SLURM_JOB_ID failed" >&2
+}
+trap requeue USR1
+# In the background, so that the trap runs while the sweep does (bash runs traps between commands, and
+# `wait` returns early, with a status above 128, when one arrives).
+radiodiff-tune ray.address=auto "$@" &
+tune_pid=$!
+status=0
+wait "$tune_pid" || status=$?
+while [ "$status" -gt 128 ] && kill -0 "$tune_pid" 2>/dev/null; do
+  status=0
+  wait "$tune_pid" || status=$?
+done
+exit "$status"

@@ -5,19 +5,13 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 from tests.dist.conftest import STAGE_TINY, TINY
-from tests.slurm.conftest import REPO
+from tests.slurm.jobs import cancelled_at_exit, ended, job_info, releaser, slurm, submit, wait_for
 
 # Both "nodes" are 127.0.0.1 with 1 CPU each: one process per node, 2 ranks in all.
 SBATCH = ["-N", "2", "--cpus-per-task=1", "--time=00:20:00"]
-ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
-          "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT"}
 
 
 def _free_port() -> int:
@@ -37,80 +31,23 @@ def _overrides(run_dir: Path, shards: Path, *extra: str) -> list[str]:
     return [f"run_dir={run_dir}", f"data.shards={shards}", *TINY, *STAGE_TINY["vae"], "deepspeed.zero_stage=2", *extra]
 
 
-def _slurm(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), env=env, capture_output=True, text=True, timeout=60)
-
-
-@contextmanager
-def _jobs(env: dict) -> Iterator[list[str]]:
-    """Job ids submitted inside the block; any still queued or running at its end are cancelled."""
-    ids: list[str] = []
-    try:
-        yield ids
-    finally:
-        for job_id in ids:
-            if _job(env, job_id).get("JobState") in ACTIVE:
-                _slurm(env, "scancel", job_id)
-
-
-def _submit(env: dict, log: Path, *args: str) -> str:
-    done = subprocess.run(["sbatch", "--parsable", f"--output={log}", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip().split(";")[0]
-
-
-def _job(env: dict, job_id: str) -> dict[str, str]:
-    """`scontrol show job` as a dict (the controller keeps finished jobs for MinJobAge=300 s)."""
-    text = _slurm(env, "scontrol", "-o", "show", "job", job_id).stdout
-    return dict(field.split("=", 1) for field in text.split() if "=" in field)
-
-
-def _wait(condition: Callable[[], bool], timeout_s: float, what: str, log: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}; log:\n"
-                                 + (log.read_text()[-4000:] if log.exists() else "(none)"))
-        time.sleep(0.5)
-
-
-def _ended(env: dict, job_id: str, on_pending: Callable[[dict], None] = lambda job: None) -> bool:
-    job = _job(env, job_id)
-    if job.get("JobState") == "PENDING":
-        on_pending(job)
-    return job.get("JobState") not in ACTIVE
-
-
-def _releaser(env: dict) -> Callable[[dict], None]:
-    """on_pending for a requeued job: Slurm 22.05 holds a requeued batch job until the old launch
-    credential has expired (EligibleTime = requeue + cred_expire 120 s + 1 s; squeue shows
-    Reason=BeginTime). That is harmless on a real cluster; here it would only add two idle minutes,
-    so let it start now."""
-    def release(job: dict) -> None:
-        if job.get("Reason") == "BeginTime":
-            _slurm(env, "scontrol", "update", f"JobId={job['JobId']}", "StartTime=now")
-
-    return release
-
-
 def test_train_vae_sbatch_preempted_requeues_and_resumes(local_slurm: dict, train_shards: Path,
                                                          tmp_path: Path) -> None:
     env, log, run_dir = _environment(local_slurm), tmp_path / "job.out", tmp_path / "run"
     max_steps = 40
 
-    with _jobs(env) as jobs:
-        job_id = _submit(env, log, *SBATCH, "slurm/train_vae.sh",
-                         *_overrides(run_dir, train_shards, f"train.max_steps={max_steps}", "train.ckpt_every=2"))
+    with cancelled_at_exit(env) as jobs:
+        job_id = submit(env, log, *SBATCH, "slurm/train_vae.sh",
+                        *_overrides(run_dir, train_shards, f"train.max_steps={max_steps}", "train.ckpt_every=2"))
         jobs.append(job_id)
-        _wait(lambda: any(run_dir.glob("checkpoints/*/COMMITTED")) or _ended(env, job_id), 300,
+        wait_for(lambda: any(run_dir.glob("checkpoints/*/COMMITTED")) or ended(env, job_id), 300,
               "the first committed checkpoint", log)
-        assert _job(env, job_id)["JobState"] == "RUNNING", log.read_text()[-4000:]
+        assert job_info(env, job_id)["JobState"] == "RUNNING", log.read_text()[-4000:]
         # As Slurm does ahead of a time limit with --signal=USR1@N: to every process of the job steps.
-        assert _slurm(env, "scancel", "--signal=USR1", job_id).returncode == 0
-        _wait(lambda: _job(env, job_id).get("Restarts") == "1", 120, "the requeue", log)
-        _wait(lambda: _ended(env, job_id, on_pending=_releaser(env)), 600, f"job {job_id} to end for good", log)
-        job, output = _job(env, job_id), log.read_text()
+        assert slurm(env, "scancel", "--signal=USR1", job_id).returncode == 0
+        wait_for(lambda: job_info(env, job_id).get("Restarts") == "1", 120, "the requeue", log)
+        wait_for(lambda: ended(env, job_id, on_pending=releaser(env)), 600, f"job {job_id} to end for good", log)
+        job, output = job_info(env, job_id), log.read_text()
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), output[-4000:]
     # Both runs wrote to one log (--open-mode=append): the preempted run, then the requeued one.
     assert "vae: preempted; saved" in output and f"radiodiff: job {job_id} restart 1:" in output, output[-4000:]
@@ -135,22 +72,22 @@ def test_eight_ranks_sigterm_requeue_then_one_node_keeps_the_global_batch(local_
     log, run_dir = tmp_path / "job.out", tmp_path / "run"
     batch = ["train.global_batch=8", "train.micro_batch=1", "train.ckpt_every=2"]
 
-    with _jobs(env) as jobs:
-        job_id = _submit(env, log, *SBATCH, "slurm/train_vae.sh",
-                         *_overrides(run_dir, train_shards, "train.max_steps=12", *batch))
+    with cancelled_at_exit(env) as jobs:
+        job_id = submit(env, log, *SBATCH, "slurm/train_vae.sh",
+                        *_overrides(run_dir, train_shards, "train.max_steps=12", *batch))
         jobs.append(job_id)
-        _wait(lambda: any(run_dir.glob("checkpoints/*/COMMITTED")) or _ended(env, job_id), 600,
+        wait_for(lambda: any(run_dir.glob("checkpoints/*/COMMITTED")) or ended(env, job_id), 600,
               "the first committed checkpoint", log)
-        assert _slurm(env, "scancel", "--signal=TERM", job_id).returncode == 0
-        _wait(lambda: _job(env, job_id).get("Restarts") == "1", 180, "the requeue", log)
-        _wait(lambda: _ended(env, job_id, on_pending=_releaser(env)), 900, f"job {job_id} to end for good", log)
-        job, output = _job(env, job_id), log.read_text()
+        assert slurm(env, "scancel", "--signal=TERM", job_id).returncode == 0
+        wait_for(lambda: job_info(env, job_id).get("Restarts") == "1", 180, "the requeue", log)
+        wait_for(lambda: ended(env, job_id, on_pending=releaser(env)), 900, f"job {job_id} to end for good", log)
+        job, output = job_info(env, job_id), log.read_text()
         assert (job["JobState"], job["Restarts"]) == ("COMPLETED", "1"), output[-4000:]
         assert "vae: 8 rank(s)" in output and "vae: preempted; saved" in output, output[-4000:]
-        one_node = _submit(env, tmp_path / "one.out", "-N", "1", "--cpus-per-task=1", "--time=00:20:00",
-                           "slurm/train_vae.sh", *_overrides(run_dir, train_shards, "train.max_steps=14", *batch))
+        one_node = submit(env, tmp_path / "one.out", "-N", "1", "--cpus-per-task=1", "--time=00:20:00",
+                          "slurm/train_vae.sh", *_overrides(run_dir, train_shards, "train.max_steps=14", *batch))
         jobs.append(one_node)
-        _wait(lambda: _ended(env, one_node), 900, f"job {one_node} to end", tmp_path / "one.out")
+        wait_for(lambda: ended(env, one_node), 900, f"job {one_node} to end", tmp_path / "one.out")
     second = (tmp_path / "one.out").read_text()
     assert "vae: 4 rank(s)" in second and "resumed from" in second and "finished at step 14" in second, second[-4000:]
     meta = json.loads((run_dir / "checkpoints" / "step_00000014" / "meta.json").read_text())
