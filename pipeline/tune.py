@@ -93,16 +93,23 @@ def earlier_trials(trials_dir: Path) -> list[dict[str, Any]]:
     return found
 
 
-def optuna_points(sweep: TuneSweepConfig, earlier: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The earlier trials Optuna runs first: those within the ranges (at most tune.num_samples), with
-    only the sampled parameters (a constant one is not in Optuna's space)."""
+def rerun_trials(sweep: TuneSweepConfig, earlier: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The earlier trials this sweep runs again: a grid's own; for Optuna, those within the ranges
+    (at most tune.num_samples)."""
+    if sweep.search == "grid":
+        return [params for params in earlier
+                if params["disc_start"] in sweep.disc_start and params["kl_weight"] in sweep.kl_weight]
     ranges = {"disc_start": sweep.disc_start, "kl_weight": sweep.kl_weight}
-    points = [params for params in earlier
+    within = [params for params in earlier
               if all(min(ranges[key]) <= value <= max(ranges[key]) for key, value in params.items())]
-    sampled = [key for key, values in ranges.items() if min(values) < max(values)]
-    if not sampled:
-        return []
-    return [{key: params[key] for key in sampled} for params in points[:sweep.num_samples]]
+    return within[:sweep.num_samples]
+
+
+def optuna_points(sweep: TuneSweepConfig, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Trials as Optuna's first points: only the sampled parameters (a constant one is not in
+    Optuna's space; with none sampled there is nothing to enqueue)."""
+    sampled = [key for key in ("disc_start", "kl_weight") if min(getattr(sweep, key)) < max(getattr(sweep, key))]
+    return [{key: params[key] for key in sampled} for params in trials] if sampled else []
 
 
 def make_search(sweep: TuneSweepConfig, points: list[dict[str, Any]]) -> Any:
@@ -167,12 +174,6 @@ def num_trials(sweep: TuneSweepConfig) -> int:
     return len(sweep.disc_start) * len(sweep.kl_weight) if sweep.search == "grid" else sweep.num_samples
 
 
-def grid_continued(sweep: TuneSweepConfig, earlier: list[dict[str, Any]]) -> int:
-    """How many of a grid's trials continue a run directory of an earlier submission."""
-    return sum(params["disc_start"] in sweep.disc_start and params["kl_weight"] in sweep.kl_weight
-               for params in earlier)
-
-
 def tune_command(cfg: TuneConfig) -> int:
     check_search_available(cfg.tune)
     check_output_dir("out_dir", cfg.out_dir)
@@ -193,11 +194,10 @@ def run_sweep(cfg: TuneConfig, base: TrainVaeConfig, out_dir: Path) -> int:
     print(f"sweep: {num_trials(sweep)} trials ({sweep.search}, scheduler {sweep.scheduler}) of "
           f"{base.train.max_steps} steps, {sweep.workers_per_trial} rank(s) each; {sweep.metric} ({sweep.mode}); "
           f"out {out_dir}", flush=True)
-    earlier = earlier_trials(out_dir / TRIALS_DIR)
-    points = optuna_points(sweep, earlier) if sweep.search == "optuna" else []
-    continued = len(points) if sweep.search == "optuna" else grid_continued(sweep, earlier)
-    if continued:
-        print(f"sweep: {continued} trial(s) continue their run directories in {out_dir / TRIALS_DIR}", flush=True)
+    again = rerun_trials(sweep, earlier_trials(out_dir / TRIALS_DIR))
+    if again:
+        print(f"sweep: {len(again)} trial(s) continue their run directories in {out_dir / TRIALS_DIR}", flush=True)
+    points = optuna_points(sweep, again) if sweep.search == "optuna" else []
     with ray_session(cfg.ray):
         results = make_tuner(cfg, base, out_dir, points).fit()
     rows = collect_rows(results, out_dir / TRIALS_DIR)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from radiodiff.config import TrainVaeConfig, TuneSweepConfig
-from radiodiff.eval.run_log import MetricsFileError, read_metrics
+from radiodiff.eval.run_log import MetricsFileError, read_metrics, to_series
 from radiodiff.runs.layout import METRICS_FILE
 
 TRIALS_DIR = "trials"  # under out_dir: one training run directory per trial
@@ -57,13 +57,15 @@ class MetricReporter:
         self.metric = metric
         self.report = report
         self.latest: dict[str, float] = {}
-        self.reported = False
 
     def __call__(self, step: int, values: dict[str, float]) -> None:
         self.latest.update(values)
         if self.metric in values:
             self.report({**self.latest, "step": step})
-            self.reported = True
+
+    @property
+    def reported(self) -> bool:
+        return self.metric in self.latest
 
 
 def logged_metrics(run_dir: Path) -> dict[str, float]:
@@ -73,12 +75,8 @@ def logged_metrics(run_dir: Path) -> dict[str, float]:
         records = read_metrics(run_dir / METRICS_FILE)
     except MetricsFileError:
         return {}
-    latest: dict[str, float] = {}
-    for record in records:
-        latest.update({key: value for key, value in record.items()
-                       if isinstance(value, (int, float)) and not isinstance(value, bool)})
-    latest["step"] = max(record["step"] for record in records)
-    return latest
+    latest = {key: float(values[-1]) for key, (_, values) in to_series(records).items()}
+    return {**latest, "step": max(record["step"] for record in records)}
 
 
 class _ErrorLines(io.TextIOBase):
