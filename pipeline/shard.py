@@ -179,10 +179,13 @@ def run_tasks(function: Callable, tasks: list, cfg: object, *args: object, desc:
     """``function(task, cfg, *args)`` as one Ray task per shard (in a ``ray_session``; ``resources``:
     Ray's per-task options, e.g. ``num_gpus``), with a progress bar; results in plan order. A task's
     error is raised as itself: the Ray wrapper only adds the worker's traceback (chained, shown with
-    RADIODIFF_TRACEBACK=1). On any error the other tasks are cancelled and waited for first, so that
-    fewer write after the caller has cleaned up (a Ray cluster outlives its driver's error); this is
-    best effort (a cancelled task was seen to run to its end under load), and a shard such a task
-    stages stays, never read, until the next run on the folder removes it (``pipeline.shard_set``)."""
+    RADIODIFF_TRACEBACK=1), once the other tasks have ended, so that none writes after the caller
+    has cleaned up (a Ray cluster outlives its driver's error). They are waited for, not cancelled:
+    ``ray.cancel`` of a task that is completing at that moment aborts the driver inside Ray 2.60
+    ("Check failed: Tried to complete task that was not pending"), a crash in place of the one-line
+    error. So a task's error (a full disk; for the encoder, a changed source shard) is reported when
+    the run's other tasks have ended; the sharder's bad source files are results, not errors. Ctrl-C
+    does not wait: the local Ray stops with the driver."""
     import ray
     from tqdm import tqdm
 
@@ -191,35 +194,19 @@ def run_tasks(function: Callable, tasks: list, cfg: object, *args: object, desc:
     remote = ray.remote(**resources)(function) if resources else ray.remote(function)
     pending = {remote.remote(task, cfg, *args): i for i, task in enumerate(tasks)}
     results: list = [None] * len(tasks)
-    try:
-        with tqdm(total=len(tasks), desc=desc, unit="shard", file=sys.stdout) as progress:
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                try:
-                    results[pending.pop(done[0])] = ray.get(done[0])
-                except ray.exceptions.RayTaskError as err:
-                    if isinstance(err.cause, Exception):
-                        raise err.cause from err
-                    raise
-                progress.update(1)
-    except BaseException:
-        cancel_and_wait(list(pending))
-        raise
+    with tqdm(total=len(tasks), desc=desc, unit="shard", file=sys.stdout) as progress:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            try:
+                results[pending.pop(done[0])] = ray.get(done[0])
+            except ray.exceptions.RayTaskError as err:
+                if pending:
+                    ray.wait(list(pending), num_returns=len(pending))
+                if isinstance(err.cause, Exception):
+                    raise err.cause from err
+                raise
+            progress.update(1)
     return results
-
-
-def cancel_and_wait(refs: list, timeout_s: float = 60.0) -> None:
-    """Ask running tasks to stop (KeyboardInterrupt in the task), drop queued ones, and wait for
-    them; a task still running after ``timeout_s`` is killed."""
-    import ray
-
-    if not refs:
-        return
-    for ref in refs:
-        ray.cancel(ref, force=False)
-    _, running = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    for ref in running:
-        ray.cancel(ref, force=True)
 
 
 def manifest_of(cfg: ShardConfig, source: RadioMapSeer, results: list[ShardResult]) -> dict:

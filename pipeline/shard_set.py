@@ -7,8 +7,8 @@ the driver publish: it sets the old manifest aside (``manifest.json.previous``: 
 half-updated set), renames each staged shard over its path (metadata only on a local filesystem, so
 a full disk cannot stop it half-way) and writes the new manifest last. A run that fails (bad source
 files, a task's error, a full disk, Ctrl-C) removes its staged files and leaves the previous set as
-it was. A killed driver leaves its staged files (as may a Ray task that outlives the failure: its
-cancellation is best effort); the next run on that folder removes them.
+it was (``run_tasks`` raises a task's error once the other tasks have ended). A killed driver
+leaves its staged files; the next run on that folder removes them.
 
 One run at a time. On a local folder a run holds ``{out}/LOCK`` (``radiodiff.train.lock``) from
 before it reads the previous manifest until it has committed the new one: a second run on the same
