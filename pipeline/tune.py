@@ -15,6 +15,9 @@ directories are named by the parameters, so a trial of the same parameters resum
 newest checkpoint, and one that had finished reports what its run logged. A grid has the same trials
 again; Optuna first re-runs the earlier trials in ``out_dir/trials`` that lie within the ranges (they
 count in ``tune.num_samples``), and so learns their results, then samples new ones.
+
+SIGTERM (or ``touch out_dir/STOP``) stops a sweep so that it can continue: running trials save a
+checkpoint first, pending ones never start, and the command exits 75 (pipeline/tune_stop.py).
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ from radiodiff.cli import check_output_dir
 from radiodiff.config import ConfigError, TrainVaeConfig, TuneConfig, TuneSweepConfig
 from radiodiff.data.manifest import check_manifest_options, read_manifest
 from radiodiff.train.lock import RunLock
+from radiodiff.train.preemption import EXIT_PREEMPTED
 from pipeline.tune_results import (BEST_NAME, RESULTS_NAME, STATUS_OK, best_row, collect_rows, summary,
                                    write_best, write_results)
-from pipeline.tune_trial import TRIALS_DIR, run_dir_name, run_trial, run_trial_workers, trial_config
+from pipeline.tune_trial import (STOP_NAME, TRIALS_DIR, run_dir_name, run_trial, run_trial_workers, stoppable,
+                                 trial_config)
 
 TUNE_DIR = "ray_tune"  # under out_dir: Ray Tune's experiment state and per-trial logs
 
@@ -150,7 +155,8 @@ def make_trainable(sweep: TuneSweepConfig, base: TrainVaeConfig, out_dir: Path) 
     return tune.with_resources(trainable, resources)
 
 
-def make_tuner(cfg: TuneConfig, base: TrainVaeConfig, out_dir: Path, points: list[dict[str, Any]]) -> Any:
+def make_tuner(cfg: TuneConfig, base: TrainVaeConfig, out_dir: Path, points: list[dict[str, Any]],
+               stopper: Any) -> Any:
     from ray import tune
 
     from pipeline.tune_progress import ProgressPrinter
@@ -164,8 +170,8 @@ def make_tuner(cfg: TuneConfig, base: TrainVaeConfig, out_dir: Path, points: lis
         trial_name_creator=trial_name, trial_dirname_creator=trial_name)
     run_config = tune.RunConfig(
         name=TUNE_DIR, storage_path=str(out_dir), verbose=0, log_to_file=True,
-        failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-        callbacks=[ProgressPrinter(sweep.metric, num_trials(sweep))])
+        failure_config=tune.FailureConfig(max_failures=sweep.max_failures), stop=stopper,
+        callbacks=[ProgressPrinter(sweep.metric, num_trials(sweep), stopper.stop_file), stopper])
     return tune.Tuner(make_trainable(sweep, base, out_dir), param_space=param_space(sweep), tune_config=tune_config,
                       run_config=run_config)
 
@@ -189,6 +195,7 @@ def tune_command(cfg: TuneConfig) -> int:
 
 def run_sweep(cfg: TuneConfig, base: TrainVaeConfig, out_dir: Path) -> int:
     from pipeline.ray_setup import ray_session
+    from pipeline.tune_stop import SweepStop, stop_on_sigterm
 
     sweep = cfg.tune
     print(f"sweep: {num_trials(sweep)} trials ({sweep.search}, scheduler {sweep.scheduler}) of "
@@ -198,8 +205,17 @@ def run_sweep(cfg: TuneConfig, base: TrainVaeConfig, out_dir: Path) -> int:
     if again:
         print(f"sweep: {len(again)} trial(s) continue their run directories in {out_dir / TRIALS_DIR}", flush=True)
     points = optuna_points(sweep, again) if sweep.search == "optuna" else []
-    with ray_session(cfg.ray):
-        results = make_tuner(cfg, base, out_dir, points).fit()
+    stop_file = out_dir / STOP_NAME
+    if stop_file.exists():  # this sweep holds out_dir's lock: the file is an earlier sweep's request
+        stop_file.unlink()
+        print(f"sweep: removed {stop_file}, the stop request of an earlier sweep", flush=True)
+    stopper = SweepStop(stop_file)
+    with ray_session(cfg.ray), stop_on_sigterm(stop_file):  # after Ray's start, which sets its own handler
+        results = make_tuner(cfg, stoppable(base, stop_file), out_dir, points, stopper).fit()
+    if stop_file.exists():
+        print(f"sweep: stopped by {stop_file}: running trials saved a checkpoint; results.csv and best.yaml "
+              f"are not written; the same command continues the sweep (exit {EXIT_PREEMPTED})", flush=True)
+        return EXIT_PREEMPTED
     rows = collect_rows(results, out_dir / TRIALS_DIR)
     write_results(rows, out_dir / RESULTS_NAME, sweep.metric)
     best = best_row(rows, sweep.metric, sweep.mode)

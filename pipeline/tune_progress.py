@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
@@ -11,9 +12,10 @@ from ray.tune import Callback
 class ProgressPrinter(Callback):
     """Prints each report of the sweep's metric, and each trial's end with the count of trials done."""
 
-    def __init__(self, metric: str, num_trials: int) -> None:
+    def __init__(self, metric: str, num_trials: int, stop_file: Path) -> None:
         self.metric = metric
         self.num_trials = num_trials
+        self.stop_file = stop_file  # once it exists, a trial's error is its stop (pipeline/tune_stop.py)
         self.done = 0
         self.failed = 0
         self.started = time.perf_counter()
@@ -39,5 +41,8 @@ class ProgressPrinter(Callback):
         self._ended(trial, "finished")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if self.stop_file.exists():
+            self._ended(trial, "stopped (the sweep is stopping; the same command continues it)")
+            return
         self.failed += 1
         self._ended(trial, "FAILED (error in results.csv and the trial's log)")

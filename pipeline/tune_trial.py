@@ -25,8 +25,10 @@ from typing import Any, Callable
 from radiodiff.config import TrainVaeConfig, TuneSweepConfig
 from radiodiff.eval.run_log import MetricsFileError, read_metrics, to_series
 from radiodiff.runs.layout import METRICS_FILE
+from radiodiff.train.preemption import EXIT_PREEMPTED
 
 TRIALS_DIR = "trials"  # under out_dir: one training run directory per trial
+STOP_NAME = "STOP"  # under out_dir: the sweep's stop file (pipeline/tune_stop.py)
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -38,6 +40,18 @@ def run_dir_name(params: dict[str, Any]) -> str:
 
 class TrialFailed(RuntimeError):
     """Training in a trial ended with a non-zero exit code."""
+
+
+class TrialStopped(TrialFailed):
+    """Training in a trial stopped on the sweep's stop file (after saving, if it had trained)."""
+
+
+def stoppable(base: TrainVaeConfig, stop_file: Path) -> TrainVaeConfig:
+    """``base`` for the trials of a sweep: they stop on the sweep's stop file, and never requeue a
+    Slurm job themselves (the sweep's batch script does)."""
+    cfg = copy.deepcopy(base)
+    cfg.train = dataclasses.replace(cfg.train, stop_file=str(stop_file), requeue_on_preempt=False)
+    return cfg
 
 
 def trial_config(base: TrainVaeConfig, params: dict[str, Any], run_dir: Path) -> TrainVaeConfig:
@@ -106,6 +120,9 @@ def train_and_report(cfg: TrainVaeConfig, metric: str, report: Report) -> None:
     reporter = MetricReporter(metric, report)
     with contextlib.redirect_stderr(errors):
         code = run_training(cfg, build_vae_stage, "vae", on_log=reporter)
+    if code == EXIT_PREEMPTED:
+        raise TrialStopped(f"stopped by the sweep's stop file {cfg.train.stop_file}, after saving a checkpoint "
+                           "if it had trained: the resubmitted sweep continues it")
     if code != 0:
         raise TrialFailed(f"training exited with code {code}" + (f": {errors.last}" if errors.last else ""))
     if not reporter.reported:  # a run that had already finished (a resubmitted sweep): what it logged

@@ -5,11 +5,13 @@
 #     train.max_steps=20000 train.val_every=2000 'tune.disc_start=[0,10001]' 'tune.kl_weight=[1e-6,1e-4]' \
 #     tune.gpus_per_trial=1 tune.cpus_per_trial=4
 # Resources are sbatch options (override them on the command line); "$@" are radiodiff-tune overrides.
-# Preemption and time limits: a preempted job is requeued (--requeue), and Slurm signals this script
-# 300 s before the time limit (B:USR1@300), which requeues the job itself. The requeued job runs the
-# same sweep, which continues: each trial resumes its run directory from its newest checkpoint (the
-# trials run in Ray's threads and do not save on a signal, so train.ckpt_every bounds what is redone).
-# Both runs log to one file. A plain scancel ends the sweep for good.
+# Preemption and time limits: Slurm signals this script 300 s before the time limit (B:USR1@300). It
+# then stops the sweep with SIGTERM (running trials commit a checkpoint at their next update, pending
+# ones never start; radiodiff-tune exits 75) and requeues the job: at once when the sweep has ended,
+# at the latest after RADIODIFF_STOP_GRACE_S (240) seconds. A preempted job is requeued by Slurm
+# (--requeue); its trials resume from their newest periodic checkpoint (train.ckpt_every). The
+# requeued job runs the same sweep, which continues. Both runs log to one file. A plain scancel ends
+# the sweep for good.
 #SBATCH --job-name=radiodiff-tune
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
@@ -24,10 +26,18 @@ echo "radiodiff: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: sweep on $
 source "${RADIODIFF_HOME:-$SLURM_SUBMIT_DIR}/slurm/ray_cluster.sh"  # submit from the repository root
 
 requeue() {
-  echo "radiodiff: time limit near (SIGUSR1): requeueing job $SLURM_JOB_ID"
+  echo "radiodiff: requeueing job $SLURM_JOB_ID"
   scontrol requeue "$SLURM_JOB_ID" || echo "radiodiff: scontrol requeue $SLURM_JOB_ID failed" >&2
 }
-trap requeue USR1
+stopping=0
+stop_then_requeue() {
+  [ "$stopping" = 1 ] && return
+  stopping=1
+  echo "radiodiff: time limit near (SIGUSR1): stopping the sweep (running trials save), then requeueing"
+  kill -TERM "$tune_pid" 2>/dev/null || true
+  (sleep "${RADIODIFF_STOP_GRACE_S:-240}"; echo "radiodiff: the sweep did not stop in time"; requeue) &
+}
+trap stop_then_requeue USR1
 # In the background, so that the trap runs while the sweep does (bash runs traps between commands, and
 # `wait` returns early, with a status above 128, when one arrives).
 radiodiff-tune ray.address=auto "$@" &
@@ -38,4 +48,7 @@ while [ "$status" -gt 128 ] && kill -0 "$tune_pid" 2>/dev/null; do
   status=0
   wait "$tune_pid" || status=$?
 done
+if [ "$stopping" = 1 ]; then
+  requeue
+fi
 exit "$status"

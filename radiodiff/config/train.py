@@ -59,6 +59,10 @@ class TrainConfig:
     nan_rank: int = -1
     fail_save_steps: list[int] = field(default_factory=list)  # checkpoint saves that fail with ENOSPC (drills)
     requeue_on_preempt: bool = True  # under Slurm, rank 0 requeues the job after saving
+    # A file (on the filesystem every rank sees) whose appearance stops the run as a preemption
+    # signal does: checkpoint at the next step, exit 75. A run started while it exists trains nothing
+    # and exits 75. radiodiff-tune sets it for its trials.
+    stop_file: Optional[str] = None
     peak_tflops: Optional[float] = None  # the device's peak for MFU; None: from the GPU's name
     # On CUDA, TF32 and cuDNN autotuning are on; True turns both off for bitwise-reproducible work.
     deterministic: bool = False
@@ -84,6 +88,9 @@ class TrainConfig:
             raise ConfigError(f"train.min_lr={self.min_lr} must not exceed train.lr={self.lr}")
         if len(self.betas) != 2 or not all(0.0 <= b <= 1.0 for b in self.betas):
             raise ConfigError(f"train.betas={self.betas} must be two values in [0, 1]")
+        if self.stop_file is not None and "://" in self.stop_file:
+            raise ConfigError(f"train.stop_file={self.stop_file} must be a path on a filesystem the ranks "
+                              "share, not a URL")
         steps = self.profile_steps
         if steps is not None and not (len(steps) == 2 and all(isinstance(s, int) for s in steps)
                                       and 1 <= steps[0] <= steps[1] <= self.max_steps):

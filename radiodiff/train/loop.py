@@ -116,7 +116,7 @@ def _run_update(stage: Stage, batches: Iterator[dict], state: RunState, loop: Lo
         set_lr(engine, lr_at(state.step, train))
     inject = (state.step + 1) in train.nan_steps and train.nan_rank in (-1, dist.rank)
     ctx = StepContext(step=state.step, device=dist.device, precision=loop.deepspeed.precision, seed=loop.seed,
-                      inject_nan=inject, stop_requested=lambda: flag.received is not None,
+                      inject_nan=inject, stop_requested=flag.requested,
                       channels_last=train.channels_last)
     totals: dict[str, torch.Tensor] = {}
     for _ in range(loop.grad_accum):
@@ -195,7 +195,7 @@ def train(stage: Stage, loader: Any, state: RunState, loop: LoopConfig, dist: Di
             _log_update(stage, metrics, bad, state, loop, dist, log, rate, telemetry)
         profiler.update_done(state.step)
         if ctx.stop and state.step < cfg.max_steps:  # agreed in this update's micro-batches: all stop together
-            return _preempt(stage, state, loop, dist, loader)
+            return _preempt(stage, state, loop, dist, loader, flag)
         if stage.validate and cfg.val_every and state.step % cfg.val_every == 0:
             log(state.step, stage.validate(state.step))
         if state.step % cfg.ckpt_every == 0 or state.step == cfg.max_steps:
@@ -208,9 +208,12 @@ def train(stage: Stage, loader: Any, state: RunState, loop: LoopConfig, dist: Di
     return 0
 
 
-def _preempt(stage: Stage, state: RunState, loop: LoopConfig, dist: DistInfo, loader: Any) -> int:
+def _preempt(stage: Stage, state: RunState, loop: LoopConfig, dist: DistInfo, loader: Any,
+             flag: PreemptionFlag) -> int:
     folder = save_checkpoint(stage, state, loop, dist, loader)
-    print0(f"{loop.stage_name}: preempted; saved {folder}, exiting with {EXIT_PREEMPTED}")
+    # Rank 0's view: another rank may have been the one that received the signal or saw the file.
+    why = f"the stop file {flag.stop_file} appeared" if flag.stop_file_seen else "preempted"
+    print0(f"{loop.stage_name}: {why}; saved {folder}, exiting with {EXIT_PREEMPTED}")
     if dist.is_main and loop.train.requeue_on_preempt:
         outcome = requeue_slurm_job()
         if outcome:

@@ -43,7 +43,7 @@ from radiodiff.train.loop import (
     Stage,
     train,
 )
-from radiodiff.train.preemption import PreemptionFlag
+from radiodiff.train.preemption import EXIT_PREEMPTED, PreemptionFlag
 from radiodiff.train.run_dir import check_compatible, write_config
 from radiodiff.train.stages import build_ldm_stage, build_vae_stage
 
@@ -120,9 +120,16 @@ def own_run_dir(run_dir: Path, cfg: TrainConfigs, dist: DistInfo) -> RunLock | N
     return lock
 
 
+def stop_file_exists(cfg: TrainConfigs, dist: DistInfo) -> bool:
+    """Whether ``train.stop_file`` exists, as rank 0 sees it: every rank gets the same answer."""
+    if cfg.train.stop_file is None:
+        return False
+    return bool(broadcast_object(dist.is_main and Path(cfg.train.stop_file).exists()))
+
+
 def run_training(cfg: TrainConfigs, build_stage: Callable[..., Stage], name: str, on_log: OnLog | None = None) -> int:
     """Train one stage in this process (one rank); returns the exit code. ``on_log``: see ``loop.train``."""
-    flag = PreemptionFlag().install()  # from the start: a signal during set-up is not lost
+    flag = PreemptionFlag(cfg.train.stop_file).install()  # from the start: a signal during set-up is not lost
     dist = setup(cfg.dist.timeout_minutes)
     configure_math(dist.device, cfg.train.deterministic)
     cfg = with_resolved_precision(cfg, dist)
@@ -132,6 +139,10 @@ def run_training(cfg: TrainConfigs, build_stage: Callable[..., Stage], name: str
         grad_accum = cfg.train.grad_accum(dist.world_size)  # refuses a global batch that does not fit
         lock = own_run_dir(run_dir, cfg, dist)
         check_compatible(run_dir, cfg, name)
+        if stop_file_exists(cfg, dist):  # not even set up: a stopping sweep's next trial ends at once
+            print0(f"{name}: the stop file {cfg.train.stop_file} exists; nothing trained, exiting with "
+                   f"{EXIT_PREEMPTED} (remove it to train)")
+            return EXIT_PREEMPTED
         folder = checkpoint.find_resume(run_dir)
         other_world = folder is not None and read_meta(folder)["world_size"] != dist.world_size
         seed_all(cfg.seed)  # identical initial weights on every rank

@@ -4,6 +4,11 @@ Slurm sends SIGUSR1 ahead of a time limit or a preemption (``--signal=USR1@<seco
 and ``kill`` send SIGTERM. After the loop has saved a checkpoint it exits with ``EXIT_PREEMPTED``
 and, under Slurm, rank 0 requeues the job (torchrun turns a worker's exit code into its own 1, so
 the batch script cannot see the 75 to requeue itself).
+
+A stop file (``train.stop_file``) asks the same of a run that no signal can reach: one in a Ray
+trial's thread, or on another host. Each rank looks for it at most every ``STOP_POLL_S`` seconds
+(one ``stat`` on the shared filesystem); the step's agreement makes every rank stop together when
+any has seen it.
 """
 
 from __future__ import annotations
@@ -12,23 +17,40 @@ import os
 import signal
 import subprocess
 import threading
+import time
+from pathlib import Path
 from types import FrameType
 
 EXIT_PREEMPTED = 75
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+STOP_POLL_S = 2.0
 
 
 class PreemptionFlag:
-    def __init__(self) -> None:
+    def __init__(self, stop_file: str | Path | None = None, poll_s: float = STOP_POLL_S) -> None:
         self.received: int | None = None
+        self.stop_file = Path(stop_file) if stop_file else None
+        self.poll_s = poll_s
+        self.stop_file_seen = False
+        self._next_poll = 0.0
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum
 
+    def requested(self) -> bool:
+        """Whether this rank should stop: a signal arrived, or the stop file exists (looked for at
+        most every ``poll_s`` seconds; once seen, it stays seen)."""
+        if self.received is not None or self.stop_file_seen:
+            return True
+        if self.stop_file is not None and time.monotonic() >= self._next_poll:
+            self._next_poll = time.monotonic() + self.poll_s
+            self.stop_file_seen = self.stop_file.exists()
+        return self.stop_file_seen
+
     def install(self) -> "PreemptionFlag":
         """Handle the signals (only the main thread can: a run inside a Ray trial's thread is
-        stopped by Ray instead, and resumes from its run directory when retried)."""
+        stopped by its stop file, or by Ray, and resumes from its run directory when retried)."""
         if threading.current_thread() is not threading.main_thread():
             return self
         for sig in SIGNALS:

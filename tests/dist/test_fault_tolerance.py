@@ -92,6 +92,31 @@ def test_sigusr1_saves_and_exits_75_then_resumes(train_shards: Path, tmp_path: P
     assert resumed.returncode == 0 and f"(step {stopped})" in resumed.output, resumed.output[-3000:]
 
 
+def test_a_stop_file_stops_both_ranks_with_a_checkpoint_and_a_run_started_with_it_trains_nothing(
+        train_shards: Path, tmp_path: Path) -> None:
+    run_dir, stop_file = tmp_path / "run", tmp_path / "STOP"
+    args = (*CKPT, "train.ckpt_every=100", f"train.stop_file={stop_file}")
+    process = start("vae", run_dir, train_shards, *args, "train.max_steps=200")
+    try:
+        wait_for(run_dir / "metrics.jsonl", process)
+        stop_file.touch()  # each rank looks for it on its own clock; the step's agreement stops both together
+        output, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            kill_tree(process)
+    assert output.count("exitcode: 75") + output.count("exitcode  : 75") >= 1, output[-3000:]
+    (stopped,) = committed(run_dir)
+    assert f"vae: the stop file {stop_file} appeared; saved" in output and 0 < stopped < 100
+    assert meta(run_dir, stopped)["world_size"] == 2
+    configs = sorted(path.name for path in (run_dir / "configs").iterdir())
+    again = train("vae", run_dir, train_shards, *args, f"train.max_steps={stopped + 1}")
+    assert again.returncode != 0 and f"the stop file {stop_file} exists; nothing trained" in again.output
+    assert committed(run_dir) == [stopped] and sorted(path.name for path in (run_dir / "configs").iterdir()) == configs
+    stop_file.unlink()
+    resumed = train("vae", run_dir, train_shards, *args, f"train.max_steps={stopped + 1}")
+    assert resumed.returncode == 0 and f"(step {stopped})" in resumed.output, resumed.output[-3000:]
+
+
 def test_signal_on_one_rank_stops_both_ranks_with_a_checkpoint(train_shards: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     process = start("vae", run_dir, train_shards, *CKPT, "train.max_steps=200", "train.ckpt_every=100")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
 import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +41,17 @@ def trial_dirs(out_dir: Path) -> list[str]:
 
 def logged_steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def touch_when_logged(run_dir: Path, step: int, stop_file: Path, timeout_s: float = 300) -> None:
+    """Create ``stop_file`` once ``run_dir`` has logged ``step`` (as a user's ``touch out_dir/STOP``)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+            if step in logged_steps(run_dir):
+                break
+        time.sleep(0.1)
+    stop_file.touch()
 
 
 @pytest.fixture(autouse=True)
@@ -135,28 +149,45 @@ def test_sweep_config_is_validated() -> None:
         TuneSweepConfig(disc_start=[0, 0])  # two trials in one run directory
 
 
-def test_a_resubmitted_grid_sweep_continues_its_trials(ray_local, train_shards: Path, tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture) -> None:
-    grid = ("tune.disc_start=[0]", "tune.kl_weight=[1e-6,1e-2]", "train.val_every=2")
-    assert sweep(tmp_path, train_shards, *grid, "train.max_steps=2") == 0
-    assert trial_dirs(tmp_path) == ["ds0_kl0.01", "ds0_kl1e-06"]
-    capsys.readouterr()
-    # Resubmitted with more steps (as after a preemption at step 2): each trial resumes its own run.
-    assert sweep(tmp_path, train_shards, *grid, "train.max_steps=4") == 0
-    assert "2 trial(s) continue their run directories" in capsys.readouterr().out
-    assert trial_dirs(tmp_path) == ["ds0_kl0.01", "ds0_kl1e-06"]
+def committed_steps(run_dir: Path) -> list[int]:
+    return sorted(int(path.parent.name.split("_")[1]) for path in run_dir.glob("checkpoints/*/COMMITTED"))
+
+
+def test_a_stopped_grid_sweep_saves_its_running_trial_and_continues_when_resubmitted(
+        ray_local, train_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    grid = ("tune.disc_start=[0]", "tune.kl_weight=[1e-6,1e-2]", "train.val_every=2", "tune.max_concurrent=1",
+            "train.ckpt_every=1000")  # no periodic checkpoint: a saved one is the stop's
+    first = tmp_path / "trials" / "ds0_kl1e-06"  # the grid's first trial; one trial runs at a time
+    watcher = threading.Thread(target=touch_when_logged, args=(first, 2, tmp_path / "STOP"), daemon=True)
+    watcher.start()
+    assert sweep(tmp_path, train_shards, *grid, "train.max_steps=200") == 75
+    watcher.join()
+    out = capsys.readouterr().out
+    assert f"sweep: stopped by {tmp_path / 'STOP'}" in out, out[-3000:]
+    [stopped] = committed_steps(first)  # saved on the stop, at the update where the trial saw it
+    assert 2 <= stopped < 200 and logged_steps(first)[-1] <= stopped
+    assert trial_dirs(tmp_path) == ["ds0_kl1e-06"]  # the pending trial never started
+    assert not (tmp_path / "results.csv").exists() and not (tmp_path / "best.yaml").exists()
+    # Resubmitted: the stop request is removed, the stopped trial resumes from its save, the other starts.
+    steps = stopped + 2 + stopped % 2  # validated at its last step (train.val_every=2)
+    assert sweep(tmp_path, train_shards, *grid, f"train.max_steps={steps}") == 0
+    assert "1 trial(s) continue their run directories" in capsys.readouterr().out
+    assert not (tmp_path / "STOP").exists() and trial_dirs(tmp_path) == ["ds0_kl0.01", "ds0_kl1e-06"]
     rows = read_rows(tmp_path)
     assert len(rows) == 2
     for row in rows:
         run_dir = Path(row["run_dir"])
+        resumed = [0, stopped] if run_dir == first else [0]
         assert sorted(path.name for path in (run_dir / "configs").iterdir()) == [
-            "step_00000000.yaml", "step_00000002.yaml"]  # started at 0, resumed at 2
-        assert logged_steps(run_dir)[-1] == 4 and int(row["steps"]) == 4
+            f"step_{step:08d}.yaml" for step in resumed]
+        logged = logged_steps(run_dir)  # each step once (a training record and a validation one)
+        assert logged == sorted(logged) and logged.count(logged[-1]) == 2 and len(set(logged)) == len(logged) - 1
+        assert logged[-1] == steps and int(row["steps"]) == steps
         assert row["status"] == "TERMINATED" and math.isfinite(float(row["val/psnr"]))
     checkpoints = {row["run_dir"]: sorted((Path(row["run_dir"]) / "checkpoints").iterdir()) for row in rows}
     stamps = {path: path.stat().st_mtime_ns for paths in checkpoints.values() for path in paths}
     # Once more: nothing is left to train, and every row reports what its run logged.
-    assert sweep(tmp_path, train_shards, *grid, "train.max_steps=4") == 0
+    assert sweep(tmp_path, train_shards, *grid, f"train.max_steps={steps}") == 0
     again = read_rows(tmp_path)
     shown = ("disc_start", "kl_weight", "status", "val/psnr", "val/ssim", "ae/loss", "steps", "run_dir")
     assert [[row[key] for key in shown] for row in again] == [[row[key] for key in shown] for row in rows]

@@ -1,0 +1,85 @@
+"""Stopping a sweep so that its running trials save first: ``out_dir/STOP``.
+
+The trials' training runs in Ray's worker threads, where no signal handler can be installed, so a
+sweep is stopped through a file every trial can see: each trial's ``train.stop_file``. It appears
+when radiodiff-tune receives SIGTERM (``slurm/tune.sh`` sends it ahead of the time limit), or when a
+user creates it (``touch out_dir/STOP``, from any host). Then:
+
+- each running trial stops at its next update, commits a checkpoint and ends as failed with
+  "stopped" (its training exits 75); a trial that starts afterwards trains nothing;
+- once no trial is running, ``SweepStop`` ends the experiment, so pending trials never start;
+- radiodiff-tune exits 75 without writing results; the same command continues the sweep, and
+  removes the file when it starts.
+
+Ray Tune's own SIGINT/SIGUSR1 handling (installed by ``Tuner.fit``) stops the trials' processes at
+once, without a save; it is left as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from ray.tune import Callback, Stopper
+
+from radiodiff.train.preemption import STOP_POLL_S
+
+
+def request_stop(stop_file: Path, why: str) -> None:
+    """Create the stop file (atomically; who asked and when is its content)."""
+    temporary = stop_file.with_name(f".{stop_file.name}.{os.getpid()}.tmp")
+    temporary.write_text(f"{why}: host {socket.gethostname()}, pid {os.getpid()}, time {time.time():.0f}\n")
+    temporary.replace(stop_file)
+
+
+@contextlib.contextmanager
+def stop_on_sigterm(stop_file: Path) -> Iterator[None]:
+    """While inside, SIGTERM to this process creates the stop file instead of ending it (the main
+    thread only; elsewhere this does nothing)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        request_stop(stop_file, "SIGTERM to radiodiff-tune")
+        # os.write: a print here could re-enter a print the main thread was in the middle of
+        os.write(1, f"sweep: SIGTERM: stopping; running trials save a checkpoint first ({stop_file})\n".encode())
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class SweepStop(Stopper, Callback):
+    """Ends the experiment once the stop file exists and no trial is running (a running trial is
+    left to save and end by itself: Tune's own stop would kill it mid-update)."""
+
+    def __init__(self, stop_file: Path, poll_s: float = STOP_POLL_S) -> None:
+        self.stop_file = stop_file
+        self.poll_s = poll_s
+        self.running = False
+        self.seen = False
+        self._next_poll = 0.0
+
+    def requested(self) -> bool:
+        if not self.seen and time.monotonic() >= self._next_poll:
+            self._next_poll = time.monotonic() + self.poll_s
+            self.seen = self.stop_file.exists()
+        return self.seen
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        self.running = any(trial.status == "RUNNING" for trial in trials)
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False  # trials stop themselves (their training watches the file)
+
+    def stop_all(self) -> bool:
+        return self.requested() and not self.running
