@@ -10,10 +10,11 @@ files, a task's error, a full disk, Ctrl-C) removes its staged files and leaves 
 it was (``run_tasks`` raises a task's error once the other tasks have ended). A killed driver
 leaves its staged files; the next run on that folder removes them.
 
-One run at a time. On a local folder a run holds ``{out}/LOCK`` (``radiodiff.train.lock``) from
-before it reads the previous manifest until it has committed the new one: a second run on the same
-folder stops with a one-line error naming the owner. Remote URLs (fsspec) have no lock; there two
-concurrent runs can publish a mix, which readers refuse by the manifest's sha256s.
+One run at a time. A run holds ``{out}/LOCK`` from before it reads the previous manifest until it
+has committed the new one: a second run on the same folder stops with a one-line error naming the
+owner. On a local folder the lock is created exclusively (``radiodiff.train.lock``); on a URL
+(``s3://``) it is claimed by writing and reading back (``radiodiff.train.remote_lock``), and a run
+checks that it still holds it right before publishing, so two runs never both publish.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import numpy as np
 from radiodiff.data.manifest import MANIFEST_NAME
 from radiodiff.data.shard_format import sha256
 from radiodiff.train.lock import RunLock
+from radiodiff.train.remote_lock import RemoteLock
 
 LOCAL_PROTOCOLS = {"file", "local"}
 # Filesystems that live inside one process: Ray workers cannot see the driver's, so tasks hand
@@ -112,9 +114,14 @@ class ShardSetWriter:
 
     def __init__(self, out: str) -> None:
         self.fs, root = fsspec.core.url_to_fs(out)
+        self.out = out.rstrip("/")
         self.root = root.rstrip("/")
         self.process_local = is_process_local(self.fs)  # Ray tasks cannot stage here: the driver does
         self.token = uuid.uuid4().hex[:12]
+        self.lock: RunLock | None = None  # the driver's, during run()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "lock": None}  # tasks get the writer, not the driver's lock and its thread
 
     def staged_path(self, path: str) -> str:
         return f"{self.root}/{path}{STAGED}{self.token}"
@@ -142,6 +149,8 @@ class ShardSetWriter:
 
     def publish(self, written: list[str], manifest: dict) -> None:
         """Swap the staged shards in at ``written`` (their paths) and commit ``manifest``."""
+        if self.lock is not None:
+            self.lock.check_owned("publishing")
         if written:
             set_manifest_aside(self.fs, self.root)
             for path in written:
@@ -153,13 +162,16 @@ class ShardSetWriter:
 
     @contextlib.contextmanager
     def run(self, owner: str) -> Iterator[ShardSetWriter]:
-        """The run's span: the folder's lock (local folders) and, on any failure, no staged file left."""
-        local = is_local(self.fs)
-        with RunLock(Path(self.root), name="out", owner=owner) if local else contextlib.nullcontext():
-            if local:
-                self.discard("")  # of earlier runs that were killed: the lock says none is running
+        """The run's span: the folder's lock and, on any failure, no staged file left."""
+        lock = (RunLock(Path(self.root), name="out", owner=owner) if is_local(self.fs)
+                else RemoteLock(self.fs, self.root, where=self.out, name="out", owner=owner))
+        with lock:
+            self.lock = lock
+            self.discard("")  # of earlier runs that were killed: the lock says none is running
             try:
                 yield self
             except BaseException:
                 self.discard()
                 raise
+            finally:
+                self.lock = None

@@ -7,7 +7,8 @@ the owner; a lock whose heartbeat is older than ``stale_s`` (a killed job), whos
 (same host), or that belongs to this very Slurm job (a requeue) is taken over. Taking over writes a
 new lock through a rename and reads it back, so of two processes taking over at once one wins and
 the other stops. Evaluation and sampling read a run without the lock. The sharder and the latent
-encoder lock their output folder the same way (``pipeline.shard_set``).
+encoder lock their output folder the same way (``pipeline.shard_set``); on a URL with no exclusive
+create (``s3://``) with ``radiodiff.train.remote_lock``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class RunLock:
     def __init__(self, run_dir: Path, *, stale_s: float = 300.0, heartbeat_s: float = 30.0,
                  name: str = "run_dir", owner: str = "training") -> None:
         self.path = run_dir / LOCK_FILE
+        self.where = str(run_dir)  # the folder as messages name it
         self.name, self.owner = name, owner  # "{name}=<folder> is in use by another {owner}" (the lock's)
         self.stale_s, self.heartbeat_s = stale_s, heartbeat_s
         self.token = uuid.uuid4().hex
@@ -121,17 +123,30 @@ class RunLock:
         owner = self._read() or {}
         reason = self._takeover_reason(owner)
         if reason is None:
-            raise RunDirLocked(f"{self.name}={self.path.parent} is in use by another {_kind(owner)}: "
+            raise RunDirLocked(f"{self.name}={self.where} is in use by another {_kind(owner)}: "
                                f"{self.describe(owner)}; "
                                f"wait for it to end (a lock without heartbeat for {self.stale_s:.0f} s is taken over)")
+        return self._claim(f"taken over ({reason})")
+
+    def _claim(self, how: str) -> str:
+        """Write this lock over whatever is there, then read it back after a while: of processes
+        claiming at once, the one whose write landed last wins and the others stop."""
         self._replace()
-        time.sleep(min(1.0, self.heartbeat_s / 10))  # a concurrent taker's rename lands in this window
+        time.sleep(min(1.0, self.heartbeat_s / 10))  # a concurrent claimer's write lands in this window
         current = self._read() or {}
         if current.get("token") != self.token:
-            raise RunDirLocked(f"{self.name}={self.path.parent}: another {_kind(current)} took it over at the same "
+            raise RunDirLocked(f"{self.name}={self.where}: another {_kind(current)} took it over at the same "
                                f"time: {self.describe(current)}")
         self._start_heartbeat()
-        return f"taken over ({reason})"
+        return how
+
+    def check_owned(self, before: str) -> None:
+        """Raise RunDirLocked unless the lock is still this one (another process may have taken it
+        over, believing this one dead): call it ``before`` a step that must have one writer."""
+        current = self._read() or {}
+        if current.get("token") != self.token:
+            taker = f"another {_kind(current)}: {self.describe(current)}" if current else "no one (it was removed)"
+            raise RunDirLocked(f"{self.name}={self.where}: its lock is now held by {taker}; stopped before {before}")
 
     def _start_heartbeat(self) -> None:
         def beat() -> None:
@@ -157,8 +172,11 @@ class RunLock:
             self._thread.join()
         current = self._read()
         if current is not None and current.get("token") == self.token:
-            self.path.unlink(missing_ok=True)
+            self._unlink()
         self._remove_created()
+
+    def _unlink(self) -> None:
+        self.path.unlink(missing_ok=True)
 
     def _remove_created(self) -> None:
         """A start refused before it wrote anything leaves no empty folder behind: the folders acquire

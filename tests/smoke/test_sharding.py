@@ -24,6 +24,7 @@ from radiodiff.config import DataConfig, ShardConfig
 from radiodiff.data.radiomapseer import RadioMapSeer
 from radiodiff.data.schema import DataFormatError
 from radiodiff.train.lock import RunLock
+from radiodiff.train.remote_lock import RemoteLock
 from pipeline.shard import ShardTask, ShardingError, run_shard, run_tasks, shard_command
 from tests.conftest import resize
 
@@ -368,6 +369,18 @@ def test_a_second_run_on_the_same_folder_is_refused_naming_the_owner(synth_root:
     assert len(err) == 1 and err[0].startswith(f"error: out={out} is in use by another radiodiff-encode: "
                                                f"host {socket.gethostname()}, pid {os.getpid()}"), err
     assert "Ray:" not in captured.out and not (tmp_path / "new").exists()
+
+
+def test_a_second_run_on_the_same_url_is_refused_naming_the_owner(synth_root: Path, capsys) -> None:
+    fs, url = fsspec.filesystem("memory"), "memory://radiodiff-locked/shards"
+    with RemoteLock(fs, "/radiodiff-locked/shards", where=url, name="out", owner="radiodiff-encode"):
+        assert run_app("shard", shard_command, [f"data.root={synth_root}", f"out={url}"]) == 2
+        assert fs.find("/radiodiff-locked") == ["/radiodiff-locked/shards/LOCK"]
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: out={url} is in use by another radiodiff-encode: "
+                                               f"host {socket.gethostname()}, pid {os.getpid()}"), err
+    assert "Ray:" not in captured.out and fs.find("/radiodiff-locked") == []
 
 
 def test_the_next_run_removes_what_a_killed_run_staged(synth_root: Path, tmp_path: Path, ray_local) -> None:
