@@ -124,20 +124,26 @@ def test_failed_trials_are_reported_and_fail_the_sweep(ray_local, train_shards: 
     assert not (tmp_path / "best.yaml").exists()
 
 
-def test_multi_worker_trial_trains_on_two_ranks_and_resubmitted_reports_its_run(ray_local, train_shards: Path,
-                                                                                 tmp_path: Path) -> None:
-    args = ("tune.disc_start=[1]", "tune.kl_weight=[1e-6]", "train.max_steps=2", "tune.workers_per_trial=2",
-            "train.micro_batch=1")  # the global batch of 2 over 2 ranks
-    assert sweep(tmp_path, train_shards, *args) == 0
+def test_multi_worker_trial_stops_on_both_ranks_and_resubmitted_reports_its_run(ray_local, train_shards: Path,
+                                                                                tmp_path: Path) -> None:
+    args = ("tune.disc_start=[1]", "tune.kl_weight=[1e-6]", "tune.workers_per_trial=2", "train.ckpt_every=1000",
+            "train.micro_batch=1", "train.val_every=1", "train.log_every=1")  # the global batch of 2 over 2 ranks
+    run_dir = tmp_path / "trials" / "ds1_kl1e-06"
+    watcher = threading.Thread(target=touch_when_logged, args=(run_dir, 1, tmp_path / "STOP"), daemon=True)
+    watcher.start()
+    assert sweep(tmp_path, train_shards, *args, "train.max_steps=200") == 75
+    watcher.join()
+    [stopped] = committed_steps(run_dir)  # both Ray Train ranks stopped at one update and saved together
+    meta = json.loads((run_dir / "checkpoints" / f"step_{stopped:08d}" / "meta.json").read_text())
+    assert 2 <= stopped < 200 and meta["world_size"] == 2 and meta["step"] == stopped
+    # Resubmitted to end there: both ranks find the run finished and report what it logged (the validation
+    # of the update before the stop), in Ray Train's new folder.
+    assert sweep(tmp_path, train_shards, *args, f"train.max_steps={stopped}") == 0
     [row] = read_rows(tmp_path)
-    assert row["status"] == "TERMINATED" and math.isfinite(float(row["val/psnr"]))  # val_every 0 -> at the end
-    meta = json.loads((Path(row["run_dir"]) / "checkpoints" / "step_00000002" / "meta.json").read_text())
-    assert meta["world_size"] == 2 and meta["step"] == 2
-    # Resubmitted: both ranks find the run finished and report what it logged, in Ray Train's new folder.
-    assert sweep(tmp_path, train_shards, *args) == 0
-    [again] = read_rows(tmp_path)
-    assert again["status"] == "TERMINATED" and again["val/psnr"] == row["val/psnr"] and again["steps"] == "2"
-    assert len(list((tmp_path / "ray_train").iterdir())) == 2
+    assert row["status"] == "TERMINATED" and row["steps"] == str(stopped) and math.isfinite(float(row["val/psnr"]))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert float(row["val/psnr"]) == [r["val/psnr"] for r in records if "val/psnr" in r][-1]
+    assert committed_steps(run_dir) == [stopped] and len(list((tmp_path / "ray_train").iterdir())) == 2
 
 
 def test_sweep_config_is_validated() -> None:
