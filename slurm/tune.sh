@@ -48,7 +48,7 @@ while [ "$status" -gt 128 ] && kill -0 "$tune_pid" 2>/dev/null; do
   status=0
   wait "$tune_pid" || status=$?
 done
-if [ "$stopping" = 1 ]; then
+if [ "$stopping" = 1 ] && [ "$status" != 0 ]; then  # 75: stopped; a sweep that had just finished is done
   requeue
 fi
 exit "$status"

@@ -60,8 +60,8 @@ class TrainConfig:
     fail_save_steps: list[int] = field(default_factory=list)  # checkpoint saves that fail with ENOSPC (drills)
     requeue_on_preempt: bool = True  # under Slurm, rank 0 requeues the job after saving
     # A file (on the filesystem every rank sees) whose appearance stops the run as a preemption
-    # signal does: checkpoint at the next step, exit 75. A run started while it exists trains nothing
-    # and exits 75. radiodiff-tune sets it for its trials.
+    # signal does, without the requeue: checkpoint at the next step, exit 75. A run started while it
+    # exists trains nothing and exits 75. radiodiff-tune sets it for its trials.
     stop_file: Optional[str] = None
     peak_tflops: Optional[float] = None  # the device's peak for MFU; None: from the GPU's name
     # On CUDA, TF32 and cuDNN autotuning are on; True turns both off for bitwise-reproducible work.

@@ -211,10 +211,11 @@ def train(stage: Stage, loader: Any, state: RunState, loop: LoopConfig, dist: Di
 def _preempt(stage: Stage, state: RunState, loop: LoopConfig, dist: DistInfo, loader: Any,
              flag: PreemptionFlag) -> int:
     folder = save_checkpoint(stage, state, loop, dist, loader)
-    # Rank 0's view: another rank may have been the one that received the signal or saw the file.
-    why = f"the stop file {flag.stop_file} appeared" if flag.stop_file_seen else "preempted"
+    # Rank 0 may not have seen the file itself yet (another rank's look came first): look again.
+    stop_file = flag.stop_file is not None and flag.received is None and flag.stop_file.exists()
+    why = f"the stop file {flag.stop_file} appeared" if stop_file else "preempted"
     print0(f"{loop.stage_name}: {why}; saved {folder}, exiting with {EXIT_PREEMPTED}")
-    if dist.is_main and loop.train.requeue_on_preempt:
+    if dist.is_main and loop.train.requeue_on_preempt and not stop_file:  # a stop asked for is not requeued
         outcome = requeue_slurm_job()
         if outcome:
             print0(outcome)
