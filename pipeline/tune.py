@@ -16,8 +16,9 @@ newest checkpoint, and one that had finished reports what its run logged. A grid
 again; Optuna first re-runs the earlier trials in ``out_dir/trials`` that lie within the ranges (they
 count in ``tune.num_samples``), and so learns their results, then samples new ones.
 
-SIGTERM (or ``touch out_dir/STOP``) stops a sweep so that it can continue: running trials save a
-checkpoint first, pending ones never start, and the command exits 75 (pipeline/tune_stop.py).
+SIGTERM, a first Ctrl-C or ``touch out_dir/STOP`` stop a sweep so that it can continue: running
+trials save a checkpoint first, pending ones never start, and the command exits 75
+(pipeline/tune_stop.py).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from pipeline.tune_trial import (STOP_NAME, TRIALS_DIR, run_dir_name, run_trial,
                                  trial_config)
 
 TUNE_DIR = "ray_tune"  # under out_dir: Ray Tune's experiment state and per-trial logs
+EXIT_INTERRUPTED = 130  # as a shell reports a Ctrl-C
 
 
 def _absolute(path: str | None) -> str | None:
@@ -195,7 +197,7 @@ def tune_command(cfg: TuneConfig) -> int:
 
 def run_sweep(cfg: TuneConfig, base: TrainVaeConfig, out_dir: Path) -> int:
     from pipeline.ray_setup import ray_session
-    from pipeline.tune_stop import SweepStop, stop_on_sigterm
+    from pipeline.tune_stop import SweepStop, stop_on_signals
 
     sweep = cfg.tune
     print(f"sweep: {num_trials(sweep)} trials ({sweep.search}, scheduler {sweep.scheduler}) of "
@@ -210,8 +212,13 @@ def run_sweep(cfg: TuneConfig, base: TrainVaeConfig, out_dir: Path) -> int:
         stop_file.unlink()
         print(f"sweep: removed {stop_file}, the stop request of an earlier sweep", flush=True)
     stopper = SweepStop(stop_file)
-    with ray_session(cfg.ray), stop_on_sigterm(stop_file):  # after Ray's start, which sets its own handler
-        results = make_tuner(cfg, stoppable(base, stop_file), out_dir, points, stopper).fit()
+    try:
+        with ray_session(cfg.ray), stop_on_signals(stop_file):  # after Ray's start, which sets its own handlers
+            results = make_tuner(cfg, stoppable(base, stop_file), out_dir, points, stopper).fit()
+    except KeyboardInterrupt:  # a second Ctrl-C
+        print("sweep: stopped at once (Ctrl-C twice): running trials did not save; the same command continues "
+              "the sweep from their newest checkpoints", flush=True)
+        return EXIT_INTERRUPTED
     if stop_file.exists():
         print(f"sweep: stopped by {stop_file}: running trials saved a checkpoint; results.csv and best.yaml "
               f"are not written; the same command continues the sweep (exit {EXIT_PREEMPTED})", flush=True)

@@ -2,8 +2,8 @@
 
 The trials' training runs in Ray's worker threads, where no signal handler can be installed, so a
 sweep is stopped through a file every trial can see: each trial's ``train.stop_file``. It appears
-when radiodiff-tune receives SIGTERM (``slurm/tune.sh`` sends it ahead of the time limit), or when a
-user creates it (``touch out_dir/STOP``, from any host). Then:
+when radiodiff-tune receives SIGTERM (``slurm/tune.sh`` sends it ahead of the time limit) or a first
+Ctrl-C, or when a user creates it (``touch out_dir/STOP``, from any host). Then:
 
 - each running trial stops at its next update, commits a checkpoint and ends as failed with
   "stopped" (its training exits 75); a trial that starts afterwards trains nothing;
@@ -11,8 +11,8 @@ user creates it (``touch out_dir/STOP``, from any host). Then:
 - radiodiff-tune exits 75 without writing results; the same command continues the sweep, and
   removes the file when it starts.
 
-Ray Tune's own SIGINT/SIGUSR1 handling (installed by ``Tuner.fit``) stops the trials' processes at
-once, without a save; it is left as it is.
+A second Ctrl-C stops at once, without the saves. Ray Tune's own SIGUSR1 handler (installed by
+``Tuner.fit``) also stops the trials at once; it is left as it is.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from ray.tune import Callback, Stopper
 
 from radiodiff.train.preemption import STOP_POLL_S
 
+TUNE_SIGINT = "TUNE_DISABLE_SIGINT_HANDLER"  # read by Tuner.fit when it installs its handlers
+
 
 def request_stop(stop_file: Path, why: str) -> None:
     """Create the stop file (atomically; who asked and when is its content)."""
@@ -39,23 +41,45 @@ def request_stop(stop_file: Path, why: str) -> None:
 
 
 @contextlib.contextmanager
-def stop_on_sigterm(stop_file: Path) -> Iterator[None]:
-    """While inside, SIGTERM to this process creates the stop file instead of ending it (the main
-    thread only; elsewhere this does nothing)."""
+def stop_on_signals(stop_file: Path) -> Iterator[None]:
+    """While inside, SIGTERM and a first Ctrl-C (SIGINT) to this process create the stop file instead
+    of ending it; a second Ctrl-C stops at once, without the trials' saves (KeyboardInterrupt). Ray
+    Tune's own SIGINT handler is kept out (``TUNE_DISABLE_SIGINT_HANDLER``). The main thread only;
+    elsewhere this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    interrupts = 0
 
-    def handle(signum: int, frame: Any) -> None:
+    def say(text: str) -> None:  # os.write: a print here could re-enter one the main thread was in
+        os.write(1, f"sweep: {text}\n".encode())
+
+    def on_sigterm(signum: int, frame: Any) -> None:
         request_stop(stop_file, "SIGTERM to radiodiff-tune")
-        # os.write: a print here could re-enter a print the main thread was in the middle of
-        os.write(1, f"sweep: SIGTERM: stopping; running trials save a checkpoint first ({stop_file})\n".encode())
+        say(f"SIGTERM: stopping; running trials save a checkpoint first ({stop_file})")
 
-    previous = signal.signal(signal.SIGTERM, handle)
+    def on_sigint(signum: int, frame: Any) -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts > 1:
+            raise KeyboardInterrupt
+        request_stop(stop_file, "Ctrl-C to radiodiff-tune")
+        say(f"Ctrl-C: stopping; running trials save a checkpoint first ({stop_file}); "
+            "Ctrl-C again stops at once, without saving")
+
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm),
+                signal.SIGINT: signal.signal(signal.SIGINT, on_sigint)}
+    tune_handler = os.environ.get(TUNE_SIGINT)
+    os.environ[TUNE_SIGINT] = "1"
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if tune_handler is None:
+            os.environ.pop(TUNE_SIGINT, None)
+        else:
+            os.environ[TUNE_SIGINT] = tune_handler
 
 
 class SweepStop(Stopper, Callback):

@@ -7,10 +7,12 @@ import csv
 import json
 import math
 import os
+import signal
 import socket
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from omegaconf import OmegaConf
@@ -43,15 +45,20 @@ def logged_steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def touch_when_logged(run_dir: Path, step: int, stop_file: Path, timeout_s: float = 300) -> None:
-    """Create ``stop_file`` once ``run_dir`` has logged ``step`` (as a user's ``touch out_dir/STOP``)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-            if step in logged_steps(run_dir):
-                break
-        time.sleep(0.1)
-    stop_file.touch()
+def when_logged(run_dir: Path, step: int, action: Callable[[], None], timeout_s: float = 300) -> threading.Thread:
+    """A thread that calls ``action`` once ``run_dir`` has logged ``step``."""
+    def wait_then_act() -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+                if step in logged_steps(run_dir):
+                    break
+            time.sleep(0.1)
+        action()
+
+    thread = threading.Thread(target=wait_then_act, daemon=True)
+    thread.start()
+    return thread
 
 
 @pytest.fixture(autouse=True)
@@ -129,8 +136,7 @@ def test_multi_worker_trial_stops_on_both_ranks_and_resubmitted_reports_its_run(
     args = ("tune.disc_start=[1]", "tune.kl_weight=[1e-6]", "tune.workers_per_trial=2", "train.ckpt_every=1000",
             "train.micro_batch=1", "train.val_every=1", "train.log_every=1")  # the global batch of 2 over 2 ranks
     run_dir = tmp_path / "trials" / "ds1_kl1e-06"
-    watcher = threading.Thread(target=touch_when_logged, args=(run_dir, 1, tmp_path / "STOP"), daemon=True)
-    watcher.start()
+    watcher = when_logged(run_dir, 1, (tmp_path / "STOP").touch)  # a user's touch out_dir/STOP
     assert sweep(tmp_path, train_shards, *args, "train.max_steps=200") == 75
     watcher.join()
     [stopped] = committed_steps(run_dir)  # both Ray Train ranks stopped at one update and saved together
@@ -159,17 +165,17 @@ def committed_steps(run_dir: Path) -> list[int]:
     return sorted(int(path.parent.name.split("_")[1]) for path in run_dir.glob("checkpoints/*/COMMITTED"))
 
 
-def test_a_stopped_grid_sweep_saves_its_running_trial_and_continues_when_resubmitted(
-        ray_local, train_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_grid_sweep_stopped_by_ctrl_c_saves_its_running_trial_and_continues_when_resubmitted(
+        ray_local, train_shards: Path, tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     grid = ("tune.disc_start=[0]", "tune.kl_weight=[1e-6,1e-2]", "train.val_every=2", "tune.max_concurrent=1",
             "train.ckpt_every=1000")  # no periodic checkpoint: a saved one is the stop's
     first = tmp_path / "trials" / "ds0_kl1e-06"  # the grid's first trial; one trial runs at a time
-    watcher = threading.Thread(target=touch_when_logged, args=(first, 2, tmp_path / "STOP"), daemon=True)
-    watcher.start()
+    # A user's Ctrl-C, to this process (the sweep's): radiodiff-tune's handler, not Ray Tune's, takes it.
+    watcher = when_logged(first, 2, lambda: os.kill(os.getpid(), signal.SIGINT))
     assert sweep(tmp_path, train_shards, *grid, "train.max_steps=200") == 75
     watcher.join()
-    out = capsys.readouterr().out
-    assert f"sweep: stopped by {tmp_path / 'STOP'}" in out, out[-3000:]
+    out = capfd.readouterr().out
+    assert "sweep: Ctrl-C: stopping" in out and f"sweep: stopped by {tmp_path / 'STOP'}" in out, out[-3000:]
     [stopped] = committed_steps(first)  # saved on the stop, at the update where the trial saw it
     assert 2 <= stopped < 200 and logged_steps(first)[-1] <= stopped
     assert trial_dirs(tmp_path) == ["ds0_kl1e-06"]  # the pending trial never started
@@ -177,7 +183,7 @@ def test_a_stopped_grid_sweep_saves_its_running_trial_and_continues_when_resubmi
     # Resubmitted: the stop request is removed, the stopped trial resumes from its save, the other starts.
     steps = stopped + 2 + stopped % 2  # validated at its last step (train.val_every=2)
     assert sweep(tmp_path, train_shards, *grid, f"train.max_steps={steps}") == 0
-    assert "1 trial(s) continue their run directories" in capsys.readouterr().out
+    assert "1 trial(s) continue their run directories" in capfd.readouterr().out
     assert not (tmp_path / "STOP").exists() and trial_dirs(tmp_path) == ["ds0_kl0.01", "ds0_kl1e-06"]
     rows = read_rows(tmp_path)
     assert len(rows) == 2

@@ -12,7 +12,7 @@ import pytest
 
 from radiodiff.config import ConfigError, TrainConfig
 from radiodiff.train.preemption import PreemptionFlag
-from pipeline.tune_stop import SweepStop, stop_on_sigterm
+from pipeline.tune_stop import TUNE_SIGINT, SweepStop, stop_on_signals
 
 
 def test_the_stop_file_is_looked_for_at_most_every_poll_interval_and_stays_seen(tmp_path: Path) -> None:
@@ -48,16 +48,27 @@ def test_a_sweep_ends_on_its_stop_file_only_once_no_trial_is_running(tmp_path: P
     assert stop.stop_all() and not stop(trial_id="any", result={})
 
 
-def test_sigterm_to_a_sweep_creates_its_stop_file_and_does_not_end_it(tmp_path: Path) -> None:
+def _wait_for(path: Path) -> None:
+    deadline = time.monotonic() + 10
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_sigterm_and_a_first_ctrl_c_to_a_sweep_create_its_stop_file_and_a_second_ctrl_c_interrupts(
+        tmp_path: Path) -> None:
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signal handlers are installed by the main thread only")
-    stop_file = tmp_path / "STOP"
-    before = signal.getsignal(signal.SIGTERM)
-    with stop_on_sigterm(stop_file):
-        os.kill(os.getpid(), signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while not stop_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert stop_file.exists()
-    assert "SIGTERM to radiodiff-tune" in stop_file.read_text()
-    assert signal.getsignal(signal.SIGTERM) == before
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig, why in ((signal.SIGTERM, "SIGTERM to radiodiff-tune"), (signal.SIGINT, "Ctrl-C to radiodiff-tune")):
+        stop_file = tmp_path / sig.name
+        with stop_on_signals(stop_file):
+            assert os.environ[TUNE_SIGINT] == "1"  # Tuner.fit leaves SIGINT to this handler
+            os.kill(os.getpid(), sig)
+            _wait_for(stop_file)
+            assert stop_file.exists()
+            if sig == signal.SIGINT:
+                with pytest.raises(KeyboardInterrupt):
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(10)  # the handler raises in this thread at the next bytecode
+        assert why in stop_file.read_text()
+    assert {sig: signal.getsignal(sig) for sig in before} == before and TUNE_SIGINT not in os.environ
