@@ -273,3 +273,19 @@ def test_a_second_sweep_on_the_same_out_dir_is_refused_naming_the_owner(train_sh
     assert line.startswith(f"error: out_dir={out_dir} is in use by another radiodiff-tune: host "
                            f"{socket.gethostname()}, pid {os.getpid()}"), line
     assert "sweep:" not in captured.out and not out_dir.exists()
+
+
+def test_a_second_ctrl_c_stops_the_sweep_at_once_and_releases_its_out_dir(ray_local, train_shards: Path,
+                                                                          tmp_path: Path, capfd) -> None:
+    def twice() -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    watcher = when_logged(tmp_path / "trials" / "ds0_kl1e-06", 2, twice)
+    code = sweep(tmp_path, train_shards, "tune.disc_start=[0]", "tune.kl_weight=[1e-6]", "train.val_every=2",
+                 "train.max_steps=400", "train.ckpt_every=1000")
+    watcher.join()
+    out = capfd.readouterr().out
+    assert code == 130 and "sweep: stopped at once (Ctrl-C twice)" in out, out[-3000:]
+    assert not (tmp_path / "LOCK").exists() and not (tmp_path / "results.csv").exists()
