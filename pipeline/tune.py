@@ -215,9 +215,9 @@ def run_sweep(cfg: TuneConfig, base: TrainVaeConfig, out_dir: Path) -> int:
     try:
         with ray_session(cfg.ray), stop_on_signals(stop_file):  # after Ray's start, which sets its own handlers
             results = make_tuner(cfg, stoppable(base, stop_file), out_dir, points, stopper).fit()
-    except KeyboardInterrupt:  # a second Ctrl-C
-        print("sweep: stopped at once (Ctrl-C twice): running trials did not save; the same command continues "
-              "the sweep from their newest checkpoints", flush=True)
+    except KeyboardInterrupt:  # a second Ctrl-C, or a stop file that could not be created
+        print("sweep: stopped at once: running trials did not save; the same command continues the sweep from "
+              "their newest checkpoints", flush=True)
         return EXIT_INTERRUPTED
     if stop_file.exists():
         print(f"sweep: stopped by {stop_file}: running trials saved a checkpoint; results.csv and best.yaml "

@@ -43,9 +43,9 @@ def request_stop(stop_file: Path, why: str) -> None:
 @contextlib.contextmanager
 def stop_on_signals(stop_file: Path) -> Iterator[None]:
     """While inside, SIGTERM and a first Ctrl-C (SIGINT) to this process create the stop file instead
-    of ending it; a second Ctrl-C stops at once, without the trials' saves (KeyboardInterrupt). Ray
-    Tune's own SIGINT handler is kept out (``TUNE_DISABLE_SIGINT_HANDLER``). The main thread only;
-    elsewhere this does nothing."""
+    of ending it; a second Ctrl-C, or a stop file that cannot be created, stops at once, without the
+    trials' saves (KeyboardInterrupt). Ray Tune's own SIGINT handler is kept out
+    (``TUNE_DISABLE_SIGINT_HANDLER``). The main thread only; elsewhere this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -54,18 +54,24 @@ def stop_on_signals(stop_file: Path) -> Iterator[None]:
     def say(text: str) -> None:  # os.write: a print here could re-enter one the main thread was in
         os.write(1, f"sweep: {text}\n".encode())
 
+    def stop(what: str) -> None:
+        try:
+            request_stop(stop_file, f"{what} to radiodiff-tune")
+        except OSError as err:  # e.g. a full disk: asked to stop, the sweep stops, at once
+            say(f"{what}: cannot create {stop_file} ({err}); stopping at once, without the trials' saves")
+            raise KeyboardInterrupt from err
+        say(f"{what}: stopping; running trials save a checkpoint first ({stop_file})"
+            + ("; Ctrl-C again stops at once, without saving" if what == "Ctrl-C" else ""))
+
     def on_sigterm(signum: int, frame: Any) -> None:
-        request_stop(stop_file, "SIGTERM to radiodiff-tune")
-        say(f"SIGTERM: stopping; running trials save a checkpoint first ({stop_file})")
+        stop("SIGTERM")
 
     def on_sigint(signum: int, frame: Any) -> None:
         nonlocal interrupts
         interrupts += 1
         if interrupts > 1:
             raise KeyboardInterrupt
-        request_stop(stop_file, "Ctrl-C to radiodiff-tune")
-        say(f"Ctrl-C: stopping; running trials save a checkpoint first ({stop_file}); "
-            "Ctrl-C again stops at once, without saving")
+        stop("Ctrl-C")
 
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm),
                 signal.SIGINT: signal.signal(signal.SIGINT, on_sigint)}

@@ -72,3 +72,14 @@ def test_sigterm_and_a_first_ctrl_c_to_a_sweep_create_its_stop_file_and_a_second
                     time.sleep(10)  # the handler raises in this thread at the next bytecode
         assert why in stop_file.read_text()
     assert {sig: signal.getsignal(sig) for sig in before} == before and TUNE_SIGINT not in os.environ
+
+
+def test_a_stop_request_that_cannot_be_written_stops_the_sweep_at_once(tmp_path: Path, capfd) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers are installed by the main thread only")
+    (tmp_path / "out_dir").write_text("a file where the sweep's folder should be")  # as a full disk: OSError
+    stop_file = tmp_path / "out_dir" / "STOP"
+    with stop_on_signals(stop_file), pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # the handler raises in this thread at the next bytecode
+    assert f"SIGTERM: cannot create {stop_file}" in capfd.readouterr().out and not stop_file.exists()
