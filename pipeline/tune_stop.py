@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 from ray.tune import Callback, Stopper
 
-from radiodiff.train.preemption import STOP_POLL_S
+from radiodiff.train.preemption import STOP_POLL_S, StopFileWatch
 
 TUNE_SIGINT = "TUNE_DISABLE_SIGINT_HANDLER"  # read by Tuner.fit when it installs its handlers
 
@@ -94,16 +94,8 @@ class SweepStop(Stopper, Callback):
 
     def __init__(self, stop_file: Path, poll_s: float = STOP_POLL_S) -> None:
         self.stop_file = stop_file
-        self.poll_s = poll_s
+        self.requested = StopFileWatch(stop_file, poll_s)
         self.running = False
-        self.seen = False
-        self._next_poll = 0.0
-
-    def requested(self) -> bool:
-        if not self.seen and time.monotonic() >= self._next_poll:
-            self._next_poll = time.monotonic() + self.poll_s
-            self.seen = self.stop_file.exists()
-        return self.seen
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         self.running = any(trial.status == "RUNNING" for trial in trials)

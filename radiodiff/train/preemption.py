@@ -26,13 +26,28 @@ SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 STOP_POLL_S = 2.0
 
 
+class StopFileWatch:
+    """Whether a stop file has appeared, looked for at most every ``poll_s`` seconds (one ``stat`` on
+    a shared filesystem); once seen, it stays seen."""
+
+    def __init__(self, path: str | Path, poll_s: float = STOP_POLL_S) -> None:
+        self.path = Path(path)
+        self.poll_s = poll_s
+        self.seen = False
+        self._next_poll = 0.0
+
+    def __call__(self) -> bool:
+        if not self.seen and time.monotonic() >= self._next_poll:
+            self._next_poll = time.monotonic() + self.poll_s
+            self.seen = self.path.exists()
+        return self.seen
+
+
 class PreemptionFlag:
     def __init__(self, stop_file: str | Path | None = None, poll_s: float = STOP_POLL_S) -> None:
         self.received: int | None = None
         self.stop_file = Path(stop_file) if stop_file else None
-        self.poll_s = poll_s
-        self.stop_file_seen = False
-        self._next_poll = 0.0
+        self._watch = StopFileWatch(stop_file, poll_s) if stop_file else None
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -41,12 +56,7 @@ class PreemptionFlag:
     def requested(self) -> bool:
         """Whether this rank should stop: a signal arrived, or the stop file exists (looked for at
         most every ``poll_s`` seconds; once seen, it stays seen)."""
-        if self.received is not None or self.stop_file_seen:
-            return True
-        if self.stop_file is not None and time.monotonic() >= self._next_poll:
-            self._next_poll = time.monotonic() + self.poll_s
-            self.stop_file_seen = self.stop_file.exists()
-        return self.stop_file_seen
+        return self.received is not None or (self._watch is not None and self._watch())
 
     def install(self) -> "PreemptionFlag":
         """Handle the signals (only the main thread can: a run inside a Ray trial's thread is
