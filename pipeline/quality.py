@@ -42,18 +42,19 @@ BUILDING_METRICS = ("building_share", "psnr_buildings_zeroed")  # score_split's 
 BUILDINGS_CHANNEL, TX_CHANNEL = 0, 1  # cond = [buildings, transmitter, cars or buildings]
 NUM_GRID = 4
 # The opt-in derived input channels (radiodiff/models/fusion.py), by their model.unet key, in words.
-DERIVED_INPUTS = {"tx_distance": "the distance channel", "tx_los": "the line-of-sight channels"}
+DERIVED_INPUTS = {"tx_distance": "the distance channel", "tx_los": "the line-of-sight channels",
+                  "tx_detour": "the detour channel"}
 
 
-def derived_overrides(*, tx_distance: bool, tx_los: bool) -> list[str]:
+def derived_overrides(*, tx_distance: bool, tx_los: bool, tx_detour: bool = False) -> list[str]:
     """radiodiff-train-ldm overrides giving the LDM the derived inputs a regressor gets from the same flags."""
-    return [f"model.unet.{key}={str(on).lower()}" for key, on in zip(DERIVED_INPUTS, (tx_distance, tx_los))]
+    return [f"model.unet.{key}={str(on).lower()}" for key, on in zip(DERIVED_INPUTS, (tx_distance, tx_los, tx_detour))]
 
 
-def derived_names(*, tx_distance: bool, tx_los: bool) -> str:
+def derived_names(*, tx_distance: bool, tx_los: bool, tx_detour: bool = False) -> str:
     """The derived inputs that are on, in words with their keys ("" when none is)."""
     return " and ".join(f"{name} (model.unet.{key})" for (key, name), on
-                        in zip(DERIVED_INPUTS.items(), (tx_distance, tx_los)) if on)
+                        in zip(DERIVED_INPUTS.items(), (tx_distance, tx_los, tx_detour)) if on)
 
 
 def conv_block(cin: int, cout: int) -> nn.Sequential:
@@ -72,21 +73,23 @@ class RegressorUNet(nn.Module):
     """
 
     def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128, 256), out_channels: int = 1,
-                 out_stride: int = 1, tx_distance: bool = False, tx_los: bool = False) -> None:
+                 out_stride: int = 1, tx_distance: bool = False, tx_los: bool = False,
+                 tx_detour: bool = False) -> None:
         super().__init__()
-        self.tx_distance, self.tx_los = tx_distance, tx_los
+        self.tx_distance, self.tx_los, self.tx_detour = tx_distance, tx_los, tx_detour
         levels = out_stride.bit_length() - 1
         if out_stride < 1 or out_stride != 1 << levels or levels >= len(widths):
             raise ValueError(f"out_stride={out_stride}: a power of 2 below {1 << len(widths)}")
         ups = widths[:levels:-1]  # the decoder's input widths, deepest first
-        inputs = 3 + derived_channels(tx_distance, tx_los)
+        inputs = 3 + derived_channels(tx_distance, tx_los, tx_detour)
         self.down = nn.ModuleList(conv_block(cin, cout) for cin, cout in zip((inputs, *widths[:-1]), widths))
         self.up = nn.ModuleList(nn.ConvTranspose2d(w, w // 2, 2, stride=2) for w in ups)
         self.merge = nn.ModuleList(conv_block(w, w // 2) for w in ups)
         self.head = nn.Conv2d(widths[levels], out_channels, 1)
 
     def forward(self, cond: torch.Tensor) -> torch.Tensor:
-        skips, x = [], with_derived_channels(cond, tx_distance=self.tx_distance, tx_los=self.tx_los)
+        x = with_derived_channels(cond, tx_distance=self.tx_distance, tx_los=self.tx_los, tx_detour=self.tx_detour)
+        skips = []
         for i, block in enumerate(self.down):
             x = block(x if i == 0 else F.max_pool2d(x, 2))
             skips.append(x)
@@ -101,13 +104,14 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def train_regressor(data, *, steps: int, batch: int, lr: float, seed: int, out_channels: int = 1,
                     out_stride: int = 1, target_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                    tx_distance: bool = False, tx_los: bool = False) -> RegressorUNet:
+                    tx_distance: bool = False, tx_los: bool = False, tx_detour: bool = False) -> RegressorUNet:
     """AdamW with cosine decay to lr/10 (as the LDM decays to min_lr), on the training stream, against
     ``target_of(sample["target"])`` (default: the map itself)."""
     from radiodiff.data.shards import ShardLoader
 
     torch.manual_seed(seed)
-    model = RegressorUNet(out_channels=out_channels, out_stride=out_stride, tx_distance=tx_distance, tx_los=tx_los)
+    model = RegressorUNet(out_channels=out_channels, out_stride=out_stride, tx_distance=tx_distance, tx_los=tx_los,
+                          tx_detour=tx_detour)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=lr / 10)
     loader = ShardLoader(data, "train", batch_size=batch, seed=seed, augment=True)
@@ -158,7 +162,7 @@ class LatentCodec:
 
 
 def latent_regressor(ldm_dir: Path, data, device: torch.device, *, steps: int, batch: int, lr: float, seed: int,
-                     tx_distance: bool = False, tx_los: bool = False):
+                     tx_distance: bool = False, tx_los: bool = False, tx_detour: bool = False):
     """The conv U-Net trained (on the CPU, as the regressor) on ``LatentCodec.encode`` of the maps, and its
     predictor: the predicted latent decoded by the run's VAE, -> (B, 1, 256, 256) in [0, 1]."""
     from radiodiff.runs.predict import to_native_unit
@@ -166,7 +170,7 @@ def latent_regressor(ldm_dir: Path, data, device: torch.device, *, steps: int, b
     codec = LatentCodec(ldm_dir, torch.device("cpu"))
     model = train_regressor(data, steps=steps, batch=batch, lr=lr, seed=seed, out_channels=codec.channels,
                             out_stride=codec.factor, target_of=codec.encode, tx_distance=tx_distance,
-                            tx_los=tx_los).to(device)
+                            tx_los=tx_los, tx_detour=tx_detour).to(device)
     codec.to(device)
 
     def predict(cond: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,7 @@ from pipeline.quality import (
     BUILDING_METRICS,
     EDGE_METRICS,
     METRICS,
+    DERIVED_INPUTS,
     ceiling_predictor,
     derived_names,
     derived_overrides,
@@ -97,6 +98,11 @@ VAE_LOSS = ("perceptual.pretrained=false", "loss.perceptual_weight=0")
 # 2 (one downsampling: a 32x32 latent), which the condition encoder follows with its first stride.
 FACTOR_OVERRIDES = {4: [], 2: ["model.autoencoder.ch_mult=[1,2]", "model.condition.patch_size=2"]}
 
+
+
+def derived_flags(args: argparse.Namespace) -> dict[str, bool]:
+    """The opt-in derived inputs asked for (--tx-distance, --tx-los, --tx-detour), by their model.unet key."""
+    return {key: getattr(args, key) for key in DERIVED_INPUTS}
 
 def size_overrides(size: int, factor: int = 4) -> list[str]:
     """The tiny preset is 64x64 with a factor-4 VAE; other sizes scale the latent and the autoencoder's
@@ -252,7 +258,7 @@ def ldm_recipe(args: argparse.Namespace, vae_dir: Path) -> list[str]:
     """The LDM's overrides beyond the common ones: its VAE, the recipe of the module's header, the inputs."""
     return [f"vae.checkpoint={vae_dir}", f"sampler.steps={ABLATION_STEPS}", f"ema.start_step={args.ldm_steps // 2}",
             "ema.update_every=1", f"ema.warmup_power={EMA_WARMUP_POWER:g}", f"diffusion.time_power={TIME_POWER:g}",
-            *derived_overrides(tx_distance=args.tx_distance, tx_los=args.tx_los), *args.ldm_override]
+            *derived_overrides(**derived_flags(args)), *args.ldm_override]
 
 
 def cli_rows(args: argparse.Namespace, runs: dict[str, Path], evals: Path) -> tuple[list[dict], dict]:
@@ -287,13 +293,13 @@ def in_process_rows(args: argparse.Namespace, runs: dict[str, Path], evals: Path
     progress(f"regressor: {args.ldm_steps} updates at batch {args.batch}")
     started = time.perf_counter()
     regressor = train_regressor(data, steps=args.ldm_steps, batch=args.batch, lr=args.lr, seed=args.seed,
-                                tx_distance=args.tx_distance, tx_los=args.tx_los).to(device)
+                                **derived_flags(args)).to(device)
     train_seconds = time.perf_counter() - started
     reg_predict = regressor_predictor(regressor, data)
     reg = score_split(reg_predict, data, device, EVAL_BATCH, evals / "regressor_grid.png")
     progress(f"latent regressor: {args.ldm_steps} updates at batch {args.batch}")
     _, latent_predict = latent_regressor(ldm_dir, data, device, steps=args.ldm_steps, batch=args.batch, lr=args.lr,
-                                         seed=args.seed, tx_distance=args.tx_distance, tx_los=args.tx_los)
+                                         seed=args.seed, **derived_flags(args))
     latent = score_split(latent_predict, data, device, EVAL_BATCH, evals / "latent_regressor_grid.png")
     progress(f"LDM EMA, {ABLATION_STEPS} steps: the edge metrics")
     ldm_scores = score_split(ldm, data, device, EVAL_BATCH)
@@ -332,7 +338,7 @@ def trained_precisions(runs: dict[str, Path]) -> str:
 
 
 def header(args: argparse.Namespace, num_samples: int, elapsed: float, precisions: str) -> str:
-    derived = derived_names(tx_distance=args.tx_distance, tx_los=args.tx_los)
+    derived = derived_names(**derived_flags(args))
     overrides = [f"{stage} overrides {' '.join(given)}" for stage, given in
                  (("VAE", args.vae_override), ("LDM", args.ldm_override)) if given]
     parts = [(f"quality benchmark: synthetic RadioMapSeer {args.maps} maps x {args.tx} tx (seed {args.seed}), "
@@ -416,6 +422,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="give the LDM (model.unet.tx_distance=true) and both regressors the distance channel")
     parser.add_argument("--tx-los", action="store_true",
                         help="give the LDM (model.unet.tx_los=true) and both regressors the line-of-sight channels")
+    parser.add_argument("--tx-detour", action="store_true",
+                        help="give the LDM (model.unet.tx_detour=true) and both regressors the detour channel")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of each process (1: spinning OpenMP threads stall on a shared machine)")
     parser.add_argument("--out", default="bench_quality", help="table.md, results.json, grids/, eval/, logs")

@@ -177,6 +177,7 @@ class UNetConfig:
     cond_stem_dim: int = 0  # > 0: a conv stem on the raw condition adds features of widths dim*(1,2,4,4)
     tx_distance: bool = False  # add a distance-to-transmitter input channel (not a published input)
     tx_los: bool = False  # add two line-of-sight channels: building crossed towards the tx (not published inputs)
+    tx_detour: bool = False  # add a channel: how much longer the path around buildings is (not a published input)
     output_skips: bool = False  # reference output skips: C = (1-t) z_t + t/sqrt(1+t^2) F_C, eps likewise
     fourier_features: int = 64  # random frequencies of the time embedding
     fourier_scale: float = 16.0

@@ -1,5 +1,5 @@
-"""How the condition reaches the U-Net: distance and line-of-sight channels, convolutional stem, dense and
-token fusion.
+"""How the condition reaches the U-Net: distance, line-of-sight and detour channels, convolutional stem, dense
+and token fusion.
 
 The transmitter is one pixel of the condition image. Anything that averages over a region before the
 network has located it (a 4x4 patch embedding, pooling to a few tokens) dilutes or erases it, so the
@@ -24,6 +24,8 @@ LOS_CHANNELS = 2  # tx_line_of_sight's output channels
 # where the penetration loss through a building saturates), so the channel reads the same at every size.
 LOS_LENGTH_UNITS = 64
 LOS_MAX_POINTS = 1 << 22  # line samples per chunk: bounds the memory at 256x256 and large batches
+# A detour around buildings is measured in units of 1/16 of the map's side (16 m of RadioMapSeer's 256 m).
+DETOUR_UNITS = 16
 
 
 def _transmitter_rc(cond: torch.Tensor, channel: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,16 +58,50 @@ def tx_distance_map(cond: torch.Tensor, channel: int = TX_CHANNEL) -> torch.Tens
     return (2.0 * distance - 1.0).unsqueeze(1).to(cond.dtype)
 
 
-def derived_channels(tx_distance: bool, tx_los: bool) -> int:
+def derived_channels(tx_distance: bool, tx_los: bool, tx_detour: bool = False) -> int:
     """How many channels :func:`with_derived_channels` appends."""
-    return int(tx_distance) + LOS_CHANNELS * int(tx_los)
+    return int(tx_distance) + LOS_CHANNELS * int(tx_los) + int(tx_detour)
 
 
-def with_derived_channels(cond: torch.Tensor, *, tx_distance: bool, tx_los: bool) -> torch.Tensor:
+def with_derived_channels(cond: torch.Tensor, *, tx_distance: bool, tx_los: bool,
+                          tx_detour: bool = False) -> torch.Tensor:
     """(B, C, H, W) -> (B, C + derived_channels(...), H, W): ``cond``, then the opt-in channels computed
-    from it, in this order: the distance to the transmitter (1), the line-of-sight channels (2)."""
-    extra = ([tx_distance_map(cond)] if tx_distance else []) + ([tx_line_of_sight(cond)] if tx_los else [])
+    from it, in this order: the distance to the transmitter (1), the line-of-sight channels (2), the
+    detour around buildings (1)."""
+    extra = ([tx_distance_map(cond)] if tx_distance else []) + ([tx_line_of_sight(cond)] if tx_los else []) \
+        + ([tx_detour_map(cond)] if tx_detour else [])
     return torch.cat([cond, *extra], dim=1) if extra else cond
+
+
+def _buildings_unit(cond: torch.Tensor, channel: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, 1, H, W) float32: ``cond[:, channel]`` scaled to [0, 1] by its own minimum and
+    maximum (a map without buildings reads 0)."""
+    buildings = cond[:, channel:channel + 1].float()
+    low = buildings.amin(dim=(2, 3), keepdim=True)
+    return (buildings - low) / (buildings.amax(dim=(2, 3), keepdim=True) - low).clamp_min(1e-6)
+
+
+def _line_share(buildings: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) buildings in [0, 1] -> (B, H, W): the mean of the buildings along the straight line from
+    (row[b], col[b])'s pixel centre to each pixel's, sampled bilinearly at ``max(H, W)`` evenly spaced
+    midpoints (spacing at most 1.42 pixels), in row chunks of at most ``LOS_MAX_POINTS`` samples."""
+    b, _, h, w = buildings.shape
+    k = max(h, w)
+    along = (torch.arange(k, device=buildings.device, dtype=torch.float32) + 0.5) / k  # (K,)
+    cols = torch.arange(w, device=buildings.device, dtype=torch.float32)
+    # Sample points in grid_sample's normalised coordinates (align_corners=False: pixel centres).
+    x = col[:, None, None] + along[None, None, :] * (cols[None, :, None] - col[:, None, None])  # (B, W, K)
+    gx = ((x + 0.5) * (2.0 / w) - 1.0)[:, None]  # (B, 1, W, K)
+    shares, chunk = [], max(1, LOS_MAX_POINTS // (b * w * k))
+    for start in range(0, h, chunk):
+        rows = torch.arange(start, min(start + chunk, h), device=buildings.device, dtype=torch.float32)
+        y = row[:, None, None] + along[None, None, :] * (rows[None, :, None] - row[:, None, None])  # (B, R, K)
+        gy = ((y + 0.5) * (2.0 / h) - 1.0)[:, :, None]  # (B, R, 1, K)
+        grid = torch.stack(torch.broadcast_tensors(gx.expand(-1, len(rows), -1, -1), gy), dim=-1)
+        samples = F.grid_sample(buildings, grid.reshape(b, len(rows), w * k, 2), mode="bilinear",
+                                align_corners=False)  # (B, 1, R, W * K)
+        shares.append(samples.reshape(b, len(rows), w, k).mean(dim=-1))  # (B, R, W)
+    return torch.cat(shares, dim=1)
 
 
 def tx_line_of_sight(cond: torch.Tensor, channel: int = TX_CHANNEL,
@@ -81,31 +117,52 @@ def tx_line_of_sight(cond: torch.Tensor, channel: int = TX_CHANNEL,
     buildings reads 0). The transmitter is located as in :func:`tx_distance_map`. Computed in float32
     without gradients, in row chunks of at most ``LOS_MAX_POINTS`` samples; returned in ``cond``'s dtype.
     """
-    b, _, h, w = cond.shape
-    k = max(h, w)
+    h, w = cond.shape[-2:]
     with torch.no_grad(), without_autocast(cond.device):
-        buildings = cond[:, buildings_channel:buildings_channel + 1].float()  # (B, 1, H, W)
-        low = buildings.amin(dim=(2, 3), keepdim=True)
-        buildings = (buildings - low) / (buildings.amax(dim=(2, 3), keepdim=True) - low).clamp_min(1e-6)
         row, col = _transmitter_rc(cond, channel)  # (B,) each
-        along = (torch.arange(k, device=cond.device, dtype=torch.float32) + 0.5) / k  # (K,)
-        cols = torch.arange(w, device=cond.device, dtype=torch.float32)
-        # Sample points in grid_sample's normalised coordinates (align_corners=False: pixel centres).
-        x = col[:, None, None] + along[None, None, :] * (cols[None, :, None] - col[:, None, None])  # (B, W, K)
-        gx = ((x + 0.5) * (2.0 / w) - 1.0)[:, None]  # (B, 1, W, K)
-        shares, chunk = [], max(1, LOS_MAX_POINTS // (b * w * k))
-        for start in range(0, h, chunk):
-            rows = torch.arange(start, min(start + chunk, h), device=cond.device, dtype=torch.float32)
-            y = row[:, None, None] + along[None, None, :] * (rows[None, :, None] - row[:, None, None])  # (B, R, K)
-            gy = ((y + 0.5) * (2.0 / h) - 1.0)[:, :, None]  # (B, R, 1, K)
-            grid = torch.stack(torch.broadcast_tensors(gx.expand(-1, len(rows), -1, -1), gy), dim=-1)
-            samples = F.grid_sample(buildings, grid.reshape(b, len(rows), w * k, 2), mode="bilinear",
-                                    align_corners=False)  # (B, 1, R, W * K)
-            shares.append(samples.reshape(b, len(rows), w, k).mean(dim=-1))  # (B, R, W)
-        share = torch.cat(shares, dim=1)  # (B, H, W)
+        share = _line_share(_buildings_unit(cond, buildings_channel), row, col)  # (B, H, W)
         crossed = share * _pixel_distance(cond, row, col) * (LOS_LENGTH_UNITS / max(h, w))  # (B, H, W)
         out = torch.stack([share, 1.0 - torch.exp(-crossed)], dim=1)
     return (2.0 * out - 1.0).to(cond.dtype)
+
+
+@torch.compiler.disable  # H + W sweeps would be unrolled into one graph (512 at 256x256): run them eagerly
+def _shortest_paths(seed: torch.Tensor, blocked: torch.Tensor, sweeps: int) -> torch.Tensor:
+    """(B, H, W) path lengths known so far (inf elsewhere) -> after ``sweeps`` relaxations over the 8
+    neighbours (steps of 1 and sqrt(2) pixels) through pixels that are not ``blocked`` (stay inf)."""
+    h, w = seed.shape[-2:]
+    path = seed.masked_fill(blocked, float("inf"))
+    for _ in range(sweeps):
+        padded = F.pad(path, (1, 1, 1, 1), value=float("inf"))
+        steps = [padded[:, 1 + dr:1 + dr + h, 1 + dc:1 + dc + w] + (2.0 ** 0.5 if dr and dc else 1.0)
+                 for dr in (-1, 0, 1) for dc in (-1, 0, 1) if dr or dc]
+        path = torch.minimum(path, torch.stack(steps).amin(dim=0)).masked_fill(blocked, float("inf"))
+    return path
+
+
+def tx_detour_map(cond: torch.Tensor, channel: int = TX_CHANNEL,
+                  buildings_channel: int = BUILDINGS_CHANNEL) -> torch.Tensor:
+    """(B, C, H, W) condition -> (B, 1, H, W): how much longer the shortest path from the transmitter around
+    the buildings is than the straight line, ``1 - exp(-D)`` mapped to [-1, 1] (-1: line of sight).
+
+    D is the detour in units of 1/16 of the map's side (``DETOUR_UNITS``: 16 m of RadioMapSeer's 256 m,
+    where the dominant path around a building has lost most of its power). Pixels whose straight line
+    crosses less than half a pixel of building (:func:`_line_share`) keep their straight-line distance; the
+    others get the shortest 8-neighbour path from those through pixels outside buildings (buildings: the
+    buildings channel scaled as in :func:`tx_line_of_sight`, >= 0.5), relaxed ``H + W`` times (enough for
+    paths that turn a few corners; no host sync). Building pixels and unreachable ones read 1. Computed in
+    float32 without gradients; returned in ``cond``'s dtype.
+    """
+    h, w = cond.shape[-2:]
+    with torch.no_grad(), without_autocast(cond.device):
+        buildings = _buildings_unit(cond, buildings_channel)
+        row, col = _transmitter_rc(cond, channel)
+        direct = _pixel_distance(cond, row, col)  # (B, H, W)
+        in_sight = _line_share(buildings, row, col) * direct < 0.5
+        path = _shortest_paths(torch.where(in_sight, direct, float("inf")), buildings[:, 0] >= 0.5, h + w)
+        detour = (path - direct).clamp_min(0.0) * (DETOUR_UNITS / max(h, w))  # inf stays inf
+        out = 1.0 - torch.exp(-detour)
+    return (2.0 * out - 1.0).unsqueeze(1).to(cond.dtype)
 
 
 class ConditionStem(nn.Module):

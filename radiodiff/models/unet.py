@@ -6,8 +6,8 @@ strides p * (1, 2, 4, 8), p = ``condition.patch_size``, the VAE's factor: 4 in t
 
 - condition features: the Swin encoder's four stages, optionally concatenated with a small conv stem
   on the raw condition (``cond_stem_dim``), optionally fed a distance-to-transmitter channel
-  (``tx_distance``) and two line-of-sight channels (``tx_los``); "the condition feature of level i"
-  is the stride p*2**i one;
+  (``tx_distance``), two line-of-sight channels (``tx_los``) and a detour channel (``tx_detour``); "the
+  condition feature of level i" is the stride p*2**i one;
 - input: z_t concatenated with the stride-p condition feature (1x1 conv to ``dim``), 7x7 conv;
 - time: log(t)/4 -> fixed random Fourier features -> MLP; residual blocks use it as scale/shift;
 - encoder level i: res block, condition fusion, res block, linear attention, strided-conv downsample
@@ -171,7 +171,7 @@ class ConditionalUNet(nn.Module):
         self.cfg = cfg
         widths = [cfg.dim * m for m in cfg.dim_mults]
         time_dim = 4 * cfg.dim
-        cond_in = cond_cfg.in_channels + derived_channels(cfg.tx_distance, cfg.tx_los)
+        cond_in = cond_cfg.in_channels + derived_channels(cfg.tx_distance, cfg.tx_los, cfg.tx_detour)
         if cond_in != cond_cfg.in_channels:
             cond_cfg = dataclasses.replace(cond_cfg, in_channels=cond_in)
         self.cond_encoder = ConditionEncoder(cond_cfg)
@@ -204,7 +204,8 @@ class ConditionalUNet(nn.Module):
 
     def condition_features(self, cond: torch.Tensor) -> list[torch.Tensor]:
         """(B, C_cond, H, W) -> the condition feature of every level: 4 x (B, C_i, H / 2**(i+2), ...)."""
-        cond = with_derived_channels(cond, tx_distance=self.cfg.tx_distance, tx_los=self.cfg.tx_los)
+        cond = with_derived_channels(cond, tx_distance=self.cfg.tx_distance, tx_los=self.cfg.tx_los,
+                                     tx_detour=self.cfg.tx_detour)
         features = self.cond_encoder(cond)
         if self.cond_stem is not None:
             features = [torch.cat(pair, dim=1) for pair in zip(features, self.cond_stem(cond))]

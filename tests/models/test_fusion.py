@@ -1,9 +1,10 @@
-"""Condition fusion: the transmitter reaches every level, distance and line-of-sight channels, stem, output
-skips, bf16."""
+"""Condition fusion: the transmitter reaches every level, distance, line-of-sight and detour channels, stem,
+output skips, bf16."""
 
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import math
 
 import numpy as np
@@ -16,6 +17,7 @@ from radiodiff.models import fusion
 from radiodiff.models.fusion import (
     ConditionStem,
     DenseFusion,
+    tx_detour_map,
     tx_distance_map,
     tx_line_of_sight,
     with_derived_channels,
@@ -190,14 +192,97 @@ def test_tx_los_adds_two_encoder_channels_after_the_distance() -> None:
     assert c_hat.shape == eps_hat.shape == (1, 3, 16, 16)
 
 
+def detour_reference(buildings: np.ndarray, row: int, col: int) -> np.ndarray:
+    """numpy + heapq: Dijkstra over the 8 neighbours (steps 1 and sqrt(2)) through pixels outside buildings,
+    started from every pixel whose straight line crosses under half a pixel of building (scipy's share) at
+    its straight-line distance; the detour in units of 1/16 of the side, as the channel maps it."""
+    h, w = buildings.shape
+    direct = np.hypot(*(np.mgrid[0:h, 0:w] - np.array([row, col])[:, None, None]))
+    blocked = buildings >= 0.5
+    path = np.where((line_of_sight_reference(buildings, row, col) * direct < 0.5) & ~blocked, direct, np.inf)
+    queue = [(path[r, c], r, c) for r, c in zip(*np.nonzero(np.isfinite(path)))]
+    heapq.heapify(queue)
+    while queue:
+        d, r, c = heapq.heappop(queue)
+        if d > path[r, c]:
+            continue
+        for dr in (-1, 0, 1):
+            for dc in (-1, 0, 1):
+                nr, nc = r + dr, c + dc
+                if (dr or dc) and 0 <= nr < h and 0 <= nc < w and not blocked[nr, nc]:
+                    step = d + math.hypot(dr, dc)
+                    if step < path[nr, nc]:
+                        path[nr, nc] = step
+                        heapq.heappush(queue, (step, nr, nc))
+    detour = np.maximum(path - direct, 0) * 16 / max(h, w)
+    return 2 * (1 - np.exp(-detour)) - 1
+
+
+@pytest.mark.parametrize("row,col", [(0, 0), (17, 5), (39, 47)])
+def test_tx_detour_matches_a_dijkstra_over_the_street_pixels(row: int, col: int) -> None:
+    h, w = 40, 48
+    rng = np.random.default_rng(row * 100 + col)
+    buildings = (rng.random((h, w)) > 0.8).astype(np.float64)
+    buildings[row, col] = 0.0
+    cond = torch.stack([torch.tensor(buildings * 2 - 1), -torch.ones(h, w), torch.tensor(buildings * 2 - 1)])
+    cond[1, row, col] = 1.0
+    got = tx_detour_map(cond[None].float()).double().numpy()[0, 0]
+    expected = detour_reference(buildings, row, col)
+    assert np.all(got[buildings == 1] == 1.0)  # inside buildings: no path
+    assert (expected > -1).mean() > 0.2  # the case has detours to check
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+
+
+def test_tx_detour_follows_the_synthetic_simulators_path_around_buildings() -> None:
+    """At 256x256 on a synthetic city, the channel's detour (metres) against the simulator's own: the
+    shortest path on its 2 m grid (scipy's Dijkstra) minus the straight line."""
+    from radiodiff.data.propagation import ray_features
+    from radiodiff.data.synthetic import choose_transmitters, generate_city
+
+    city = generate_city(11, 0)
+    (row, col), = choose_transmitters(city, 1, 11, 0)
+    geometry = ray_features(city.buildings, (row, col))
+    simulated = np.maximum(geometry.around_m - geometry.direct_m, 0.0)
+    cond = -torch.ones(1, 3, 256, 256)
+    cond[0, [0, 2]] = torch.from_numpy(city.buildings.astype(np.float32)) * 2 - 1
+    cond[0, 1, row, col] = 1.0
+    mapped = (tx_detour_map(cond)[0, 0].double().numpy() + 1) / 2
+    street = ~city.buildings & (mapped < 1.0) & (simulated < 1e3)
+    metres = -np.log1p(-mapped[street]) * 16  # 1/16 of the 256 m side per unit
+    assert (simulated[street] > 5).mean() > 0.1  # a city with shadows
+    assert np.corrcoef(metres, simulated[street])[0, 1] > 0.95
+    assert np.abs(metres - simulated[street]).mean() < 2.0  # metres, the simulator's path on 2 m cells
+
+
+def test_tx_detour_without_buildings_and_in_a_closed_courtyard() -> None:
+    cond = -torch.ones(2, 3, 24, 24)
+    cond[:, 1, 3, 4] = 1.0
+    cond[1, [0, 2], 10:20, 10:20] = 1.0
+    cond[1, [0, 2], 12:18, 12:18] = -1.0  # a courtyard no path reaches
+    got = tx_detour_map(cond)
+    assert torch.all(got[0] == -1.0)  # every pixel in line of sight
+    assert torch.all(got[1, 0, 12:18, 12:18] == 1.0) and torch.all(got[1, 0, 10:20, 10] == 1.0)
+    assert got[1, 0, 21, 21] > -1.0 and got[1, 0, 5, 22] == -1.0  # behind the block; beside it in sight
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert tx_detour_map(cond.bfloat16()).dtype == torch.bfloat16
+
+
+def test_tx_detour_adds_the_last_encoder_channel() -> None:
+    model = tiny_unet(tx_los=True, tx_detour=True, cond_stem_dim=8)
+    assert model.cond_encoder.patch_embed.proj.in_channels == model.cond_stem.full[0].in_channels == 3 + 2 + 1
+    cond = city_with_tx(10, 12)
+    out = with_derived_channels(cond, tx_distance=True, tx_los=True, tx_detour=True)
+    assert torch.equal(out[:, -1:], tx_detour_map(cond)) and torch.equal(out[:, 4:6], tx_line_of_sight(cond))
+
+
 def test_derived_channels_run_on_the_meta_device() -> None:
     # The meta device (shape-only passes: a model's size without its memory) has no autocast: the
     # line-of-sight channels' fp32 region must not need one.
     cond = torch.zeros(2, 3, 64, 64, device="meta")
-    out = with_derived_channels(cond, tx_distance=True, tx_los=True)
-    assert out.shape == (2, 3 + 1 + 2, 64, 64) and out.device.type == "meta"
+    out = with_derived_channels(cond, tx_distance=True, tx_los=True, tx_detour=True)
+    assert out.shape == (2, 3 + 1 + 2 + 1, 64, 64) and out.device.type == "meta"
     with torch.device("meta"):
-        model = tiny_unet(tx_los=True, tx_distance=True)
+        model = tiny_unet(tx_los=True, tx_distance=True, tx_detour=True)
         c_hat, eps_hat = model(torch.zeros(2, 3, 16, 16), torch.zeros(2), cond)
     assert c_hat.shape == eps_hat.shape == (2, 3, 16, 16) and c_hat.device.type == "meta"
 

@@ -168,23 +168,27 @@ def test_regressor_with_an_output_stride_stops_its_decoder_at_that_size(bq):
             quality.RegressorUNet(out_stride=stride)
 
 
-@pytest.mark.parametrize("tx_distance, tx_los", [(False, True), (True, False), (True, True)])
-def test_regressor_reads_the_derived_channels_computed_from_the_condition_after_it(bq, tx_distance, tx_los):
-    from radiodiff.models.fusion import tx_distance_map, tx_line_of_sight
+@pytest.mark.parametrize("tx_distance, tx_los, tx_detour",
+                         [(False, True, False), (True, False, False), (True, True, False), (False, True, True)])
+def test_regressor_reads_the_derived_channels_computed_from_the_condition_after_it(bq, tx_distance, tx_los,
+                                                                                   tx_detour):
+    from radiodiff.models.fusion import tx_detour_map, tx_distance_map, tx_line_of_sight
 
-    model = quality.RegressorUNet(tx_distance=tx_distance, tx_los=tx_los)
-    assert model.down[0][0].in_channels == 3 + tx_distance + 2 * tx_los
+    model = quality.RegressorUNet(tx_distance=tx_distance, tx_los=tx_los, tx_detour=tx_detour)
+    assert model.down[0][0].in_channels == 3 + tx_distance + 2 * tx_los + tx_detour
     cond = -torch.ones(2, 3, 64, 64)
     cond[:, [0, 2], 20:30, 20:50] = 1.0
     cond[0, 1, 5, 5] = cond[1, 1, 60, 33] = 1.0
     seen = {}
     model.down[0].register_forward_hook(lambda module, args, out: seen.update(x=args[0]))
     assert model(cond).shape == (2, 1, 64, 64)
-    expected = [cond] + [tx_distance_map(cond)] * tx_distance + [tx_line_of_sight(cond)] * tx_los
+    expected = [cond] + [tx_distance_map(cond)] * tx_distance + [tx_line_of_sight(cond)] * tx_los \
+        + [tx_detour_map(cond)] * tx_detour
     assert torch.equal(seen["x"], torch.cat(expected, dim=1))
 
 
-@pytest.mark.parametrize("flags", [[], ["--tx-los"], ["--tx-distance"], ["--tx-distance", "--tx-los"]])
+@pytest.mark.parametrize("flags", [[], ["--tx-los"], ["--tx-distance"], ["--tx-distance", "--tx-los"],
+                                   ["--tx-los", "--tx-detour"]])
 def test_derived_input_flags_reach_the_ldm_and_the_header(bq, flags):
     import argparse
 
@@ -194,7 +198,8 @@ def test_derived_input_flags_reach_the_ldm_and_the_header(bq, flags):
     recipe = bq.ldm_recipe(args, Path("/vae"))
     assert recipe[0] == "vae.checkpoint=/vae"
     text = bq.header(args, 112, 60.0, "vae fp32, ldm fp32")
-    for flag, key, words in (("--tx-los", "tx_los", "line-of-sight"), ("--tx-distance", "tx_distance", "distance")):
+    for flag, key, words in (("--tx-los", "tx_los", "line-of-sight"), ("--tx-distance", "tx_distance", "distance"),
+                             ("--tx-detour", "tx_detour", "detour")):
         assert f"model.unet.{key}={str(flag in flags).lower()}" in recipe
         assert (words in text) == (flag in flags)
 
