@@ -64,19 +64,18 @@ def train_args(cfg: DemoConfig, run_dir: Path, steps: int) -> list[str]:
 def ldm_args(cfg: DemoConfig, run_dir: Path, vae_dir: Path) -> list[str]:
     """radiodiff-train-ldm's arguments: the common ones, the frozen VAE, the short-run recipe (EMA with
     warmup from halfway), and the derived inputs that the demo's regressor gets too."""
-    from pipeline.quality import derived_overrides
+    from pipeline.quality import derived_flags, derived_overrides
 
     return [*train_args(cfg, run_dir, cfg.ldm_steps), f"vae.checkpoint={vae_dir}", f"sampler.steps={cfg.sampler_steps}",
             f"ema.start_step={cfg.ldm_steps // 2}", "ema.update_every=1", "ema.warmup_power=0.6667",
-            *derived_overrides(tx_distance=cfg.tx_distance, tx_los=cfg.tx_los)]
+            *derived_overrides(**derived_flags(cfg))]
 
 
 def demo_regressor(cfg: DemoConfig, data):
     """The direct regressor: as many updates and the same batch, learning rate and derived inputs as the LDM."""
-    from pipeline.quality import train_regressor
+    from pipeline.quality import derived_flags, train_regressor
 
-    return train_regressor(data, steps=cfg.ldm_steps, batch=cfg.batch_size, lr=cfg.lr, seed=0,
-                           tx_distance=cfg.tx_distance, tx_los=cfg.tx_los)
+    return train_regressor(data, steps=cfg.ldm_steps, batch=cfg.batch_size, lr=cfg.lr, seed=0, **derived_flags(cfg))
 
 
 def quality_references(cfg: DemoConfig, ldm_dir: Path, evals: Path) -> dict[str, dict]:

@@ -46,6 +46,12 @@ DERIVED_INPUTS = {"tx_distance": "the distance channel", "tx_los": "the line-of-
                   "tx_detour": "the detour channel"}
 
 
+def derived_flags(settings: object) -> dict[str, bool]:
+    """The derived inputs asked for by ``settings`` (a demo config, the benchmark's arguments): its
+    attributes named by their model.unet keys, ``tx_distance``, ``tx_los`` and ``tx_detour``."""
+    return {key: bool(getattr(settings, key)) for key in DERIVED_INPUTS}
+
+
 def derived_overrides(*, tx_distance: bool, tx_los: bool, tx_detour: bool = False) -> list[str]:
     """radiodiff-train-ldm overrides giving the LDM the derived inputs a regressor gets from the same flags."""
     return [f"model.unet.{key}={str(on).lower()}" for key, on in zip(DERIVED_INPUTS, (tx_distance, tx_los, tx_detour))]

@@ -51,8 +51,8 @@ from pipeline.quality import (
     BUILDING_METRICS,
     EDGE_METRICS,
     METRICS,
-    DERIVED_INPUTS,
     ceiling_predictor,
+    derived_flags,
     derived_names,
     derived_overrides,
     latent_regressor,
@@ -98,11 +98,6 @@ VAE_LOSS = ("perceptual.pretrained=false", "loss.perceptual_weight=0")
 # 2 (one downsampling: a 32x32 latent), which the condition encoder follows with its first stride.
 FACTOR_OVERRIDES = {4: [], 2: ["model.autoencoder.ch_mult=[1,2]", "model.condition.patch_size=2"]}
 
-
-
-def derived_flags(args: argparse.Namespace) -> dict[str, bool]:
-    """The opt-in derived inputs asked for (--tx-distance, --tx-los, --tx-detour), by their model.unet key."""
-    return {key: getattr(args, key) for key in DERIVED_INPUTS}
 
 def size_overrides(size: int, factor: int = 4) -> list[str]:
     """The tiny preset is 64x64 with a factor-4 VAE; other sizes scale the latent and the autoencoder's

@@ -208,8 +208,10 @@ class DemoConfig:
     # (model.unet.tx_distance, see radiodiff/models/README.md): at a demo's few hundred updates only it
     # makes the prediction follow the transmitter. false trains on the published inputs only.
     tx_distance: bool = True
-    # The opt-in line-of-sight channels (model.unet.tx_los), for both models too; off, as in training.
+    # The opt-in line-of-sight and detour channels (model.unet.tx_los, tx_detour), for both models too; off, as
+    # in training.
     tx_los: bool = False
+    tx_detour: bool = False
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "vae_steps", "ldm_steps", "sampler_steps", "nproc", "lr"):
