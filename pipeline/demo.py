@@ -64,11 +64,11 @@ def train_args(cfg: DemoConfig, run_dir: Path, steps: int) -> list[str]:
 def ldm_args(cfg: DemoConfig, run_dir: Path, vae_dir: Path) -> list[str]:
     """radiodiff-train-ldm's arguments: the common ones, the frozen VAE, the short-run recipe (EMA with
     warmup from halfway), and the derived inputs that the demo's regressor gets too."""
-    from pipeline.quality import derived_flags, derived_overrides
+    from pipeline.quality import derived_overrides
 
     return [*train_args(cfg, run_dir, cfg.ldm_steps), f"vae.checkpoint={vae_dir}", f"sampler.steps={cfg.sampler_steps}",
             f"ema.start_step={cfg.ldm_steps // 2}", "ema.update_every=1", "ema.warmup_power=0.6667",
-            *derived_overrides(**derived_flags(cfg))]
+            *derived_overrides(cfg)]
 
 
 def demo_regressor(cfg: DemoConfig, data):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.quality import derived_flags, derived_names
+from pipeline.quality import derived_names
 from radiodiff.config import DemoConfig
 
 METRICS = (("psnr", "PSNR (dB)", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"), ("nmse", "NMSE", "{:.4f}"),
@@ -26,7 +26,7 @@ def metrics_table(results: dict[str, dict]) -> list[str]:
 
 def inputs_line(cfg: DemoConfig) -> str:
     """What the LDM and the regressor see beyond the published inputs (both see the same)."""
-    derived = derived_names(**derived_flags(cfg))
+    derived = derived_names(cfg)
     if not derived:
         return "The LDM and the regressor see the published inputs only."
     return f"The LDM and the regressor both also see {derived}: not published inputs."

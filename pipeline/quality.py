@@ -52,15 +52,15 @@ def derived_flags(settings: object) -> dict[str, bool]:
     return {key: bool(getattr(settings, key)) for key in DERIVED_INPUTS}
 
 
-def derived_overrides(*, tx_distance: bool, tx_los: bool, tx_detour: bool = False) -> list[str]:
-    """radiodiff-train-ldm overrides giving the LDM the derived inputs a regressor gets from the same flags."""
-    return [f"model.unet.{key}={str(on).lower()}" for key, on in zip(DERIVED_INPUTS, (tx_distance, tx_los, tx_detour))]
+def derived_overrides(settings: object) -> list[str]:
+    """radiodiff-train-ldm overrides giving the LDM the derived inputs a regressor gets from the same settings."""
+    return [f"model.unet.{key}={str(on).lower()}" for key, on in derived_flags(settings).items()]
 
 
-def derived_names(*, tx_distance: bool, tx_los: bool, tx_detour: bool = False) -> str:
-    """The derived inputs that are on, in words with their keys ("" when none is)."""
-    return " and ".join(f"{name} (model.unet.{key})" for (key, name), on
-                        in zip(DERIVED_INPUTS.items(), (tx_distance, tx_los, tx_detour)) if on)
+def derived_names(settings: object) -> str:
+    """The derived inputs that ``settings`` turns on, in words with their keys ("" when none is)."""
+    flags = derived_flags(settings)
+    return " and ".join(f"{name} (model.unet.{key})" for key, name in DERIVED_INPUTS.items() if flags[key])
 
 
 def conv_block(cin: int, cout: int) -> nn.Sequential:

@@ -253,7 +253,7 @@ def ldm_recipe(args: argparse.Namespace, vae_dir: Path) -> list[str]:
     """The LDM's overrides beyond the common ones: its VAE, the recipe of the module's header, the inputs."""
     return [f"vae.checkpoint={vae_dir}", f"sampler.steps={ABLATION_STEPS}", f"ema.start_step={args.ldm_steps // 2}",
             "ema.update_every=1", f"ema.warmup_power={EMA_WARMUP_POWER:g}", f"diffusion.time_power={TIME_POWER:g}",
-            *derived_overrides(**derived_flags(args)), *args.ldm_override]
+            *derived_overrides(args), *args.ldm_override]
 
 
 def cli_rows(args: argparse.Namespace, runs: dict[str, Path], evals: Path) -> tuple[list[dict], dict]:
@@ -333,7 +333,7 @@ def trained_precisions(runs: dict[str, Path]) -> str:
 
 
 def header(args: argparse.Namespace, num_samples: int, elapsed: float, precisions: str) -> str:
-    derived = derived_names(**derived_flags(args))
+    derived = derived_names(args)
     overrides = [f"{stage} overrides {' '.join(given)}" for stage, given in
                  (("VAE", args.vae_override), ("LDM", args.ldm_override)) if given]
     parts = [(f"quality benchmark: synthetic RadioMapSeer {args.maps} maps x {args.tx} tx (seed {args.seed}), "

@@ -10,6 +10,8 @@ condition is fused *densely* at every level of the U-Net, at that level's own re
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,9 +70,12 @@ def with_derived_channels(cond: torch.Tensor, *, tx_distance: bool, tx_los: bool
     """(B, C, H, W) -> (B, C + derived_channels(...), H, W): ``cond``, then the opt-in channels computed
     from it, in this order: the distance to the transmitter (1), the line-of-sight channels (2), the
     detour around buildings (1)."""
-    extra = ([tx_distance_map(cond)] if tx_distance else []) + ([tx_line_of_sight(cond)] if tx_los else []) \
-        + ([tx_detour_map(cond)] if tx_detour else [])
-    return torch.cat([cond, *extra], dim=1) if extra else cond
+    extra = [tx_distance_map(cond)] if tx_distance else []
+    if tx_los or tx_detour:  # one line-of-sight pass for both
+        with torch.no_grad(), without_autocast(cond.device):
+            sight = _sight_lines(cond, TX_CHANNEL, BUILDINGS_CHANNEL)
+            extra += ([_los_channels(sight)] if tx_los else []) + ([_detour_channel(sight)] if tx_detour else [])
+    return torch.cat([cond, *[x.to(cond.dtype) for x in extra]], dim=1) if extra else cond
 
 
 def _buildings_unit(cond: torch.Tensor, channel: int) -> torch.Tensor:
@@ -117,13 +122,28 @@ def tx_line_of_sight(cond: torch.Tensor, channel: int = TX_CHANNEL,
     buildings reads 0). The transmitter is located as in :func:`tx_distance_map`. Computed in float32
     without gradients, in row chunks of at most ``LOS_MAX_POINTS`` samples; returned in ``cond``'s dtype.
     """
-    h, w = cond.shape[-2:]
     with torch.no_grad(), without_autocast(cond.device):
-        row, col = _transmitter_rc(cond, channel)  # (B,) each
-        share = _line_share(_buildings_unit(cond, buildings_channel), row, col)  # (B, H, W)
-        crossed = share * _pixel_distance(cond, row, col) * (LOS_LENGTH_UNITS / max(h, w))  # (B, H, W)
-        out = torch.stack([share, 1.0 - torch.exp(-crossed)], dim=1)
-    return (2.0 * out - 1.0).to(cond.dtype)
+        return _los_channels(_sight_lines(cond, channel, buildings_channel)).to(cond.dtype)
+
+
+class _SightLines(NamedTuple):
+    """What the line-of-sight and detour channels share, float32, (B, ...)."""
+
+    buildings: torch.Tensor  # (B, 1, H, W) in [0, 1]
+    direct: torch.Tensor  # (B, H, W) straight-line distance to the transmitter in pixels
+    share: torch.Tensor  # (B, H, W) the share of that line inside buildings
+
+
+def _sight_lines(cond: torch.Tensor, channel: int, buildings_channel: int) -> _SightLines:
+    buildings = _buildings_unit(cond, buildings_channel)
+    row, col = _transmitter_rc(cond, channel)  # (B,) each
+    return _SightLines(buildings, _pixel_distance(cond, row, col), _line_share(buildings, row, col))
+
+
+def _los_channels(sight: _SightLines) -> torch.Tensor:
+    """-> (B, 2, H, W) float32: :func:`tx_line_of_sight`'s channels."""
+    crossed = sight.share * sight.direct * (LOS_LENGTH_UNITS / max(sight.direct.shape[-2:]))  # (B, H, W)
+    return 2.0 * torch.stack([sight.share, 1.0 - torch.exp(-crossed)], dim=1) - 1.0
 
 
 @torch.compiler.disable  # H + W sweeps would be unrolled into one graph (512 at 256x256): run them eagerly
@@ -153,16 +173,18 @@ def tx_detour_map(cond: torch.Tensor, channel: int = TX_CHANNEL,
     paths that turn a few corners; no host sync). Building pixels and unreachable ones read 1. Computed in
     float32 without gradients; returned in ``cond``'s dtype.
     """
-    h, w = cond.shape[-2:]
     with torch.no_grad(), without_autocast(cond.device):
-        buildings = _buildings_unit(cond, buildings_channel)
-        row, col = _transmitter_rc(cond, channel)
-        direct = _pixel_distance(cond, row, col)  # (B, H, W)
-        in_sight = _line_share(buildings, row, col) * direct < 0.5
-        path = _shortest_paths(torch.where(in_sight, direct, float("inf")), buildings[:, 0] >= 0.5, h + w)
-        detour = (path - direct).clamp_min(0.0) * (DETOUR_UNITS / max(h, w))  # inf stays inf
-        out = 1.0 - torch.exp(-detour)
-    return (2.0 * out - 1.0).unsqueeze(1).to(cond.dtype)
+        return _detour_channel(_sight_lines(cond, channel, buildings_channel)).to(cond.dtype)
+
+
+def _detour_channel(sight: _SightLines) -> torch.Tensor:
+    """-> (B, 1, H, W) float32: :func:`tx_detour_map`'s channel."""
+    h, w = sight.direct.shape[-2:]
+    in_sight = sight.share * sight.direct < 0.5
+    seed = torch.where(in_sight, sight.direct, float("inf"))
+    path = _shortest_paths(seed, sight.buildings[:, 0] >= 0.5, h + w)
+    detour = (path - sight.direct).clamp_min(0.0) * (DETOUR_UNITS / max(h, w))  # inf stays inf
+    return (2.0 * (1.0 - torch.exp(-detour)) - 1.0).unsqueeze(1)
 
 
 class ConditionStem(nn.Module):
