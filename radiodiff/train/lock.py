@@ -4,11 +4,12 @@
 that rank 0 refreshes every ``heartbeat_s`` seconds. It is created with O_EXCL, which is atomic on
 local and NFS v3+ filesystems. A second training on the directory stops with a one-line error naming
 the owner; a lock whose heartbeat is older than ``stale_s`` (a killed job), whose process is gone
-(same host), or that belongs to this very Slurm job (a requeue) is taken over. Taking over writes a
-new lock through a rename and reads it back, so of two processes taking over at once one wins and
-the other stops. Evaluation and sampling read a run without the lock. The sharder and the latent
-encoder lock their output folder the same way (``pipeline.shard_set``); on a URL with no exclusive
-create (``s3://``) with ``radiodiff.train.remote_lock``.
+(same host), that belongs to this very Slurm job (a requeue), or whose Slurm job has ended (asked of
+``squeue`` by a job of the same cluster: ``radiodiff.train.slurm_jobs``) is taken over. Taking over
+writes a new lock through a rename and reads it back, so of two processes taking over at once one
+wins and the other stops. Evaluation and sampling read a run without the lock. The sharder and the
+latent encoder lock their output folder the same way (``pipeline.shard_set``); on a URL with no
+exclusive create (``s3://``) with ``radiodiff.train.remote_lock``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import uuid
 from pathlib import Path
 
 from radiodiff.runs.layout import LOCK_FILE
+from radiodiff.train.slurm_jobs import job_ended
 
 
 class RunDirLocked(ValueError):
@@ -58,6 +60,7 @@ class RunLock:
 
     def _record(self) -> dict:
         return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                "slurm_cluster": os.environ.get("SLURM_CLUSTER_NAME"),
                 "since": self.since, "heartbeat": time.time(), "token": self.token, "owner": self.owner}
 
     def _read(self) -> dict | None:
@@ -80,6 +83,9 @@ class RunLock:
         age = time.time() - float(owner.get("heartbeat", 0))
         if age > self.stale_s:
             return f"no heartbeat for {age:.0f} s"
+        cluster, owner_job = os.environ.get("SLURM_CLUSTER_NAME"), owner.get("slurm_job_id")
+        if cluster and owner_job and owner.get("slurm_cluster") == cluster and job_ended(owner_job):
+            return f"Slurm job {owner_job} has ended"
         return None
 
     def describe(self, owner: dict) -> str:
@@ -125,7 +131,8 @@ class RunLock:
         if reason is None:
             raise RunDirLocked(f"{self.name}={self.where} is in use by another {_kind(owner)}: "
                                f"{self.describe(owner)}; "
-                               f"wait for it to end (a lock without heartbeat for {self.stale_s:.0f} s is taken over)")
+                               f"wait for it to end (a lock without heartbeat for {self.stale_s:.0f} s"
+                               f"{', or whose Slurm job has ended,' if owner.get('slurm_job_id') else ''} is taken over)")
         return self._claim(f"taken over ({reason})")
 
     def _claim(self, how: str) -> str:
