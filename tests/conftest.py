@@ -1,12 +1,16 @@
-"""Shared fixtures: the real RadioMapSeer subset, a small synthetic RadioMapSeer, a Ray instance."""
+"""Shared fixtures: the real RadioMapSeer subset, a small synthetic RadioMapSeer, a Ray instance, an S3
+server."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import logging
 import subprocess
 from pathlib import Path
+from typing import Iterator
 
+import fsspec
 import pytest
 
 # What a torch process group puts in the environment. A test process that joined a group of its own
@@ -15,6 +19,7 @@ PROCESS_GROUP_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "M
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_ROOT = Path(os.environ.get("RADIOMAPSEER_REAL", REPO.parent / "shared" / "radiomapseer-real"))
+BUCKET = "radiodiff"  # the s3 fixture's
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -130,3 +135,23 @@ def fill(mount_point: Path) -> Path:
     finally:
         os.close(fd)
     return filler
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[fsspec.AbstractFileSystem]:
+    """A bucket on a fresh S3 server; this process and the ones it starts reach it through AWS_ENDPOINT_URL."""
+    import boto3
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+        monkeypatch.setenv(key, value)
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    s3fs.S3FileSystem.clear_instance_cache()  # no filesystem cached with another test's server
+    yield fsspec.filesystem("s3", skip_instance_cache=True)
+    server.stop()

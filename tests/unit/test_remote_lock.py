@@ -1,4 +1,5 @@
-"""A folder's lock on an fsspec URL (memory://, as s3://): one owner, and no publish after losing it."""
+"""A folder's lock on an fsspec URL (memory://, and s3:// through s3fs on a local S3 server): one owner,
+and no publish after losing it."""
 
 from __future__ import annotations
 
@@ -13,19 +14,28 @@ import pytest
 from radiodiff.train.lock import RunDirLocked, RunLock
 from radiodiff.train.remote_lock import RemoteLock
 from pipeline.shard_set import ShardSetWriter
+from tests.conftest import BUCKET
 
 
 def memory_root() -> str:
     return f"/remote-lock-{uuid.uuid4().hex[:8]}/shards"
 
 
-def test_a_url_lock_is_held_refused_while_fresh_taken_over_when_stale_and_released() -> None:
-    fs, root = fsspec.filesystem("memory"), memory_root()
+@pytest.fixture(params=["memory", "s3"])
+def store(request: pytest.FixtureRequest) -> tuple[fsspec.AbstractFileSystem, str]:
+    """A filesystem without exclusive create and a fresh folder on it (as the filesystem names it)."""
+    if request.param == "memory":
+        return fsspec.filesystem("memory"), memory_root()
+    return request.getfixturevalue("s3"), f"{BUCKET}{memory_root()}"
+
+
+def test_a_url_lock_is_held_refused_while_fresh_taken_over_when_stale_and_released(store) -> None:
+    fs, root = store
     first = RemoteLock(fs, root, name="out", owner="radiodiff-shard")
     assert first.acquire() == "acquired"
     record = json.loads(fs.cat_file(f"{root}/LOCK"))
     assert record["token"] == first.token and record["owner"] == "radiodiff-shard"
-    with pytest.raises(RunDirLocked, match=f"out=memory://{root} is in use by another radiodiff-shard"):
+    with pytest.raises(RunDirLocked, match=f"out={fs.unstrip_protocol(root)} is in use by another radiodiff-shard"):
         RemoteLock(fs, root, name="out").acquire()
     taker = RemoteLock(fs, root, name="out", stale_s=-1)  # as if first's heartbeat were old
     assert taker.acquire().startswith("taken over (no heartbeat for")
@@ -35,8 +45,8 @@ def test_a_url_lock_is_held_refused_while_fresh_taken_over_when_stale_and_releas
     assert not fs.exists(f"{root}/LOCK")
 
 
-def test_of_two_runs_claiming_a_url_at_once_exactly_one_owns_it() -> None:
-    fs, root = fsspec.filesystem("memory"), memory_root()
+def test_of_two_runs_claiming_a_url_at_once_exactly_one_owns_it(store) -> None:
+    fs, root = store
     locks = [RemoteLock(fs, root, name="out") for _ in range(2)]
     outcomes: dict[int, str] = {}
     barrier = threading.Barrier(2)
@@ -58,9 +68,12 @@ def test_of_two_runs_claiming_a_url_at_once_exactly_one_owns_it() -> None:
     locks[won[0]].release()
 
 
-@pytest.mark.parametrize("where", ["local", "memory"])
-def test_a_run_that_lost_its_lock_does_not_publish(where: str, tmp_path: Path) -> None:
-    out = str(tmp_path / "shards") if where == "local" else f"memory://{memory_root()}"
+@pytest.mark.parametrize("where", ["local", "memory", "s3"])
+def test_a_run_that_lost_its_lock_does_not_publish(where: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    if where == "s3":
+        request.getfixturevalue("s3")
+    out = {"local": str(tmp_path / "shards"), "memory": f"memory://{memory_root()}",
+           "s3": f"s3://{BUCKET}{memory_root()}"}[where]
     writer = ShardSetWriter(out)
     with pytest.raises(RunDirLocked, match="its lock is now held by another radiodiff-encode: .*stopped before "
                                            "publishing"):
