@@ -17,6 +17,7 @@ from radiodiff.models import fusion
 from radiodiff.models.fusion import (
     ConditionStem,
     DenseFusion,
+    _shortest_paths,
     tx_detour_map,
     tx_distance_map,
     tx_line_of_sight,
@@ -216,6 +217,21 @@ def detour_reference(buildings: np.ndarray, row: int, col: int) -> np.ndarray:
                         heapq.heappush(queue, (step, nr, nc))
     detour = np.maximum(path - direct, 0) * 16 / max(h, w)
     return 2 * (1 - np.exp(-detour)) - 1
+
+
+@pytest.mark.parametrize("sweeps", [1, 2, 5, 60])
+def test_shortest_paths_relax_exactly_as_one_step_to_each_of_the_8_neighbours(sweeps: int) -> None:
+    rng = np.random.default_rng(sweeps)
+    blocked = rng.random((2, 23, 31)) > 0.75
+    seed = np.where(rng.random((2, 23, 31)) > 0.97, rng.random((2, 23, 31)) * 30, np.inf).astype(np.float32)
+    expected = np.where(blocked, np.inf, seed)
+    for _ in range(sweeps):  # numpy, float32: every neighbour's length plus its step, at once (Jacobi)
+        padded = np.pad(expected, ((0, 0), (1, 1), (1, 1)), constant_values=np.inf)
+        steps = [padded[:, 1 + dr:24 + dr, 1 + dc:32 + dc] + np.float32(math.hypot(dr, dc))
+                 for dr in (-1, 0, 1) for dc in (-1, 0, 1) if dr or dc]
+        expected = np.where(blocked, np.inf, np.minimum(expected, np.min(steps, axis=0)))
+    got = _shortest_paths(torch.from_numpy(seed), torch.from_numpy(blocked), sweeps).numpy()
+    assert np.isfinite(expected).mean() > 0.1 and np.array_equal(got, expected)  # bit for bit
 
 
 @pytest.mark.parametrize("row,col", [(0, 0), (17, 5), (39, 47)])
