@@ -11,8 +11,8 @@ data:  samples/s of the shard reader (radiodiff.data.shards, 2 workers) and of a
        data, alternating, in steady state (from the first batch on), printed as a ratio.
 synth: milliseconds per simulated gain map on one core (one thread), per model.
 models: ms per image of the real stage-1 (VAE-GAN) and stage-2 (LDM) training steps (forward, backward
-       and optimizer step) per preset, fp32 vs bf16 autocast, channels_last off vs on, with FLOPs; see
-       tools/bench_models.py.
+       and optimizer step) per preset, fp32 vs bf16 autocast, channels_last off vs on, with FLOPs, and the
+       LDM step with the opt-in derived channels (--stages ldm,ldm-derived); see tools/bench_models.py.
 cache: ms per image of the real LDM step encoding its targets with the frozen VAE vs drawing from
        cached posterior moments (radiodiff-encode), alternating on one engine, as a ratio; see
        tools/bench_cache.py.

@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import gc
 import os
 import time
@@ -42,7 +43,8 @@ from radiodiff.train.acceleration import compile_regions, memory_format, restrid
 
 STAGES = ("vae-gan", "ldm")
 REFERENCE_STAGE = "vae-gan-ref"  # the reference's VAE-GAN update (tools/bench_reference.py): fp32 eager only
-ALL_STAGES = STAGES + (REFERENCE_STAGE,)
+DERIVED_STAGE = "ldm-derived"  # the ldm step with the opt-in model.unet.tx_los and tx_detour channels on
+ALL_STAGES = STAGES + (REFERENCE_STAGE, DERIVED_STAGE)
 PRECISIONS = ("fp32", "bf16")
 # The table's precisions as DeepSpeedConfig.precision names: bf16 is autocast (fp32 master weights).
 DEEPSPEED_PRECISION = {"fp32": "fp32", "bf16": "autocast"}
@@ -220,9 +222,10 @@ def build_vae_gan_step(
 
 def build_ldm_step(
     preset: ModelPreset, image_size: int, batch: int, device: torch.device, precision: str, channels_last: bool,
-    compiled: bool = False,
+    compiled: bool = False, derived: bool = False,
 ) -> TrainStep:
-    """Stage 2: ``ldm_step`` (the frozen VAE's encode, then the U-Net engine's update)."""
+    """Stage 2: ``ldm_step`` (the frozen VAE's encode, then the U-Net engine's update); ``derived``: with
+    the line-of-sight and detour channels, computed from the condition in every forward."""
     from radiodiff.config import CONDITION_PRESETS, UNET_PRESETS, DiffusionConfig, autoencoder_preset
     from radiodiff.diffusion.latent_scale import LatentScale
     from radiodiff.models.autoencoder import AutoencoderKL
@@ -231,7 +234,8 @@ def build_ldm_step(
 
     vae_cfg = autoencoder_preset(preset.autoencoder)
     latent_size = image_size // vae_cfg.downsample_factor
-    unet_cfg = dataclasses.replace(copy.deepcopy(UNET_PRESETS[preset.unet]), latent_size=latent_size)
+    unet_cfg = dataclasses.replace(copy.deepcopy(UNET_PRESETS[preset.unet]), latent_size=latent_size,
+                                   tx_los=derived, tx_detour=derived)
     unet = build_unet(unet_cfg, copy.deepcopy(CONDITION_PRESETS[preset.condition]))
     vae = restride_frozen(AutoencoderKL(vae_cfg).requires_grad_(False).eval(), channels_last)  # as stage 2 has it
     if compiled:
@@ -267,7 +271,8 @@ def build_reference_vae_gan_step(
     return TrainStep(lambda: update(x), (generator, discriminator), ())
 
 
-STEP_BUILDERS = {"vae-gan": build_vae_gan_step, "ldm": build_ldm_step, REFERENCE_STAGE: build_reference_vae_gan_step}
+STEP_BUILDERS = {"vae-gan": build_vae_gan_step, "ldm": build_ldm_step, REFERENCE_STAGE: build_reference_vae_gan_step,
+                 DERIVED_STAGE: functools.partial(build_ldm_step, derived=True)}
 
 
 def count_flops(step: Callable[[], None]) -> FlopCount:
@@ -399,6 +404,11 @@ def speedups(rows: list[BenchRow]) -> list[tuple[str, float]]:
                 if eager and compiled:
                     out.append((f"{stage} {preset}: compiled over eager, {precision}, channels_last {on(layout)}",
                                 eager / compiled))
+        for (s, p, precision, layout, compiled), ms in times.items():
+            plain = times.get(("ldm", preset, precision, layout, compiled))
+            if (s, p) == (DERIVED_STAGE, preset) and stage == "ldm" and plain:
+                out.append((f"ldm {preset}: derived channels on over off, {precision}, channels_last {on(layout)}"
+                            f"{', compiled' if compiled else ''}", plain / ms))
         reference = times.get((REFERENCE_STAGE, preset, "fp32", False, False))
         if stage == "vae-gan" and reference:
             for (s, p, precision, layout, compiled), ms in times.items():
@@ -428,7 +438,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations (the first counts FLOPs)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--stages", default=",".join(STAGES),
-                        help=f"comma list of {', '.join(ALL_STAGES)} ({REFERENCE_STAGE}: the reference's update)")
+                        help=f"comma list of {', '.join(ALL_STAGES)} ({REFERENCE_STAGE}: the reference's update; "
+                             f"{DERIVED_STAGE}: ldm with the tx_los and tx_detour channels)")
     parser.add_argument("--precisions", default=",".join(PRECISIONS))
     parser.add_argument("--channels-last", default="off,on", help="comma list of off, on")
     parser.add_argument("--compile", default="off", help="comma list of off, on (train.compile)")

@@ -38,12 +38,10 @@ run models_b16 200 python tools/bench.py models --presets reference --image-size
   --device cuda --channels-last on --precisions bf16 --compile off,on
 run cache 90 python tools/bench.py cache --presets reference --image-size 256 --batch 8 --iters 3 --warmup 1 \
   --repeats 2 --precision bf16 --device cuda
-# model.unet.tx_los's and tx_detour's channels at the reference size: milliseconds per call of a batch of 16.
-run derived_channels 60 python -c "import time, torch; from radiodiff.models.fusion import tx_line_of_sight, tx_detour_map
-c = -torch.ones(16, 3, 256, 256, device='cuda'); c[:, 0, 100:140, 60:90] = 1; c[:, 1, 30, 200] = 1
-for f in (tx_line_of_sight, tx_detour_map):
-    f(c); torch.cuda.synchronize(); t = time.perf_counter(); [f(c) for _ in range(10)]; torch.cuda.synchronize()
-    print(f'{f.__name__} 16x3x256x256: {(time.perf_counter() - t) * 100:.2f} ms per call')"
+# The LDM step with model.unet.tx_los's and tx_detour's channels beside the plain one (at 256 the detour
+# is H + W = 512 relaxations of a dozen small kernels per forward): the ratio is their cost in training.
+run derived_channels 90 python tools/bench.py models --presets reference --image-size 256 --batch 16 --iters 3 \
+  --device cuda --channels-last on --precisions bf16 --stages ldm,ldm-derived
 run train 120 python tools/bench.py train --preset tiny --steps 12 --batch 8 --precisions autocast,bf16,fp32
 python - "$out" <<'PY'
 import json, pathlib, sys

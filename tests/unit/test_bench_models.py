@@ -78,6 +78,25 @@ def test_table_has_one_row_per_configuration_with_positive_finite_timings(bench_
     assert report.count("bf16 over fp32") == 4 and report.count("channels_last on over off") == 4
 
 
+def test_the_derived_channels_stage_times_the_ldm_step_with_them_beside_the_plain_one(bench_models, world_of_one,
+                                                                                     one_thread) -> None:
+    bm = bench_models
+    opts = bm.ModelBenchOptions(presets=("tiny",), image_size=IMAGE, batch=BATCH, iters=1, warmup=1,
+                                stages=("ldm", "ldm-derived"), precisions=("fp32",), channels_last=(False,))
+    device, rows = bm.run_model_bench(opts)
+    plain, derived = rows
+    assert (plain.stage, derived.stage) == ("ldm", "ldm-derived")
+    # Three more condition channels reach the condition encoder and the stem: more FLOPs, the same network.
+    assert derived.flops.total > plain.flops.total
+    step = bm.build_ldm_step(bm.MODEL_PRESETS["tiny"], IMAGE, BATCH, device, "fp32", False, derived=True)
+    unet = step.models.engine.module
+    assert (unet.cfg.tx_los, unet.cfg.tx_detour) == (True, True)
+    step.engines[0].destroy()
+    ratios = dict(bm.speedups(rows))
+    label = "ldm tiny: derived channels on over off, fp32, channels_last off"
+    assert ratios[label] == pytest.approx(plain.ms_per_image / derived.ms_per_image)
+
+
 def _conv_forward_flops(module: nn.Conv2d, output: torch.Tensor) -> int:
     """2 * Cin/groups * Cout * kh * kw * Hout * Wout * B: one multiply-add per weight per output pixel."""
     kh, kw = module.kernel_size
