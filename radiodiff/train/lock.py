@@ -40,6 +40,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _slurm_can_tell(owner: dict) -> bool:
+    """Whether this process may ask Slurm about the owner's job: both are jobs of the same cluster."""
+    cluster = os.environ.get("SLURM_CLUSTER_NAME")
+    return bool(cluster and owner.get("slurm_job_id") and owner.get("slurm_cluster") == cluster)
+
+
 def _kind(owner: dict) -> str:
     """What holds a lock (locks written before the record named it are trainings')."""
     return owner.get("owner", "training")
@@ -83,9 +89,8 @@ class RunLock:
         age = time.time() - float(owner.get("heartbeat", 0))
         if age > self.stale_s:
             return f"no heartbeat for {age:.0f} s"
-        cluster, owner_job = os.environ.get("SLURM_CLUSTER_NAME"), owner.get("slurm_job_id")
-        if cluster and owner_job and owner.get("slurm_cluster") == cluster and job_ended(owner_job):
-            return f"Slurm job {owner_job} has ended"
+        if _slurm_can_tell(owner) and job_ended(owner["slurm_job_id"]):
+            return f"Slurm job {owner['slurm_job_id']} has ended"
         return None
 
     def describe(self, owner: dict) -> str:
@@ -132,7 +137,7 @@ class RunLock:
             raise RunDirLocked(f"{self.name}={self.where} is in use by another {_kind(owner)}: "
                                f"{self.describe(owner)}; "
                                f"wait for it to end (a lock without heartbeat for {self.stale_s:.0f} s"
-                               f"{', or whose Slurm job has ended,' if owner.get('slurm_job_id') else ''} is taken over)")
+                               f"{', or whose Slurm job has ended,' if _slurm_can_tell(owner) else ''} is taken over)")
         return self._claim(f"taken over ({reason})")
 
     def _claim(self, how: str) -> str:

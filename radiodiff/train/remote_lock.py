@@ -4,9 +4,10 @@ Object stores have no exclusive create, so every acquisition is a claim: write t
 under a temporary name, then moved), wait, read it back; of runs claiming at once, the one whose
 write landed last owns the folder and the others stop with the one-line error, as on a local
 folder. A lock held by another run is refused or taken over by the same rules (heartbeat age, same
-Slurm job, a Slurm job that has ended, a dead process on this host). Clocks differ between hosts: keep ``stale_s`` well above
-any skew. The residual race (a claimer whose write lands after the winner's read-back) is caught by
-``check_owned`` before the step that needs one writer (publishing a shard set), which then stops.
+Slurm job, a Slurm job that has ended, a dead process on this host). Clocks differ between hosts:
+keep ``stale_s`` well above any skew. The residual race (a claimer whose write lands after the
+winner's read-back) is caught by ``check_owned`` before the step that needs one writer (publishing a
+shard set), which then stops.
 """
 
 from __future__ import annotations
