@@ -72,6 +72,7 @@ def test_a_lock_whose_slurm_job_has_ended_is_taken_over_by_a_job_of_that_cluster
 def test_an_unreachable_controller_lets_no_lock_go(local_slurm: dict, tmp_path: Path, monkeypatch) -> None:
     conf = Path(local_slurm["SLURM_CONF"]).read_text()
     dead = re.sub(r"(?m)^SlurmctldPort=\d+", f"SlurmctldPort={free_port_range(1)}", conf)
+    dead = re.sub(r"(?m)^MessageTimeout=.*\n", "", dead) + "MessageTimeout=2\n"  # squeue gives up in 2 s, not 18
     (tmp_path / "slurm.conf").write_text(dead)
     monkeypatch.setenv("SLURM_CONF", str(tmp_path / "slurm.conf"))
     assert job_ended("1") is None  # can't tell: only an answer from Slurm lets a lock go early
