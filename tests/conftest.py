@@ -3,10 +3,12 @@ server."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
-import logging
 import subprocess
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -135,6 +137,16 @@ def fill(mount_point: Path) -> Path:
     finally:
         os.close(fd)
     return filler
+
+
+def foreign_lock(folder: Path, job_id: str, cluster: str) -> str:
+    """Write ``folder``/LOCK as a training of Slurm job ``job_id`` on ``cluster``, running on another host
+    with a fresh heartbeat, leaves it; returns the text written."""
+    folder.mkdir(exist_ok=True)
+    record = json.dumps({"host": "node-elsewhere", "pid": 1, "slurm_job_id": job_id, "slurm_cluster": cluster,
+                         "since": time.time(), "heartbeat": time.time(), "token": "theirs", "owner": "training"})
+    (folder / "LOCK").write_text(record)
+    return record
 
 
 @pytest.fixture

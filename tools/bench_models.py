@@ -404,11 +404,12 @@ def speedups(rows: list[BenchRow]) -> list[tuple[str, float]]:
                 if eager and compiled:
                     out.append((f"{stage} {preset}: compiled over eager, {precision}, channels_last {on(layout)}",
                                 eager / compiled))
-        for (s, p, precision, layout, compiled), ms in times.items():
-            plain = times.get(("ldm", preset, precision, layout, compiled))
-            if (s, p) == (DERIVED_STAGE, preset) and stage == "ldm" and plain:
-                out.append((f"ldm {preset}: derived channels on over off, {precision}, channels_last {on(layout)}"
-                            f"{', compiled' if compiled else ''}", plain / ms))
+        if stage == "ldm":
+            for (s, p, precision, layout, compiled), ms in times.items():
+                plain = times.get((stage, preset, precision, layout, compiled))
+                if (s, p) == (DERIVED_STAGE, preset) and plain:
+                    out.append((f"ldm {preset}: derived channels on over off, {precision}, channels_last "
+                                f"{on(layout)}{', compiled' if compiled else ''}", plain / ms))
         reference = times.get((REFERENCE_STAGE, preset, "fp32", False, False))
         if stage == "vae-gan" and reference:
             for (s, p, precision, layout, compiled), ms in times.items():

@@ -31,6 +31,4 @@ def job_ended(job_id: str, timeout_s: float = 60.0) -> bool | None:
     states = set(done.stdout.split())  # one line per component of a heterogeneous job
     if not states:
         return None
-    if states <= ENDED_STATES:
-        return True
-    return False
+    return states <= ENDED_STATES

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 
 from radiodiff.train.slurm_jobs import job_ended
+from tests.conftest import foreign_lock
 from tests.slurm.conftest import free_port_range, sbatch
 from tests.slurm.jobs import cancelled_at_exit, ended, job_info, submit, wait_for
 
@@ -26,15 +26,6 @@ for folder in sys.argv[1:]:
     except RunDirLocked as error:
         print(f"{folder}: refused: {error}", flush=True)
 """
-
-
-def foreign_lock(folder: Path, job_id: str, cluster: str) -> str:
-    folder.mkdir()
-    record = json.dumps({"host": "node-elsewhere", "pid": 1, "slurm_job_id": job_id, "slurm_cluster": cluster,
-                         "since": time.time(), "heartbeat": time.time(), "token": "theirs",
-                         "owner": "training"})
-    (folder / "LOCK").write_text(record)
-    return record
 
 
 def test_a_lock_whose_slurm_job_has_ended_is_taken_over_by_a_job_of_that_cluster(local_slurm: dict,
