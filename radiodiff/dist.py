@@ -121,6 +121,15 @@ def broadcast_object(value: object, src: int = 0) -> object:
     return holder[0]
 
 
+def all_gather_object(value: object) -> list:
+    """Every rank's value, in rank order, on every rank (small records such as file lists)."""
+    if not torch_dist.is_initialized():
+        return [value]
+    gathered: list = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def is_main_process() -> bool:
     return not torch_dist.is_initialized() or torch_dist.get_rank() == 0
 

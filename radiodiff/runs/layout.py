@@ -15,6 +15,8 @@ Layout of a run directory (``train/checkpoint.py`` writes it; everything else re
         COMMITTED                   written last, after a barrier: only then is the checkpoint valid.
                                     JSON: the step and the size and sha256 of every file above,
                                     verified before anything of the checkpoint is deserialised
+                                    (training hashes and verifies them on all its ranks, each a
+                                    share: ``train/digests.py``)
     profile/rank{r}_steps{a}-{b}.json   torch.profiler traces of updates a..b (train.profile_steps)
 
 Every ``.pt`` file is read with ``weights_only=True``: nothing in a run directory is unpickled.
@@ -99,32 +101,37 @@ class CheckpointError(ValueError):
     """A checkpoint's files do not match what was committed (corrupt, truncated, replaced, missing)."""
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def file_digest(path: Path) -> list:
+    """[size, sha256] of a file, the size being the bytes hashed (a file that changes while it is
+    read cannot get a record whose size and digest disagree)."""
+    digest, size = hashlib.sha256(), 0
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
-    return digest.hexdigest()
+            size += len(block)
+    return [size, digest.hexdigest()]
+
+
+def checkpoint_files(folder: Path) -> dict[str, int]:
+    """{relative path: size} of every file of a checkpoint folder but COMMITTED."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMMITTED)
+    return {str(p.relative_to(folder)): p.stat().st_size for p in files}
 
 
 def file_digests(folder: Path) -> dict[str, list]:
     """{relative path: [size, sha256]} of every file of a checkpoint folder but COMMITTED."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMMITTED)
-    return {str(p.relative_to(folder)): [p.stat().st_size, _sha256(p)] for p in files}
+    return {name: file_digest(folder / name) for name in checkpoint_files(folder)}
 
 
-def commit_record(folder: Path, step: int) -> bytes:
+def commit_record(step: int, files: dict[str, list]) -> bytes:
     """The content of COMMITTED: the step and the digests of the checkpoint's files."""
-    return json.dumps({"step": step, "files": file_digests(folder)}, indent=1).encode()
+    return json.dumps({"step": step, "files": dict(sorted(files.items()))}, indent=1).encode()
 
 
-def verify_checkpoint(folder: Path) -> None:
-    """Check every committed file's size and sha256 (and meta.json) before anything is loaded.
-
-    Files added after the commit (a universal conversion) are not part of the record. A COMMITTED
-    holding only the step number (written by an older version) has only its meta.json checked;
-    anything else that is not a record is corrupt, and so is the checkpoint.
-    """
+def committed_files(folder: Path) -> dict[str, list] | None:
+    """The {relative path: [size, sha256]} a checkpoint was committed with, after its meta.json
+    reads; None for a COMMITTED holding only the step number (written by an older version, which
+    recorded no files). Anything else that is not a record is corrupt, and so is the checkpoint."""
     read_meta(folder)
     record_file = folder / COMMITTED
     try:
@@ -132,18 +139,34 @@ def verify_checkpoint(folder: Path) -> None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{record_file}: unreadable or corrupt ({err})") from err
     if isinstance(record, int) and not isinstance(record, bool):
-        return  # a bare step number: committed before files were recorded
+        return None
     files = record.get("files") if isinstance(record, dict) else None
     if not isinstance(files, dict) or not all(isinstance(v, list) and len(v) == 2 for v in files.values()):
         raise CheckpointError(f"{record_file}: corrupt (not a commit record of the checkpoint's files)")
-    for name, (size, sha) in sorted(files.items()):
-        path = folder / name
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing (the checkpoint was committed with it)")
-        if path.stat().st_size != size:
-            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, committed with {size} (truncated or replaced)")
-        if _sha256(path) != sha:
-            raise CheckpointError(f"{path}: sha256 differs from the committed one (corrupt or replaced)")
+    return files
+
+
+def check_file(folder: Path, name: str, size: int, sha: str) -> None:
+    """Raise CheckpointError unless the checkpoint's file ``name`` has the committed size and sha256."""
+    path = folder / name
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (the checkpoint was committed with it)")
+    if path.stat().st_size != size:
+        raise CheckpointError(f"{path}: {path.stat().st_size} bytes, committed with {size} (truncated or replaced)")
+    if file_digest(path)[1] != sha:
+        raise CheckpointError(f"{path}: sha256 differs from the committed one (corrupt or replaced)")
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Check every committed file's size and sha256 (and meta.json) before anything is loaded.
+
+    Files added after the commit (a universal conversion) are not part of the record. A COMMITTED
+    holding only the step number (written by an older version) has only its meta.json checked.
+    Training checks the same on all its ranks at once, each a share (``train/digests.py``).
+    """
+    files = committed_files(folder)
+    for name, (size, sha) in sorted((files or {}).items()):
+        check_file(folder, name, size, sha)
 
 
 def committed_sha256(folder: Path, name: str) -> str:
@@ -154,7 +177,7 @@ def committed_sha256(folder: Path, name: str) -> str:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         record = None
     entry = record.get("files", {}).get(name) if isinstance(record, dict) else None
-    return entry[1] if entry else _sha256(folder / name)
+    return entry[1] if entry else file_digest(folder / name)[1]
 
 
 def newest_verified(run_dir: Path, on_rejected: Callable[[Path, str], None]) -> Path | None:

@@ -26,7 +26,6 @@ from radiodiff.dist import (
     all_reduce_max,
     barrier,
     broadcast_object,
-    is_main_process,
 )
 from radiodiff.runs.layout import (
     CHECKPOINTS,
@@ -38,11 +37,11 @@ from radiodiff.runs.layout import (
     committed_steps,
     extra_file,
     is_committed,
-    newest_verified,
     rank_file,
     read_meta,
     step_dir,
 )
+from radiodiff.train.digests import spread_digests, spread_verify
 from radiodiff.train.safe_load import weights_only_loads
 
 
@@ -87,7 +86,7 @@ def parameters_finite(engines: dict[str, Any]) -> bool:
 
 
 def _write_files(folder: Path, engines: dict[str, Any], rank_state: dict, extras: dict[str, Any],
-                 dist: DistInfo, fail: bool) -> None:
+                 meta: dict, dist: DistInfo, fail: bool) -> None:
     for name, engine in engines.items():
         engine.save_checkpoint(str(folder), tag=name)  # collective: every rank writes its shard
     if fail:  # fault injection (train.fail_save_steps): what a full disk does to our writer
@@ -96,6 +95,7 @@ def _write_files(folder: Path, engines: dict[str, Any], rank_state: dict, extras
     if dist.is_main:
         for name, value in extras.items():
             torch.save(value, extra_file(folder, name))
+        _write_atomic(folder / META_FILE, json.dumps(meta, indent=1).encode())
 
 
 def save(run_dir: Path, step: int, engines: dict[str, Any], *, rank_state: dict, meta: dict,
@@ -119,15 +119,19 @@ def save(run_dir: Path, step: int, engines: dict[str, Any], *, rank_state: dict,
     barrier()
     error = None
     try:
-        _write_files(folder, engines, rank_state, extras, dist, fail)
+        _write_files(folder, engines, rank_state, extras, meta, dist, fail)
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
         error = err
     if all_reduce_max(error is not None, dist.device) > 0:  # also a barrier: every rank's files are complete
         raise CheckpointSaveError(f"saving checkpoint {folder} failed ({error or 'on another rank'}); "
                                   "nothing was committed, the previous checkpoint is the newest valid one")
+    try:
+        files = spread_digests(folder, dist.rank)  # every file's size and sha256, each rank hashing a share
+    except OSError as err:  # the same on every rank
+        raise CheckpointSaveError(f"committing checkpoint {folder} failed ({err}); nothing was committed, "
+                                  "the previous checkpoint is the newest valid one") from err
     if dist.is_main:
-        _write_atomic(folder / META_FILE, json.dumps(meta, indent=1).encode())
-        _write_atomic(folder / COMMITTED, commit_record(folder, step))  # records every file's sha256
+        _write_atomic(folder / COMMITTED, commit_record(step, files))
         prune(run_dir, keep_last)
     barrier()
     return folder
@@ -157,10 +161,18 @@ def set_aside(folder: Path, reason: str) -> Path:
     return target
 
 
-def find_resume(run_dir: Path) -> Path | None:
-    """The newest committed checkpoint that verifies, as rank 0 finds it (all ranks then load it);
-    each newer one that fails verification is reported in one line and set aside."""
-    return broadcast_object(newest_verified(run_dir, set_aside) if is_main_process() else None)
+def find_resume(run_dir: Path, dist: DistInfo) -> Path | None:
+    """The newest committed checkpoint that verifies (collective: every rank checks a share of its
+    files, and all get the same answer); each newer one that does not is reported in one line and
+    set aside by rank 0."""
+    candidates = broadcast_object([folder for _, folder in committed_steps(run_dir)] if dist.is_main else None)
+    for folder in reversed(candidates):
+        reason = spread_verify(folder, dist.rank, dist.world_size)
+        if reason is None:
+            return folder
+        if dist.is_main:
+            set_aside(folder, reason)
+    return None
 
 
 def to_universal(folder: Path, name: str, dist: DistInfo) -> str:

@@ -143,7 +143,7 @@ def run_training(cfg: TrainConfigs, build_stage: Callable[..., Stage], name: str
             print0(f"{name}: the stop file {cfg.train.stop_file} exists; nothing trained, exiting with "
                    f"{EXIT_PREEMPTED} (remove it to train)")
             return EXIT_PREEMPTED
-        folder = checkpoint.find_resume(run_dir)
+        folder = checkpoint.find_resume(run_dir, dist)
         other_world = folder is not None and read_meta(folder)["world_size"] != dist.world_size
         seed_all(cfg.seed)  # identical initial weights on every rank
         stage = build_stage(cfg, dist, load_universal=other_world)

@@ -1,10 +1,12 @@
 """A scale rehearsal on CPU: 8 ranks x 2 loader workers on a shard set with 3 train shards and 1
 validation shard (more slots than shards, ranks without validation data) trains, validates,
-checkpoints and finishes; stopped and resumed on 4 ranks, then on 6, it continues with the global
-batches and the losses of the uninterrupted 8-rank run (fp32, reduction-order tolerance)."""
+checkpoints (every file recorded, hashed by the 8 ranks a share each) and finishes; stopped and
+resumed on 4 ranks, then on 6, it continues with the global batches and the losses of the
+uninterrupted 8-rank run (fp32, reduction-order tolerance)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -33,11 +35,19 @@ def few_shards(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return out
 
 
+def on_disk(folder: Path) -> dict[str, list]:
+    """{file: [size, sha256]} of a checkpoint folder, by hashlib."""
+    return {str(p.relative_to(folder)): [p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest()]
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "COMMITTED"}
+
+
 def test_8_ranks_then_4_then_6_continue_the_8_rank_run(few_shards: Path, tmp_path: Path) -> None:
     whole = train("vae", tmp_path / "whole", few_shards, *SCALE, "train.max_steps=6", nproc=8, timeout_s=900)
     assert whole.returncode == 0, whole.output[-3000:]
     assert sorted(whole.losses("ae/loss")) == list(range(1, 7))
     assert sorted(whole.losses("val/psnr")) == [2, 4, 6]  # every rank entered validation, most without data
+    for folder in (whole.run_dir / "checkpoints").glob("step_*"):  # committed by 8 ranks, each hashing a share
+        assert json.loads((folder / "COMMITTED").read_text())["files"] == on_disk(folder), folder
     # The 8-rank run stopped at step 2: its run directory with only the step-2 checkpoint (and the
     # metrics up to it), as a preempted job would leave it.
     run_dir = stopped_at(whole.run_dir, 2, tmp_path / "elastic")
