@@ -1,5 +1,6 @@
 """The streaming shard reader: format checks, the global stream, exactly-once coverage at any number
-of ranks x workers, elastic resume, the cache folder and byte counts."""
+of ranks x workers (up to a cluster's 32 x 2 on 11 shards), elastic resume, the cache folder and
+byte counts."""
 
 from __future__ import annotations
 
@@ -493,3 +494,42 @@ def test_memory_root_works_in_process_and_is_refused_for_workers() -> None:
     assert sorted(keys(batches)[:5]) == sorted(members)
     with pytest.raises(ConfigError, match="memory://.*num_workers=0"):
         loader("memory://shard-reader-test", num_workers=2)
+
+
+# --- the cluster's geometry: 32 ranks x 2 workers on 11 shards ------------------------------------
+
+ELEVEN = [7, 3, 5, 4, 6, 2, 5, 3, 4, 6, 5]  # 50 training samples in 11 uneven shards
+NINE = [3, 2, 4]  # 9 validation samples: 23 of 32 ranks get none
+
+
+@pytest.fixture(scope="module")
+def eleven(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
+    root = str(tmp_path_factory.mktemp("eleven"))
+    _, members = write_shards(root, {"train": ELEVEN, "val": NINE})
+    return root, members
+
+
+def test_32_ranks_x_2_workers_on_11_shards_follow_one_reader_and_resume_on_8(eleven) -> None:
+    root, members = eleven
+    # One reader in one process: 3 global batches of 32, over the epoch boundary at 50 (seed 7).
+    reference = keys(take(loader(root, batch_size=32, seed=7), 3))
+    batches, ranks = run_ranks(root, "train", (32, 1, 2), 2, seed=7)  # 64 worker slots, 11 shards
+    assert keys(batches) == reference[:64]
+    assert sorted(reference[:50]) == sorted(split_keys_of(members, "train"))  # an epoch: each sample once
+    state = json.loads(json.dumps(ranks[0].state_dict()))
+    assert state["position"] == 64
+    tail, _ = run_ranks(root, "train", (8, 4, 2), 1, state=state, seed=7)  # resubmitted on 8 ranks
+    assert keys(tail) == reference[64:96]
+
+
+def test_32_ranks_x_2_workers_validate_9_samples_once_and_the_ranks_without_data_get_none(eleven) -> None:
+    root, members = eleven
+    per_rank = [list(loader(root, "val", rank=r, world_size=32, batch_size=1, num_workers=2, epochs=1))
+                for r in range(32)]
+    assert [len(batches) for batches in per_rank] == [1] * 9 + [0] * 23
+    assert sorted(keys([b for batches in per_rank for b in batches])) == sorted(split_keys_of(members, "val"))
+
+
+
+def split_keys_of(members: dict, split: str) -> list[str]:
+    return [key for key, sample in members.items() if json.loads(sample["json"])["split"] == split]
