@@ -19,9 +19,10 @@ from pathlib import Path
 from radiodiff.dist import all_gather_object, broadcast_object
 from radiodiff.runs.layout import CheckpointError, check_file, checkpoint_files, committed_files, file_digest
 
-# Our rank files (rank_00003.pt) and DeepSpeed's ZeRO shards (zero_pp_rank_3_mp_rank_00_...): written,
-# and read at resume, by that data-parallel rank. mp_rank_00_model_states.pt is rank 0's (unowned here).
-_OWNER = re.compile(r"(?:^|/)(?:rank_|zero_pp_rank_)(\d+)[_.]")
+# Our rank files (rank_00003.pt) and DeepSpeed's ZeRO shards (zero_pp_rank_3_mp_rank_00_..., with a
+# bf16_ prefix under its BF16 optimizer): written, and read at resume, by that data-parallel rank.
+# mp_rank_00_model_states.pt is rank 0's (unowned here).
+_OWNER = re.compile(r"(?:^|/)(?:bf16_)?(?:zero_pp_)?rank_(\d+)[_.]")
 
 
 def owner(name: str) -> int | None:

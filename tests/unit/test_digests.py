@@ -1,5 +1,5 @@
-"""Which rank hashes which checkpoint file (radiodiff/train/digests.py), by hand; and a file that
-cannot be read while the commit hashes it."""
+"""Which rank hashes which checkpoint file (radiodiff/train/digests.py), by hand and against the names
+DeepSpeed gives a rank's files; and a file that cannot be read while the commit hashes it."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ def test_owners_are_read_from_our_rank_files_and_deepspeeds_zero_shards_only() -
     assert owner("rank_00012.pt") == 12
     assert owner("unet/zero_pp_rank_3_mp_rank_00_optim_states.pt") == 3
     assert owner("autoencoder/zero_pp_rank_0_mp_rank_00_model_states.pt") == 0  # ZeRO-3's model shards
+    assert owner("unet/bf16_zero_pp_rank_7_mp_rank_00_optim_states.pt") == 7  # DeepSpeed's BF16 optimizer
     for unowned in ("unet/mp_rank_00_model_states.pt", "ema.pt", "meta.json", "latest", "unet/zero_to_fp32.py",
                     "autoencoder_weights.pt"):
         assert owner(unowned) is None, unowned
@@ -64,3 +65,23 @@ def test_a_file_that_cannot_be_read_fails_the_commit_naming_it(tmp_path: Path) -
     assert "ema.pt" in layout.checkpoint_files(tmp_path)
     with pytest.raises(OSError, match=f"hashing the checkpoint's files failed: {tmp_path / 'ema.pt'}: "):
         spread_digests(tmp_path, 0)
+
+
+def test_owners_match_the_names_deepspeed_gives_a_ranks_files(world_of_one, tmp_path: Path) -> None:
+    import torch
+
+    from radiodiff.config import DeepSpeedConfig, TrainConfig
+    from radiodiff.train.engines import build_engine
+
+    def engine(zero_stage: int):
+        return build_engine(torch.nn.Linear(4, 3), TrainConfig(micro_batch=1, lr=1e-2),
+                            DeepSpeedConfig(zero_stage=zero_stage, precision="fp32"), world_size=1)
+
+    def relative(path: str) -> str:
+        return str(Path(path).relative_to(tmp_path))
+
+    partitioned, replicated = engine(3), engine(1)
+    for bf16 in (False, True):  # data-parallel rank 13's optimizer shard, as DeepSpeed names it
+        assert owner(relative(replicated._get_rank_zero_ckpt_name(str(tmp_path), "unet", 0, 13, bf16))) == 13
+    assert owner(relative(partitioned._get_ckpt_name(str(tmp_path), "unet", pp_placeholder=13))) == 13
+    assert owner(relative(replicated._get_ckpt_name(str(tmp_path), "unet"))) is None  # rank 0's whole model
