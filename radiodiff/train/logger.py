@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,30 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
+class LogWriteError(RuntimeError):
+    """metrics.jsonl could not be appended to (a full disk, a lost filesystem)."""
+
+
+def _step(line: str) -> int | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else None
+
+
 def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop logged steps after ``last_step`` (they are about to be trained again)."""
+    """Drop logged steps after ``last_step`` (they are about to be trained again), and any line
+    that is not a logged step (what a write cut short by a kill left), saying which."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    steps = [_step(line) for line in lines]
+    if broken := [number for number, step in enumerate(steps, 1) if step is None]:
+        print(f"warning: {path}: dropping line(s) {', '.join(map(str, broken))}, not a logged step "
+              "(a write cut short?)", file=sys.stderr, flush=True)
+    kept = [line for line, step in zip(lines, steps) if step is not None and step <= last_step]
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text("".join(f"{line}\n" for line in kept))
     os.replace(temporary, path)
@@ -52,8 +72,18 @@ class RunLogger(NullLogger):
                                     dir=str(run_dir), mode=cfg.mode, config=config, name=run_dir.name)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        line = (json.dumps({"step": step, **metrics}) + "\n").encode()
+        size = self.path.stat().st_size if self.path.exists() else 0
+        try:
+            with open(self.path, "ab") as handle:
+                handle.write(line)
+        except OSError as err:
+            try:  # leave no partial line behind
+                os.truncate(self.path, size)
+            except OSError:
+                pass  # the next start drops it (truncate_metrics)
+            raise LogWriteError(f"appending step {step} to {self.path} failed ({err.strerror or err}); "
+                                "the newest committed checkpoint is intact") from err
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 

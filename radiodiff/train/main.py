@@ -34,7 +34,7 @@ from radiodiff.precision import configure_math, resolve_precision
 from radiodiff.runs.layout import read_meta
 from radiodiff.train import checkpoint
 from radiodiff.train.lock import RunDirLocked, RunLock
-from radiodiff.train.logger import NullLogger, RunLogger, new_run_id
+from radiodiff.train.logger import LogWriteError, NullLogger, RunLogger, new_run_id
 from radiodiff.train.loop import (
     LoopConfig,
     NonFiniteLossError,
@@ -161,7 +161,7 @@ def run_training(cfg: TrainConfigs, build_stage: Callable[..., Stage], name: str
             return train(stage, loader, state, loop, dist, logger, flag, on_log)
         finally:
             logger.close()
-    except (NonFiniteLossError, checkpoint.CheckpointSaveError) as err:
+    except (NonFiniteLossError, checkpoint.CheckpointSaveError, LogWriteError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:
