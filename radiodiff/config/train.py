@@ -58,6 +58,7 @@ class TrainConfig:
     nan_steps: list[int] = field(default_factory=list)
     nan_rank: int = -1
     fail_save_steps: list[int] = field(default_factory=list)  # checkpoint saves that fail with ENOSPC (drills)
+    fail_commit_steps: list[int] = field(default_factory=list)  # commits whose COMMITTED write fails on rank 0
     requeue_on_preempt: bool = True  # under Slurm, rank 0 requeues the job after saving
     # A file (on the filesystem every rank sees) whose appearance stops the run as a preemption
     # signal does, without the requeue: checkpoint at the next step, exit 75. A run started while it

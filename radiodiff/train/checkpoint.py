@@ -79,6 +79,11 @@ class CheckpointSaveError(RuntimeError):
     """A save failed on some rank (a full disk, a lost filesystem); nothing was committed."""
 
 
+def _not_committed(doing: str, folder: Path, cause: object) -> CheckpointSaveError:
+    return CheckpointSaveError(f"{doing} checkpoint {folder} failed ({cause}); nothing was committed, the previous "
+                               "checkpoint is the newest valid one")
+
+
 def parameters_finite(engines: dict[str, Any]) -> bool:
     """Whether every parameter of every engine's module is finite (one host read)."""
     flags = [torch.isfinite(p).all() for engine in engines.values() for p in engine.module.parameters()]
@@ -99,7 +104,8 @@ def _write_files(folder: Path, engines: dict[str, Any], rank_state: dict, extras
 
 
 def save(run_dir: Path, step: int, engines: dict[str, Any], *, rank_state: dict, meta: dict,
-         extras: dict[str, Any], dist: DistInfo, keep_last: int, fail: bool = False) -> Path:
+         extras: dict[str, Any], dist: DistInfo, keep_last: int, fail: bool = False,
+         fail_commit: bool = False) -> Path:
     """Save a checkpoint on every rank (collective) and commit it.
 
     Every rank reports whether its writing succeeded (one all-reduce) before anything is committed,
@@ -123,15 +129,22 @@ def save(run_dir: Path, step: int, engines: dict[str, Any], *, rank_state: dict,
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
         error = err
     if all_reduce_max(error is not None, dist.device) > 0:  # also a barrier: every rank's files are complete
-        raise CheckpointSaveError(f"saving checkpoint {folder} failed ({error or 'on another rank'}); "
-                                  "nothing was committed, the previous checkpoint is the newest valid one")
+        raise _not_committed("saving", folder, error or "on another rank")
     try:
         files = spread_digests(folder, dist.rank)  # every file's size and sha256, each rank hashing a share
     except OSError as err:  # the same on every rank
-        raise CheckpointSaveError(f"committing checkpoint {folder} failed ({err}); nothing was committed, "
-                                  "the previous checkpoint is the newest valid one") from err
+        raise _not_committed("committing", folder, err) from err
+    error = None
+    if dist.is_main:  # rank 0 alone writes the commit: the others learn of a failure here, not by a timeout
+        try:
+            if fail_commit:  # fault injection (train.fail_commit_steps)
+                raise OSError(errno.ENOSPC, "No space left on device (injected)", str(folder / COMMITTED))
+            _write_atomic(folder / COMMITTED, commit_record(step, files))
+        except OSError as err:
+            error = err
+    if all_reduce_max(error is not None, dist.device) > 0:
+        raise _not_committed("committing", folder, error or "on rank 0")
     if dist.is_main:
-        _write_atomic(folder / COMMITTED, commit_record(step, files))
         prune(run_dir, keep_last)
     barrier()
     return folder

@@ -104,7 +104,8 @@ def save_checkpoint(stage: Stage, state: RunState, loop: LoopConfig, dist: DistI
     rank_state = {"rng": checkpoint.rng_state()}
     return checkpoint.save(loop.run_dir, state.step, stage.engines, rank_state=rank_state,
                            meta=checkpoint_meta(state, loop, dist, loader), extras=stage.checkpoint_files(), dist=dist,
-                           keep_last=loop.train.keep_last, fail=state.step in loop.train.fail_save_steps)
+                           keep_last=loop.train.keep_last, fail=state.step in loop.train.fail_save_steps,
+                           fail_commit=state.step in loop.train.fail_commit_steps)
 
 
 def _run_update(stage: Stage, batches: Iterator[dict], state: RunState, loop: LoopConfig, dist: DistInfo,

@@ -105,6 +105,21 @@ def test_a_full_disk_during_a_save_loses_nothing(whole, train_shards: Path, tmp_
     assert not (run_dir / "LOCK").exists() and os.listdir(run_dir / "checkpoints")
 
 
+def test_a_commit_that_fails_on_rank_0_stops_every_rank_in_one_line(train_shards: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    failed = train("vae", run_dir, train_shards, *ONE, "train.max_steps=6", "train.micro_batch=1",
+                   "train.fail_commit_steps=[4]")
+    # torchrun reports its failed ranks with a traceback of its own; the ranks print none
+    assert failed.returncode == 1 and "radiodiff/train/" not in failed.output, failed.output[-3000:]
+    step4 = run_dir / "checkpoints" / "step_00000004"
+    assert f"error: committing checkpoint {step4} failed ([Errno 28] No space left on device" in failed.output
+    assert f"error: committing checkpoint {step4} failed (on rank 0)" in failed.output  # rank 1, told at once
+    assert committed(run_dir) == [2] and not (step4 / "COMMITTED").exists()
+    resumed = train("vae", run_dir, train_shards, *ONE, "train.max_steps=6", "train.micro_batch=1")
+    assert resumed.returncode == 0 and "(step 2)" in resumed.output, resumed.output[-3000:]
+    assert committed(run_dir) == [2, 4, 6]
+
+
 def test_a_real_full_disk_fails_in_one_line_and_loses_nothing(whole, train_shards: Path, small_disk: Path) -> None:
     # The disk holds the run's first checkpoint, not its second: torch.save and DeepSpeed report
     # that as a RuntimeError, not the OSError of the injected fault above.
