@@ -188,24 +188,42 @@ def find_resume(run_dir: Path, dist: DistInfo) -> Path | None:
     return None
 
 
+class CheckpointLoadError(RuntimeError):
+    """A committed checkpoint could not be prepared for loading (its universal conversion failed)."""
+
+
+def _convert(source: Path, target: Path) -> None:
+    if target.exists():  # a conversion that did not finish
+        shutil.rmtree(target)
+    # --inject_missing_state: our models carry no Megatron-style universal-checkpoint info.
+    # Through safe_load: the conversion reads the checkpoint with weights-only loads too.
+    done = subprocess.run([sys.executable, "-m", "radiodiff.train.safe_load", "--input_folder", str(source),
+                           "--output_folder", str(target), "--inject_missing_state", "--num_extract_workers", "1",
+                           "--num_merge_workers", "1"], capture_output=True, text=True)
+    if done.returncode != 0:  # torch.save names no errno for a full disk: say how much room there was
+        lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+        free_mib = shutil.disk_usage(target.parent).free / 2**20
+        shutil.rmtree(target, ignore_errors=True)
+        raise RuntimeError(f"{lines[-1] if lines else f'exit code {done.returncode}'}; its filesystem had "
+                           f"{free_mib:.1f} MiB free")
+    (target / COMMITTED).write_text("universal\n")
+
+
 def to_universal(folder: Path, name: str, dist: DistInfo) -> str:
-    """Convert engine ``name``'s ZeRO checkpoint to DeepSpeed's universal format (rank 0, once);
-    returns the tag to load. A universal checkpoint loads at any world size."""
+    """Convert engine ``name``'s ZeRO checkpoint to DeepSpeed's universal format (rank 0, once; every
+    rank learns of a failure at once); returns the tag to load. A universal checkpoint loads at any
+    world size."""
     tag = f"{name}_universal"
     target = folder / tag
+    error = None
     if dist.is_main and not (target / COMMITTED).is_file():
-        if target.exists():
-            shutil.rmtree(target)
-        # --inject_missing_state: our models carry no Megatron-style universal-checkpoint info.
-        # Through safe_load: the conversion reads the checkpoint with weights-only loads too.
-        done = subprocess.run([sys.executable, "-m", "radiodiff.train.safe_load", "--input_folder",
-                               str(folder / name), "--output_folder", str(target), "--inject_missing_state",
-                               "--num_extract_workers", "1", "--num_merge_workers", "1"],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"converting {folder / name} to a universal checkpoint failed:\n{done.stderr[-2000:]}")
-        (target / COMMITTED).write_text("universal\n")
-    barrier()
+        try:
+            _convert(folder / name, target)
+        except (OSError, RuntimeError) as err:
+            error = err
+    if all_reduce_max(error is not None, dist.device) > 0:
+        raise CheckpointLoadError(f"converting {folder / name} for {dist.world_size} rank(s) (DeepSpeed's universal "
+                                  f"format) failed ({error or 'on rank 0'}); the checkpoint itself is unchanged")
     return tag
 
 

@@ -161,7 +161,7 @@ def run_training(cfg: TrainConfigs, build_stage: Callable[..., Stage], name: str
             return train(stage, loader, state, loop, dist, logger, flag, on_log)
         finally:
             logger.close()
-    except (NonFiniteLossError, checkpoint.CheckpointSaveError, LogWriteError) as err:
+    except (NonFiniteLossError, checkpoint.CheckpointSaveError, checkpoint.CheckpointLoadError, LogWriteError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:

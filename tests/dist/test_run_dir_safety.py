@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 from pathlib import Path
 
 import pytest
 
+from radiodiff.runs import layout
 from radiodiff.train.lock import RunLock
 from tests.conftest import fill, resize
 from tests.dist.conftest import start, stopped_at, train
@@ -143,6 +145,27 @@ def test_a_real_full_disk_fails_in_one_line_and_loses_nothing(whole, train_shard
     resumed = train("vae", run_dir, train_shards, *ONE, "train.max_steps=6", nproc=1)
     assert resumed.returncode == 0 and "(step 2)" in resumed.output, resumed.output[-3000:]
     assert resumed.losses("ae/loss") == whole.losses("ae/loss")  # bitwise: the same run as without the fault
+
+
+def test_a_conversion_to_another_world_size_on_a_full_disk_stops_every_rank_in_one_line(whole, train_shards: Path,
+                                                                                         small_disk: Path) -> None:
+    run_dir = stopped_at(whole.run_dir, 2, small_disk / "run")  # saved on 1 rank; resumed on 2 below
+    disk = os.statvfs(small_disk)
+    resize(small_disk, (disk.f_blocks - disk.f_bfree) * disk.f_frsize + (256 << 10))  # no room for the conversion
+    two = [*ONE, "train.micro_batch=1", "train.max_steps=4"]
+    failed = train("vae", run_dir, train_shards, *two)
+    assert failed.returncode == 1 and "radiodiff/train/" not in failed.output, failed.output[-3000:]
+    source = run_dir / "checkpoints" / "step_00000002" / "autoencoder"
+    lines = [line for line in failed.output.splitlines() if line.startswith(f"error: converting {source} for 2 rank")]
+    assert len(lines) == 2 and "(on rank 0)" in lines[1] and re.search(r"had 0\.\d MiB free", lines[0]), lines
+    layout.verify_checkpoint(source.parent)  # unchanged, and no partial conversion left in it
+    assert not (source.parent / "autoencoder_universal").exists()
+    assert not (run_dir / "LOCK").exists()
+
+    resize(small_disk, 64 << 20)
+    resumed = train("vae", run_dir, train_shards, *two)
+    assert resumed.returncode == 0 and "resuming 1 -> 2 ranks at step 2" in resumed.output, resumed.output[-3000:]
+    assert committed(run_dir) == [2, 4]
 
 
 def test_a_refused_start_leaves_no_empty_run_dir_and_keeps_a_folder_it_did_not_make(train_shards: Path,
