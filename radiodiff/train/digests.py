@@ -68,10 +68,14 @@ def spread_digests(folder: Path, rank: int) -> dict[str, list]:
     """{file: [size, sha256]} of every file of a checkpoint folder but COMMITTED (collective: every
     rank calls it after every rank's files are complete, and gets the whole record). Raises OSError,
     on every rank, naming the file, where any rank could not read its share."""
-    share = shares(all_gather_object(checkpoint_files(folder)))[rank]
-    digests: dict[str, list] = {}
     reason = None
-    for name in share:
+    try:
+        listing = checkpoint_files(folder)
+    except OSError as err:  # still enter the collectives below: the other ranks wait in them
+        listing, reason = {}, f"{folder}: {err.strerror or err}"
+    share = shares(all_gather_object(listing))[rank]
+    digests: dict[str, list] = {}
+    for name in share if reason is None else []:
         try:
             digests[name] = file_digest(folder / name)
         except OSError as err:
