@@ -67,6 +67,7 @@ def test_a_file_that_cannot_be_read_fails_the_commit_naming_it(tmp_path: Path) -
         spread_digests(tmp_path, 0)
 
 
+@pytest.mark.filterwarnings("ignore:.*all_gather_into_tensor.*:FutureWarning")  # DeepSpeed's ZeRO-3 set-up
 def test_owners_match_the_names_deepspeed_gives_a_ranks_files(world_of_one, tmp_path: Path) -> None:
     import torch
 
