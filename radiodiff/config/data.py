@@ -17,6 +17,7 @@ PROTOCOLS = ("radiounet", "radiodiff", "radiodiff_disjoint")
 VALUE_RANGES = ("unit", "symmetric")
 SPLITS = ("train", "val", "test")
 AUGMENTS = ("none", "antidiagonal")  # radiodiff/data/augment.py
+COND_RESIZES = ("nearest", "area")  # radiodiff/data/schema.py: resize_cond
 
 
 @dataclass
@@ -33,6 +34,9 @@ class DataConfig:
     num_tx: Optional[int] = None  # transmitters per map; None = all that the root holds
     threshold: Optional[float] = None  # RadioUNet's 0.2 threshold on the [0,1] target
     image_size: int = 256  # resize when != 256: bilinear for gain, nearest for binary maps
+    # How a smaller image_size shrinks the buildings (and cars): nearest (one native pixel of each
+    # block) or area (each block's mean: the share it covers). The transmitter is max-pooled either way.
+    cond_resize: str = "nearest"
     value_range: str = "symmetric"  # unit: [0,1]; symmetric: [-1,1] (RadioDiff)
     num_workers: int = 2  # data-loader worker processes per rank
     shuffle: bool = True
@@ -50,6 +54,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         check_choice("data.protocol", self.protocol, PROTOCOLS)
         check_choice("data.augment", self.augment, AUGMENTS)
+        check_choice("data.cond_resize", self.cond_resize, COND_RESIZES)
         if self.augment != "none" and self.latents is not None:
             raise ConfigError(f"data.augment={self.augment} needs image shards: the latent cache data.latents="
                               f"{self.latents} holds the moments of the maps as stored; set data.latents=null")

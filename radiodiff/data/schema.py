@@ -121,13 +121,19 @@ def decode_json(data: bytes, where: str) -> dict:
 def resize_cond(cond: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
     """(B, 3, 256, 256) condition, already in value range -> image_size.
 
-    Binary maps resize nearest. The transmitter is one pixel: nearest sampling would drop it at
-    most positions, so shrinking keeps it with a max over each output pixel's area.
+    Binary maps resize nearest, or when shrinking with ``data.cond_resize=area`` to each output
+    pixel's mean: the share of it that buildings (or cars) cover, where nearest keeps one native
+    pixel of it (its first row and column: a quarter of a 4-pixel block off centre). The transmitter
+    is one pixel: nearest sampling would drop it at most positions, so shrinking keeps it with a max
+    over each output pixel's area.
     """
     size = cfg.image_size
     if size == NATIVE_SIZE:
         return cond
-    resized = F.interpolate(cond, size=(size, size), mode="nearest")
+    if size < NATIVE_SIZE and cfg.cond_resize == "area":
+        resized = F.adaptive_avg_pool2d(cond, size)
+    else:
+        resized = F.interpolate(cond, size=(size, size), mode="nearest")
     if size < NATIVE_SIZE:
         resized[:, 1:2] = F.adaptive_max_pool2d(cond[:, 1:2], size)
     return resized
