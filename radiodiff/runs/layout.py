@@ -151,8 +151,8 @@ def check_file(folder: Path, name: str, size: int, sha: str) -> None:
     path = folder / name
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (the checkpoint was committed with it)")
-    if path.stat().st_size != size:
-        raise CheckpointError(f"{path}: {path.stat().st_size} bytes, committed with {size} (truncated or replaced)")
+    if (actual := path.stat().st_size) != size:
+        raise CheckpointError(f"{path}: {actual} bytes, committed with {size} (truncated or replaced)")
     if file_digest(path)[1] != sha:
         raise CheckpointError(f"{path}: sha256 differs from the committed one (corrupt or replaced)")
 

@@ -21,17 +21,12 @@ from radiodiff.dist import DistInfo
 from radiodiff.runs import layout
 from radiodiff.train import checkpoint, digests
 
-# file -> (writer, size); the content is the bytes of numpy's generator seeded by the file's index.
-SIZES = {"rank": 1_000, "shard": 50_000, "unet/mp_rank_00_model_states.pt": 400_000, "ema.pt": 300_000,
-         "latest": 4}
-
-
 def files(world_size: int) -> dict[str, tuple[int, int]]:
-    out = {"unet/mp_rank_00_model_states.pt": (0, SIZES["unet/mp_rank_00_model_states.pt"]),
-           "ema.pt": (0, SIZES["ema.pt"]), "latest": (0, SIZES["latest"])}
+    """file -> (writer, size); the content is the bytes of numpy's generator seeded by the file's index."""
+    out = {"unet/mp_rank_00_model_states.pt": (0, 400_000), "ema.pt": (0, 300_000), "latest": (0, 4)}
     for rank in range(world_size):
-        out[f"rank_{rank:05d}.pt"] = (rank, SIZES["rank"])
-        out[f"unet/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"] = (rank, SIZES["shard"])
+        out[f"rank_{rank:05d}.pt"] = (rank, 1_000)
+        out[f"unet/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"] = (rank, 50_000)
     return out
 
 
