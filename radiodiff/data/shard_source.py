@@ -166,13 +166,29 @@ class LoadedShard:
     map_cache: dict[bytes, np.ndarray] = field(default_factory=dict)  # decoded per-map PNGs
 
 
+PREFETCH_THREAD = "radiodiff-shard-prefetch"
+
+
+def finish_prefetches() -> None:
+    """Wait until no prefetch thread of this process is running (each reads one shard).
+
+    A loader calls it before it forks its workers. ``fork()`` copies only the calling thread: a lock
+    that a prefetch thread holds at that instant (OpenSSL's while it hashes a shard, a file's) would
+    stay held in the worker for ever, and the worker, its rank and then every rank would hang. A
+    loader without workers leaves such a thread behind whenever its pass is dropped mid-way.
+    """
+    for thread in threading.enumerate():
+        if thread.name == PREFETCH_THREAD and thread is not threading.current_thread():
+            thread.join()
+
+
 class _Prefetch:
     """``load()`` in a daemon thread; ``result()`` waits for it and raises its error in the caller."""
 
     def __init__(self, load: Callable[[], LoadedShard]) -> None:
         self._value: Optional[LoadedShard] = None
         self._error: Optional[Exception] = None
-        self._thread = threading.Thread(target=self._run, args=(load,), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(load,), daemon=True, name=PREFETCH_THREAD)
         self._thread.start()
 
     def _run(self, load: Callable[[], LoadedShard]) -> None:

@@ -51,7 +51,7 @@ from radiodiff.data.schema import (
     cond_values,
     target_values,
 )
-from radiodiff.data.shard_source import ShardSource, fetch_shard, index_tar, iter_tar
+from radiodiff.data.shard_source import ShardSource, fetch_shard, finish_prefetches, index_tar, iter_tar
 from radiodiff.data.shard_stream import ShardStream, StreamPlan, chunk_count
 
 __all__ = ["ShardLoader", "ShardStateError", "ShardStream", "StreamPlan", "fetch_shard", "index_tar",
@@ -144,8 +144,10 @@ class ShardLoader:
 
     def _data_loader(self) -> DataLoader:
         extra: dict[str, Any] = {}
-        if self.num_workers > 0 and self.prefetch_factor is not None:
-            extra["prefetch_factor"] = self.prefetch_factor
+        if self.num_workers > 0:
+            finish_prefetches()  # none of this process's threads holds a lock when the workers fork
+            if self.prefetch_factor is not None:
+                extra["prefetch_factor"] = self.prefetch_factor
         # Workers are not persistent: each pass pickles the dataset with its start position, which
         # persistent workers would not see.
         # Its own generator: a DataLoader iterator otherwise draws its base seed from torch's global

@@ -11,10 +11,13 @@ import itertools
 import json
 import pickle
 import tarfile
+import threading
 
+import fsspec
 import numpy as np
 import pytest
 import torch
+from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
 
 from radiodiff.config import ConfigError, DataConfig
@@ -533,3 +536,38 @@ def test_32_ranks_x_2_workers_validate_9_samples_once_and_the_ranks_without_data
 
 def split_keys_of(members: dict, split: str) -> list[str]:
     return [key for key, sample in members.items() if json.loads(sample["json"])["split"] == split]
+
+
+class SlowFileSystem(MemoryFileSystem):
+    """memory:// as a slow shared filesystem: opening ``held`` waits until the test releases it."""
+
+    protocol = "slow"
+    held = ""
+    release = threading.Event()
+
+    @classmethod
+    def _strip_protocol(cls, path: str) -> str:
+        return MemoryFileSystem._strip_protocol(path.removeprefix("slow://"))
+
+    def _open(self, path: str, mode: str = "rb", **kwargs):
+        if mode == "rb" and path.endswith(self.held):
+            self.release.wait(timeout=60)
+        return super()._open(path, mode, **kwargs)
+
+
+def test_workers_fork_only_once_this_process_s_prefetch_thread_is_done(tmp_path) -> None:
+    """A pass without workers dropped mid-way leaves its prefetch thread reading (and hashing) the
+    next shard; a pass with workers forked meanwhile would copy any lock it holds, held for ever."""
+    manifest, _ = write_shards("memory://prefetch-before-fork", {"train": [3, 3]})
+    SlowFileSystem.held = manifest["splits"]["train"]["shards"][1]["path"]
+    fsspec.register_implementation("slow", SlowFileSystem, clobber=True)
+    other = str(tmp_path / "other")
+    write_shards(other, {"train": [2, 2]})
+    dropped = iter(loader("slow://prefetch-before-fork", batch_size=3, shuffle=False))
+    assert len(next(dropped)["key"]) == 3  # the first shard; the second one's prefetch now waits
+    released = threading.Timer(3, SlowFileSystem.release.set)
+    released.start()
+    batch = next(iter(loader(other, batch_size=2, num_workers=2)))
+    assert SlowFileSystem.release.is_set(), "the workers forked while a prefetch thread was still reading"
+    assert len(batch["key"]) == 2
+    assert len(next(dropped)["key"]) == 3  # the prefetched shard, whole and verified
