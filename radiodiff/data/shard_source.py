@@ -173,7 +173,7 @@ def finish_prefetches() -> None:
     """Wait until no prefetch thread of this process is running (each reads one shard).
 
     A loader calls it before it forks its workers. ``fork()`` copies only the calling thread: a lock
-    that a prefetch thread holds at that instant (OpenSSL's while it hashes a shard, a file's) would
+    that a prefetch thread holds at that instant (a library's, while it reads or hashes a shard) would
     stay held in the worker for ever, and the worker, its rank and then every rank would hang. A
     loader without workers leaves such a thread behind whenever its pass is dropped mid-way.
     """
