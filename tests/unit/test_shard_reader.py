@@ -560,13 +560,13 @@ def test_workers_fork_only_once_this_process_s_prefetch_thread_is_done(tmp_path)
     next shard; a pass with workers forked meanwhile would copy any lock it holds, held for ever."""
     manifest, _ = write_shards("memory://prefetch-before-fork", {"train": [3, 3]})
     SlowFileSystem.held = manifest["splits"]["train"]["shards"][1]["path"]
+    SlowFileSystem.release = threading.Event()  # unset, also when the test runs again in this process
     fsspec.register_implementation("slow", SlowFileSystem, clobber=True)
     other = str(tmp_path / "other")
     write_shards(other, {"train": [2, 2]})
     dropped = iter(loader("slow://prefetch-before-fork", batch_size=3, shuffle=False))
     assert len(next(dropped)["key"]) == 3  # the first shard; the second one's prefetch now waits
-    released = threading.Timer(3, SlowFileSystem.release.set)
-    released.start()
+    threading.Timer(3, SlowFileSystem.release.set).start()
     batch = next(iter(loader(other, batch_size=2, num_workers=2)))
     assert SlowFileSystem.release.is_set(), "the workers forked while a prefetch thread was still reading"
     assert len(batch["key"]) == 2
