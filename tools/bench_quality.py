@@ -1,7 +1,8 @@
 """The `quality` benchmark of tools/bench.py: how good the trained models are, against references.
 
     python tools/bench.py quality [--maps 100 --tx 8 --seed 11 --image-size 64 --latent-factor 2
-                                   --vae-steps 600 --ldm-steps 1000 --batch 8 --lr 1e-3 --out bench_quality]
+                                   --vae-steps 600 --vae-batch 8 --vae-lr 1e-3 --ldm-steps 1000 --batch 32
+                                   --lr 2e-3 --out bench_quality]
                                   [--quick] [--keep-work] [--augment antidiagonal] [--tx-distance] [--tx-los]
                                   [--vae-override k=v ...] [--ldm-override k=v ...]
 
@@ -71,8 +72,14 @@ MEAN_DRAWS_ROW = f"LDM EMA, {ABLATION_STEPS} steps, mean of {MEAN_DRAWS} draws"
 # Every LDM row samples with the default sampler.estimate=c_head; this one with the published update.
 REFERENCE_ROW = f"LDM EMA, {ABLATION_STEPS} steps, the published update (sampler.estimate=reference)"
 TARGET_TX_DROP_DB, TARGET_VS_REGRESSOR_DB, TARGET_VS_VAE_DB = 3.0, 1.0, 1.5
-# Full run: 44 CPU-minutes measured (24.4 minutes wall with --threads 2 on the 2 idle cores; 30 and 16.6
-# with --latent-factor 4; per update at batch 8 on 2 threads: VAE ~0.65 s, LDM ~0.55 s at factor 2).
+# Full run: 49 CPU-minutes measured (26.1 minutes wall with --threads 2 on 2 idle cores with native bf16;
+# 66 CPU-minutes on the same machine in a slower spell; per update on 2 threads: VAE ~0.25-0.35 s at batch
+# 8, LDM ~0.7-1.0 s at batch 32, factor 2).
+# The LDM and the regressors train at batch 32 and lr 2e-3, the VAE-GAN at batch 8 and lr 1e-3. A tiny LDM
+# step on a CPU is overhead-bound: batch 32 costs 2-3x batch 8 per update, and at 1,000 updates it lifted the
+# LDM by 1.40 dB (the regressor by 0.80) at lr 1e-3, lr 2e-3 by 0.34 dB more; the gap to the VAE
+# reconstruction went from 2.92 to 1.18 dB (docs/quality_runs.md). The VAE-GAN step costs ~linearly in the
+# batch, so it keeps batch 8.
 # The LDM gets 1,000 updates, not fewer: at 700 its transmitter ablation sat at the 3 dB threshold (-2.9
 # to -3.2 dB over runs, factor 4), so the check would have read noise.
 # The latent is 32x32 (--latent-factor 2), not the tiny preset's 16x16: at 16x16 the same conv U-Net
@@ -85,8 +92,9 @@ TARGET_TX_DROP_DB, TARGET_VS_REGRESSOR_DB, TARGET_VS_VAE_DB = 3.0, 1.0, 1.5
 TIME_POWER = 1.0
 EMA_WARMUP_POWER = 0.6667  # ema.warmup_power: the EMA follows the weights it starts from (models README)
 # Quick: a smoke run of every step, ~4 minutes (mostly process start-ups).
-DEFAULTS = {"maps": 100, "tx": 8, "vae_steps": 600, "ldm_steps": 1000, "batch": 8}
-QUICK = {"maps": 24, "tx": 8, "vae_steps": 40, "ldm_steps": 40, "batch": 4}
+DEFAULTS = {"maps": 100, "tx": 8, "vae_steps": 600, "ldm_steps": 1000, "batch": 32, "vae_batch": 8, "lr": 2e-3,
+            "vae_lr": 1e-3}
+QUICK = {"maps": 24, "tx": 8, "vae_steps": 40, "ldm_steps": 40, "batch": 4, "vae_batch": 4, "lr": 1e-3, "vae_lr": 1e-3}
 SIZE_MULTIPLE = 32  # the condition encoder's coarsest stride at factor 4 (at factor 2 it is 16: 32 covers both)
 EVAL_BATCH = 32  # test maps per forward pass when scoring: tiny models on a CPU are overhead-bound
 # Without pretrained VGG16 weights (none are downloaded) LPIPS is a random network: no perceptual
@@ -116,10 +124,11 @@ def size_note(size: int) -> str:
     return "the tiny preset resized to it"
 
 
-def train_overrides(args: argparse.Namespace, run_dir: Path, shards: Path, steps: int) -> list[str]:
+def train_overrides(args: argparse.Namespace, run_dir: Path, shards: Path, steps: int, batch: int,
+                    lr: float) -> list[str]:
     return [f"run_dir={run_dir}", f"data.shards={shards}", "model=tiny", f"seed={args.seed}",
-            f"train.max_steps={steps}", f"train.global_batch={args.batch}", f"train.micro_batch={args.batch}",
-            f"train.lr={args.lr}", f"train.min_lr={args.lr / 10}", f"train.log_every={max(1, steps // 10)}",
+            f"train.max_steps={steps}", f"train.global_batch={batch}", f"train.micro_batch={batch}",
+            f"train.lr={lr}", f"train.min_lr={lr / 10}", f"train.log_every={max(1, steps // 10)}",
             f"train.ckpt_every={steps}", "data.num_workers=0", f"data.augment={args.augment}",
             f"data.cond_resize={args.cond_resize}", "wandb.mode=offline",
             *size_overrides(args.image_size, args.latent_factor)]
@@ -240,13 +249,23 @@ def progress(message: str) -> None:
           file=sys.stderr, flush=True)
 
 
+def vae_command(args: argparse.Namespace, run_dir: Path, shards: Path) -> list[str]:
+    """radiodiff-train-vae's overrides: the VAE-GAN trains at its own batch and learning rate."""
+    return [*train_overrides(args, run_dir, shards, args.vae_steps, args.vae_batch, args.vae_lr), *VAE_LOSS,
+            f"loss.disc_start={args.vae_steps // 2}", *args.vae_override]
+
+
+def ldm_command(args: argparse.Namespace, run_dir: Path, shards: Path, vae_dir: Path) -> list[str]:
+    """radiodiff-train-ldm's overrides: the batch and learning rate the regressors train at too."""
+    return [*train_overrides(args, run_dir, shards, args.ldm_steps, args.batch, args.lr), *ldm_recipe(args, vae_dir)]
+
+
 def train_models(args: argparse.Namespace, work: Path, shards: Path) -> dict[str, Path]:
     runs = {"vae": work / "runs" / "vae", "ldm": work / "runs" / "ldm"}
-    run_command("radiodiff-train-vae", [*train_overrides(args, runs["vae"], shards, args.vae_steps),
-                                        *VAE_LOSS, f"loss.disc_start={args.vae_steps // 2}", *args.vae_override],
-                args.logs / "train_vae.log", args.threads)
-    run_command("radiodiff-train-ldm", [*train_overrides(args, runs["ldm"], shards, args.ldm_steps),
-                                        *ldm_recipe(args, runs["vae"])], args.logs / "train_ldm.log", args.threads)
+    run_command("radiodiff-train-vae", vae_command(args, runs["vae"], shards), args.logs / "train_vae.log",
+                args.threads)
+    run_command("radiodiff-train-ldm", ldm_command(args, runs["ldm"], shards, runs["vae"]),
+                args.logs / "train_ldm.log", args.threads)
     return runs
 
 
@@ -342,8 +361,9 @@ def header(args: argparse.Namespace, num_samples: int, elapsed: float, precision
              (f"models at {args.image_size}x{args.image_size} ({size_note(args.image_size)}; the ceiling row is what "
               f"the size costs), latent {args.image_size // args.latent_factor}x{args.image_size // args.latent_factor}"
               f" (VAE factor {args.latent_factor}), buildings shrunk by data.cond_resize={args.cond_resize}"),
-             (f"VAE {args.vae_steps} updates (no LPIPS: no pretrained VGG16), LDM and regressor {args.ldm_steps}, "
-              f"batch {args.batch}, lr {args.lr:g} decaying to lr/10; LDM training times with density "
+             (f"VAE {args.vae_steps} updates of batch {args.vae_batch} at lr {args.vae_lr:g} (no LPIPS: no "
+              f"pretrained VGG16), LDM and regressors {args.ldm_steps} of batch {args.batch} at lr {args.lr:g}, "
+              f"each lr decaying to lr/10; LDM training times with density "
               f"~ t^{TIME_POWER:g}, EMA from update {args.ldm_steps // 2} with warmup power {EMA_WARMUP_POWER:g}"),
              *overrides,
              *([f"training streams augmented: data.augment={args.augment}"] if args.augment != "none" else []),
@@ -410,8 +430,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "preset's 16x16 latent, which alone costs the latent models ~1.3 dB at the defaults)")
     parser.add_argument("--vae-steps", type=int, help=f"VAE-GAN updates (default {DEFAULTS['vae_steps']})")
     parser.add_argument("--ldm-steps", type=int, help=f"LDM and regressor updates (default {DEFAULTS['ldm_steps']})")
-    parser.add_argument("--batch", type=int, help=f"micro batch of every model (default {DEFAULTS['batch']})")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of every model (decays to lr/10)")
+    parser.add_argument("--batch", type=int,
+                        help=f"batch of the LDM and both regressors (default {DEFAULTS['batch']})")
+    parser.add_argument("--vae-batch", type=int, help=f"batch of the VAE-GAN (default {DEFAULTS['vae_batch']})")
+    parser.add_argument("--lr", type=float,
+                        help=f"peak learning rate of the LDM and both regressors, decaying to lr/10 (default "
+                             f"{DEFAULTS['lr']:g})")
+    parser.add_argument("--vae-lr", type=float,
+                        help=f"peak learning rate of the VAE-GAN, decaying to lr/10 (default {DEFAULTS['vae_lr']:g})")
     parser.add_argument("--augment", default="none", choices=("none", "antidiagonal"),
                         help="data.augment of every model's training stream (the regressors' too)")
     parser.add_argument("--cond-resize", default="area", choices=("area", "nearest"),

@@ -204,6 +204,28 @@ def test_derived_input_flags_reach_the_ldm_and_the_header(bq, flags):
         assert (words in text) == (flag in flags)
 
 
+@pytest.mark.parametrize("flags", [[], ["--batch", "16", "--lr", "2e-3", "--vae-batch", "4", "--vae-lr", "5e-4"]])
+def test_the_vae_trains_at_its_own_batch_and_lr_and_the_ldm_at_the_regressors(bq, flags):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bq.add_arguments(parser)
+    args = bq.resolve(parser.parse_args(flags))
+    given = dict(zip(flags[::2], flags[1::2]))
+    batch, lr = int(given.get("--batch", bq.DEFAULTS["batch"])), float(given.get("--lr", bq.DEFAULTS["lr"]))
+    vae_batch = int(given.get("--vae-batch", bq.DEFAULTS["vae_batch"]))
+    vae_lr = float(given.get("--vae-lr", bq.DEFAULTS["vae_lr"]))
+    vae = bq.vae_command(args, Path("/vae"), Path("/shards"))
+    ldm = bq.ldm_command(args, Path("/ldm"), Path("/shards"), Path("/vae"))
+    for overrides, b, rate in ((vae, vae_batch, vae_lr), (ldm, batch, lr)):
+        assert f"train.global_batch={b}" in overrides and f"train.micro_batch={b}" in overrides
+        assert f"train.lr={rate}" in overrides and f"train.min_lr={rate / 10}" in overrides
+    assert (args.batch, args.lr) == (batch, lr)  # what both regressors train with
+    text = bq.header(args, 112, 60.0, "vae fp32, ldm fp32")
+    assert f"VAE {args.vae_steps} updates of batch {vae_batch} at lr {vae_lr:g}" in text
+    assert f"regressors {args.ldm_steps} of batch {batch} at lr {lr:g}" in text
+
+
 def test_latent_line_splits_the_gap_to_the_regressor(bq):
     line = bq.latent_line(ldm_psnr=19.5, latent_psnr=20.25, regressor_psnr=21.5)
     assert line.startswith("INFO") and "-1.25 dB from the regressor" in line and "-0.75 dB from the latent" in line
