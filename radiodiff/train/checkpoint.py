@@ -23,6 +23,7 @@ import torch
 
 from radiodiff.dist import (
     DistInfo,
+    all_gather_object,
     all_reduce_max,
     barrier,
     broadcast_object,
@@ -84,6 +85,18 @@ def _not_committed(doing: str, folder: Path, cause: object) -> CheckpointSaveErr
                                "checkpoint is the newest valid one")
 
 
+def first_error(error: BaseException | None, dist: DistInfo) -> str | None:
+    """The lowest failing rank's error, on every rank, or None where no rank failed (collective, and a
+    barrier). Every rank's error line then gives the cause: the launcher stops the other ranks once one
+    exits, so the failing rank's own line may never be printed."""
+    text = None if error is None else str(error) or type(error).__name__
+    failed = [(rank, text) for rank, text in enumerate(all_gather_object(text)) if text is not None]
+    if not failed:
+        return None
+    rank, text = failed[0]
+    return text if dist.world_size == 1 else f"rank {rank}: {text}"
+
+
 def parameters_finite(engines: dict[str, Any]) -> bool:
     """Whether every parameter of every engine's module is finite (one host read)."""
     flags = [torch.isfinite(p).all() for engine in engines.values() for p in engine.module.parameters()]
@@ -128,8 +141,9 @@ def save(run_dir: Path, step: int, engines: dict[str, Any], *, rank_state: dict,
         _write_files(folder, engines, rank_state, extras, meta, dist, fail)
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
         error = err
-    if all_reduce_max(error is not None, dist.device) > 0:  # also a barrier: every rank's files are complete
-        raise _not_committed("saving", folder, error or "on another rank")
+    cause = first_error(error, dist)  # also a barrier: every rank's files are complete
+    if cause is not None:
+        raise _not_committed("saving", folder, cause)
     try:
         files = spread_digests(folder, dist.rank)  # every file's size and sha256, each rank hashing a share
     except OSError as err:  # the same on every rank
@@ -142,8 +156,9 @@ def save(run_dir: Path, step: int, engines: dict[str, Any], *, rank_state: dict,
             _write_atomic(folder / COMMITTED, commit_record(step, files))
         except OSError as err:
             error = err
-    if all_reduce_max(error is not None, dist.device) > 0:
-        raise _not_committed("committing", folder, error or "on rank 0")
+    cause = first_error(error, dist)
+    if cause is not None:
+        raise _not_committed("committing", folder, cause)
     if dist.is_main:
         prune(run_dir, keep_last)
     barrier()
@@ -211,8 +226,8 @@ def _convert(source: Path, target: Path) -> None:
 
 def to_universal(folder: Path, name: str, dist: DistInfo) -> str:
     """Convert engine ``name``'s ZeRO checkpoint to DeepSpeed's universal format (rank 0, once; every
-    rank learns of a failure at once); returns the tag to load. A universal checkpoint loads at any
-    world size."""
+    rank learns of a failure, with its cause, at once); returns the tag to load. A universal checkpoint
+    loads at any world size."""
     tag = f"{name}_universal"
     target = folder / tag
     error = None
@@ -221,9 +236,10 @@ def to_universal(folder: Path, name: str, dist: DistInfo) -> str:
             _convert(folder / name, target)
         except (OSError, RuntimeError) as err:
             error = err
-    if all_reduce_max(error is not None, dist.device) > 0:
+    cause = first_error(error, dist)
+    if cause is not None:
         raise CheckpointLoadError(f"converting {folder / name} for {dist.world_size} rank(s) (DeepSpeed's universal "
-                                  f"format) failed ({error or 'on rank 0'}); the checkpoint itself is unchanged")
+                                  f"format) failed ({cause}); the checkpoint itself is unchanged")
     return tag
 
 

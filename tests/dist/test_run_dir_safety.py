@@ -114,8 +114,10 @@ def test_a_commit_that_fails_on_rank_0_stops_every_rank_in_one_line(train_shards
     # torchrun reports its failed ranks with a traceback of its own; the ranks print none
     assert failed.returncode == 1 and "radiodiff/train/" not in failed.output, failed.output[-3000:]
     step4 = run_dir / "checkpoints" / "step_00000004"
-    assert f"error: committing checkpoint {step4} failed ([Errno 28] No space left on device" in failed.output
-    assert f"error: committing checkpoint {step4} failed (on rank 0)" in failed.output  # rank 1, told at once
+    # Each rank's line (torchrun may stop the second before its line is out) names rank 0's cause
+    lines = [line for line in failed.output.splitlines() if line.startswith(f"error: committing checkpoint {step4}")]
+    assert 1 <= len(lines) <= 2, failed.output[-3000:]
+    assert all("failed (rank 0: [Errno 28] No space left on device (injected)" in line for line in lines), lines
     assert committed(run_dir) == [2] and not (step4 / "COMMITTED").exists()
     resumed = train("vae", run_dir, train_shards, *ONE, "train.max_steps=6", "train.micro_batch=1")
     assert resumed.returncode == 0 and "(step 2)" in resumed.output, resumed.output[-3000:]
@@ -157,9 +159,10 @@ def test_a_conversion_to_another_world_size_on_a_full_disk_stops_every_rank_in_o
     assert failed.returncode == 1 and "radiodiff/train/" not in failed.output, failed.output[-3000:]
     source = run_dir / "checkpoints" / "step_00000002" / "autoencoder"
     lines = [line for line in failed.output.splitlines() if line.startswith(f"error: converting {source} for 2 rank")]
-    rank1 = [line for line in lines if "(on rank 0)" in line]  # the two ranks' lines, in either order
-    assert len(lines) == 2 and len(rank1) == 1, lines
-    assert re.search(r"had 0\.\d MiB free", next(line for line in lines if line not in rank1)), lines
+    # One line per rank, each with rank 0's cause; torchrun may stop the second rank before its line is out.
+    assert 1 <= len(lines) <= 2, failed.output[-3000:]
+    assert all(re.search(r"failed \(rank 0: .*had 0\.\d MiB free\); the checkpoint itself is unchanged$", line)
+               for line in lines), lines
     layout.verify_checkpoint(source.parent)  # unchanged, and no partial conversion left in it
     assert not (source.parent / "autoencoder_universal").exists()
     assert not (run_dir / "LOCK").exists()

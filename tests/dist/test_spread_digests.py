@@ -1,6 +1,7 @@
 """A checkpoint's files are hashed at commit and checked at resume by all the ranks, each a share
 (radiodiff/train/digests.py): 8 real gloo ranks on a folder laid out as a ZeRO-2 save, every file
-read counted per rank, the record checked against hashlib on the bytes each file was written with."""
+read counted per rank, the record checked against hashlib on the bytes each file was written with.
+The same ranks then report a failed write to each other (checkpoint.first_error)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.dist.conftest import environment
 from tests.dist.digests_check import content, files
@@ -22,12 +25,19 @@ def own(rank: int) -> list[str]:
     return [f"rank_{rank:05d}.pt", f"unet/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"]
 
 
-def test_eight_ranks_hash_and_verify_a_share_each_and_agree(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def eight(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess, list[dict]]:
+    """The check's run directory, its torchrun and every rank's report."""
+    run_dir = tmp_path_factory.mktemp("digests")
     script = Path(__file__).with_name("digests_check.py")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-                           str(script), str(tmp_path)], capture_output=True, text=True, timeout=300, env=environment())
+                           str(script), str(run_dir)], capture_output=True, text=True, timeout=300, env=environment())
     assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return run_dir, done, [json.loads((run_dir / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def test_eight_ranks_hash_and_verify_a_share_each_and_agree(eight) -> None:
+    tmp_path, done, ranks = eight
 
     written = {name: content(name, WORLD) for name in files(WORLD)}
     written["meta.json"] = json.dumps({"step": 2}).encode()
@@ -48,3 +58,8 @@ def test_eight_ranks_hash_and_verify_a_share_each_and_agree(tmp_path: Path) -> N
     assert readers == [5]
     assert f"{tmp_path / STEP2 / VICTIM}: sha256 differs" in done.stdout
     assert not (tmp_path / STEP2).exists() and len(list((tmp_path / "checkpoints/rejected").iterdir())) == 1
+
+
+def test_every_rank_learns_the_lowest_failing_ranks_cause_of_a_failed_write(eight) -> None:
+    _, _, ranks = eight  # ranks 3 and 5 failed; then none did
+    assert [r["causes"] for r in ranks] == [["rank 3: [Errno 28] No space left on device (rank 3 writing)", None]] * WORLD
