@@ -130,6 +130,18 @@ def all_gather_object(value: object) -> list:
     return gathered
 
 
+def first_error(error: BaseException | None, dist: DistInfo) -> str | None:
+    """The lowest failing rank's error, on every rank, or None where no rank failed (collective, and a
+    barrier). Every rank's error line then gives the cause: the launcher stops the other ranks once one
+    exits, so the failing rank's own line may never be printed."""
+    text = None if error is None else str(error) or type(error).__name__
+    failed = [(rank, text) for rank, text in enumerate(all_gather_object(text)) if text is not None]
+    if not failed:
+        return None
+    rank, text = failed[0]
+    return text if dist.world_size == 1 else f"rank {rank}: {text}"
+
+
 def is_main_process() -> bool:
     return not torch_dist.is_initialized() or torch_dist.get_rank() == 0
 

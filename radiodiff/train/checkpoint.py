@@ -23,10 +23,10 @@ import torch
 
 from radiodiff.dist import (
     DistInfo,
-    all_gather_object,
     all_reduce_max,
     barrier,
     broadcast_object,
+    first_error,
 )
 from radiodiff.runs.layout import (
     CHECKPOINTS,
@@ -83,18 +83,6 @@ class CheckpointSaveError(RuntimeError):
 def _not_committed(doing: str, folder: Path, cause: object) -> CheckpointSaveError:
     return CheckpointSaveError(f"{doing} checkpoint {folder} failed ({cause}); nothing was committed, the previous "
                                "checkpoint is the newest valid one")
-
-
-def first_error(error: BaseException | None, dist: DistInfo) -> str | None:
-    """The lowest failing rank's error, on every rank, or None where no rank failed (collective, and a
-    barrier). Every rank's error line then gives the cause: the launcher stops the other ranks once one
-    exits, so the failing rank's own line may never be printed."""
-    text = None if error is None else str(error) or type(error).__name__
-    failed = [(rank, text) for rank, text in enumerate(all_gather_object(text)) if text is not None]
-    if not failed:
-        return None
-    rank, text = failed[0]
-    return text if dist.world_size == 1 else f"rank {rank}: {text}"
 
 
 def parameters_finite(engines: dict[str, Any]) -> bool:
@@ -165,7 +153,6 @@ def save(run_dir: Path, step: int, engines: dict[str, Any], *, rank_state: dict,
     return folder
 
 
-
 def prune(run_dir: Path, keep_last: int) -> None:
     """Keep the newest ``keep_last`` committed checkpoints; drop older ones and every partial save.
 
@@ -198,8 +185,15 @@ def find_resume(run_dir: Path, dist: DistInfo) -> Path | None:
         reason = spread_verify(folder, dist.rank, dist.world_size)
         if reason is None:
             return folder
+        moved = None
         if dist.is_main:
-            set_aside(folder, reason)
+            try:
+                set_aside(folder, reason)
+            except OSError as err:
+                moved = err
+        cause = first_error(moved, dist)  # a rank-0 failure must not leave the others in the next collective
+        if cause is not None:
+            raise OSError(f"checkpoint {folder} is not usable ({reason}) and setting it aside failed ({cause})")
     return None
 
 

@@ -23,9 +23,9 @@ from radiodiff.config import TrainLdmConfig, TrainVaeConfig
 from radiodiff.data.shards import ShardLoader
 from radiodiff.dist import (
     DistInfo,
-    barrier,
     broadcast_object,
     check_launch,
+    first_error,
     print0,
     setup,
     teardown,
@@ -148,9 +148,15 @@ def run_training(cfg: TrainConfigs, build_stage: Callable[..., Stage], name: str
         seed_all(cfg.seed)  # identical initial weights on every rank
         stage = build_stage(cfg, dist, load_universal=other_world)
         state, loader = resume(stage, cfg, dist, folder)
+        written = None
         if dist.is_main:  # only now: a start refused above changed nothing in the run directory
-            write_config(run_dir, cfg, state.step)
-        barrier()
+            try:
+                write_config(run_dir, cfg, state.step)
+            except OSError as err:
+                written = err
+        cause = first_error(written, dist)  # and the barrier: a rank-0 failure must not leave the others waiting
+        if cause is not None:
+            raise OSError(f"writing the config of run_dir={run_dir} failed ({cause}); nothing was trained")
         loop = LoopConfig(run_dir, cfg.train, cfg.deepspeed, name, grad_accum, cfg.seed)
         config = OmegaConf.to_container(OmegaConf.structured(cfg))
         logger = (RunLogger(run_dir, cfg.wandb, run_id=state.wandb_run_id, config=config, resume_step=state.step)

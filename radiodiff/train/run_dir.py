@@ -7,6 +7,7 @@ succeeded, so a refused start changes nothing; every start also keeps the config
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -66,5 +67,10 @@ def write_config(run_dir: Path, cfg: Any, step: int) -> None:
     history.mkdir(parents=True, exist_ok=True)
     for path in (history / f"step_{step:08d}.yaml", run_dir / layout.CONFIG_FILE):
         temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_text(text)
-        temporary.replace(path)
+        try:
+            temporary.write_text(text)
+            temporary.replace(path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)  # no half-written file left (a full disk)
+            raise

@@ -2,7 +2,7 @@
 save writes it (each rank its rank file and its optimizer shard; rank 0 the model, the EMA, meta.json
 and DeepSpeed's ``latest``), committed and then resumed from with every file read counted per rank.
 
-Then ranks 3 and 5 fail a write (as a full disk does) and every rank asks checkpoint.first_error for
+Then ranks 3 and 5 fail a write (as a full disk does) and every rank asks radiodiff.dist.first_error for
 the cause, once with those failures and once without.
 
 Argument: a run directory. Each rank writes ``<run_dir>/rank<RANK>.json``: the record it got, the
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from radiodiff.dist import DistInfo
+from radiodiff.dist import DistInfo, first_error
 from radiodiff.runs import layout
 from radiodiff.train import checkpoint, digests
 
@@ -84,7 +84,7 @@ def main() -> None:
     resumed = checkpoint.find_resume(run_dir, dist)
     phases["resume"] = sorted(read)
     failure = OSError(28, f"No space left on device (rank {rank} writing)") if rank in (3, 5) else None
-    causes = [checkpoint.first_error(failure, dist), checkpoint.first_error(None, dist)]
+    causes = [first_error(failure, dist), first_error(None, dist)]
     (run_dir / f"rank{rank}.json").write_text(json.dumps({
         "record": record, "intact": intact, "phases": phases, "resumed": str(resumed), "causes": causes}))
     torch_dist.barrier()

@@ -1,6 +1,7 @@
 """Trustworthy run directories, with real training processes: one owner at a time (a lock with a
 heartbeat), verified checkpoints with fallback, a config.yaml that a refused start leaves alone,
-and a full disk during a save that loses nothing."""
+a full disk during a save that loses nothing, and a write that fails on rank 0 alone stopping every
+rank with its cause."""
 
 from __future__ import annotations
 
@@ -171,6 +172,33 @@ def test_a_conversion_to_another_world_size_on_a_full_disk_stops_every_rank_in_o
     resumed = train("vae", run_dir, train_shards, *two)
     assert resumed.returncode == 0 and "resuming 1 -> 2 ranks at step 2" in resumed.output, resumed.output[-3000:]
     assert committed(run_dir) == [2, 4]
+
+
+def test_a_config_rank_0_cannot_write_stops_every_rank_in_one_line(train_shards: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / layout.CONFIG_HISTORY).write_text("a file where the config history goes")
+    failed = train("vae", run_dir, train_shards, *ONE, "train.max_steps=2", "train.micro_batch=1")
+    assert failed.returncode == 1 and "radiodiff/" not in failed.output, failed.output[-3000:]
+    head = f"error: writing the config of run_dir={run_dir} "
+    lines = [line for line in failed.output.splitlines() if line.startswith(head)]
+    assert 1 <= len(lines) <= 2, failed.output[-3000:]  # torchrun may stop the second rank before its line is out
+    assert all("failed (rank 0: [Errno 17] File exists" in line for line in lines), lines
+    assert sorted(os.listdir(run_dir)) == [layout.CONFIG_HISTORY]  # no config.yaml, no checkpoint, no LOCK
+
+
+def test_a_corrupt_checkpoint_rank_0_cannot_set_aside_stops_every_rank_in_one_line(whole, train_shards: Path,
+                                                                                  tmp_path: Path) -> None:
+    run_dir = stopped_at(whole.run_dir, 4, tmp_path / "run")
+    step4 = run_dir / "checkpoints" / "step_00000004"
+    (step4 / "meta.json").write_text("{broken")
+    (run_dir / "checkpoints" / layout.REJECTED).write_text("a file where rejected checkpoints go")
+    failed = train("vae", run_dir, train_shards, *ONE, "train.max_steps=6", "train.micro_batch=1")
+    assert failed.returncode == 1 and "radiodiff/" not in failed.output, failed.output[-3000:]
+    lines = [line for line in failed.output.splitlines() if line.startswith(f"error: checkpoint {step4} is not usable")]
+    assert 1 <= len(lines) <= 2, failed.output[-3000:]
+    assert all("setting it aside failed (rank 0: [Errno 17] File exists" in line for line in lines), lines
+    assert committed(run_dir) == [2, 4] and not (run_dir / "LOCK").exists()  # nothing moved, nothing trained
 
 
 def test_a_refused_start_leaves_no_empty_run_dir_and_keeps_a_folder_it_did_not_make(train_shards: Path,

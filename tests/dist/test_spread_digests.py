@@ -1,7 +1,7 @@
 """A checkpoint's files are hashed at commit and checked at resume by all the ranks, each a share
 (radiodiff/train/digests.py): 8 real gloo ranks on a folder laid out as a ZeRO-2 save, every file
 read counted per rank, the record checked against hashlib on the bytes each file was written with.
-The same ranks then report a failed write to each other (checkpoint.first_error)."""
+The same ranks then report a failed write to each other (radiodiff.dist.first_error)."""
 
 from __future__ import annotations
 
@@ -62,4 +62,5 @@ def test_eight_ranks_hash_and_verify_a_share_each_and_agree(eight) -> None:
 
 def test_every_rank_learns_the_lowest_failing_ranks_cause_of_a_failed_write(eight) -> None:
     _, _, ranks = eight  # ranks 3 and 5 failed; then none did
-    assert [r["causes"] for r in ranks] == [["rank 3: [Errno 28] No space left on device (rank 3 writing)", None]] * WORLD
+    cause = "rank 3: [Errno 28] No space left on device (rank 3 writing)"
+    assert [r["causes"] for r in ranks] == [[cause, None]] * WORLD
