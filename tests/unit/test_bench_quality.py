@@ -204,7 +204,7 @@ def test_derived_input_flags_reach_the_ldm_and_the_header(bq, flags):
         assert (words in text) == (flag in flags)
 
 
-@pytest.mark.parametrize("flags", [[], ["--batch", "16", "--lr", "3e-3", "--vae-batch", "4", "--vae-lr", "5e-4"]])
+@pytest.mark.parametrize("flags", [[], ["--batch", "16", "--lr", "5e-3", "--vae-batch", "4", "--vae-lr", "5e-4"]])
 def test_the_vae_trains_at_its_own_batch_and_lr_and_the_ldm_at_the_regressors(bq, flags):
     import argparse
 
