@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -140,6 +141,19 @@ def first_error(error: BaseException | None, dist: DistInfo) -> str | None:
         return None
     rank, text = failed[0]
     return text if dist.world_size == 1 else f"rank {rank}: {text}"
+
+
+def on_rank_0(action: Callable[[], object], dist: DistInfo,
+              catch: tuple[type[BaseException], ...] = (OSError,)) -> str | None:
+    """Run ``action`` on rank 0 alone (a write to the run directory); the cause of its failure, or
+    None, on every rank (collective, see first_error): no rank is left waiting when rank 0 fails."""
+    error = None
+    if dist.is_main:
+        try:
+            action()
+        except catch as err:
+            error = err
+    return first_error(error, dist)
 
 
 def is_main_process() -> bool:

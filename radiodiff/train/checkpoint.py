@@ -27,6 +27,7 @@ from radiodiff.dist import (
     barrier,
     broadcast_object,
     first_error,
+    on_rank_0,
 )
 from radiodiff.runs.layout import (
     CHECKPOINTS,
@@ -136,15 +137,12 @@ def save(run_dir: Path, step: int, engines: dict[str, Any], *, rank_state: dict,
         files = spread_digests(folder, dist.rank)  # every file's size and sha256, each rank hashing a share
     except OSError as err:  # the same on every rank
         raise _not_committed("committing", folder, err) from err
-    error = None
-    if dist.is_main:  # rank 0 alone writes the commit: the others learn of a failure here, not by a timeout
-        try:
-            if fail_commit:  # fault injection (train.fail_commit_steps)
-                raise OSError(errno.ENOSPC, "No space left on device (injected)", str(folder / COMMITTED))
-            _write_atomic(folder / COMMITTED, commit_record(step, files))
-        except OSError as err:
-            error = err
-    cause = first_error(error, dist)
+    def commit() -> None:
+        if fail_commit:  # fault injection (train.fail_commit_steps)
+            raise OSError(errno.ENOSPC, "No space left on device (injected)", str(folder / COMMITTED))
+        _write_atomic(folder / COMMITTED, commit_record(step, files))
+
+    cause = on_rank_0(commit, dist)  # rank 0 alone commits: the others learn of a failure here, not by a timeout
     if cause is not None:
         raise _not_committed("committing", folder, cause)
     if dist.is_main:
@@ -185,13 +183,7 @@ def find_resume(run_dir: Path, dist: DistInfo) -> Path | None:
         reason = spread_verify(folder, dist.rank, dist.world_size)
         if reason is None:
             return folder
-        moved = None
-        if dist.is_main:
-            try:
-                set_aside(folder, reason)
-            except OSError as err:
-                moved = err
-        cause = first_error(moved, dist)  # a rank-0 failure must not leave the others in the next collective
+        cause = on_rank_0(lambda: set_aside(folder, reason), dist)
         if cause is not None:
             raise OSError(f"checkpoint {folder} is not usable ({reason}) and setting it aside failed ({cause})")
     return None
@@ -224,13 +216,11 @@ def to_universal(folder: Path, name: str, dist: DistInfo) -> str:
     loads at any world size."""
     tag = f"{name}_universal"
     target = folder / tag
-    error = None
-    if dist.is_main and not (target / COMMITTED).is_file():
-        try:
+    def convert() -> None:
+        if not (target / COMMITTED).is_file():
             _convert(folder / name, target)
-        except (OSError, RuntimeError) as err:
-            error = err
-    cause = first_error(error, dist)
+
+    cause = on_rank_0(convert, dist, catch=(OSError, RuntimeError))
     if cause is not None:
         raise CheckpointLoadError(f"converting {folder / name} for {dist.world_size} rank(s) (DeepSpeed's universal "
                                   f"format) failed ({cause}); the checkpoint itself is unchanged")

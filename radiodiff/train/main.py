@@ -25,7 +25,7 @@ from radiodiff.dist import (
     DistInfo,
     broadcast_object,
     check_launch,
-    first_error,
+    on_rank_0,
     print0,
     setup,
     teardown,
@@ -148,13 +148,8 @@ def run_training(cfg: TrainConfigs, build_stage: Callable[..., Stage], name: str
         seed_all(cfg.seed)  # identical initial weights on every rank
         stage = build_stage(cfg, dist, load_universal=other_world)
         state, loader = resume(stage, cfg, dist, folder)
-        written = None
-        if dist.is_main:  # only now: a start refused above changed nothing in the run directory
-            try:
-                write_config(run_dir, cfg, state.step)
-            except OSError as err:
-                written = err
-        cause = first_error(written, dist)  # and the barrier: a rank-0 failure must not leave the others waiting
+        # Only now: a start refused above changed nothing in the run directory. Also the ranks' barrier.
+        cause = on_rank_0(lambda: write_config(run_dir, cfg, state.step), dist)
         if cause is not None:
             raise OSError(f"writing the config of run_dir={run_dir} failed ({cause}); nothing was trained")
         loop = LoopConfig(run_dir, cfg.train, cfg.deepspeed, name, grad_accum, cfg.seed)

@@ -71,6 +71,6 @@ def write_config(run_dir: Path, cfg: Any, step: int) -> None:
             temporary.write_text(text)
             temporary.replace(path)
         except OSError:
-            with contextlib.suppress(OSError):
-                temporary.unlink(missing_ok=True)  # no half-written file left (a full disk)
+            with contextlib.suppress(OSError):  # no half-written file left (a full disk)
+                temporary.unlink()
             raise
