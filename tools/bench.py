@@ -19,7 +19,8 @@ cache: ms per image of the real LDM step encoding its targets with the frozen VA
 train: steps/s and images/s of radiodiff-train-vae/-ldm per precision and ZeRO stage (GPU memory on
        a GPU); see tools/bench_train.py.
 quality: PSNR/SSIM/NMSE/RMSE of the trained VAE and LDM against a resolution ceiling, the mean map, a
-       direct conv U-Net regressor and a transmitter ablation (26-35 min on 2 cores; --quick); see tools/bench_quality.py.
+       direct conv U-Net regressor and a transmitter ablation (about 26 min on 2 cores; --quick); see
+       tools/bench_quality.py.
 """
 
 from __future__ import annotations

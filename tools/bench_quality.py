@@ -4,6 +4,7 @@
                                    --vae-steps 600 --vae-batch 8 --vae-lr 1e-3 --ldm-steps 1000 --batch 32
                                    --lr 3e-3 --out bench_quality]
                                   [--quick] [--keep-work] [--augment antidiagonal] [--tx-distance] [--tx-los]
+                                  [--latent-regressor]
                                   [--vae-override k=v ...] [--ldm-override k=v ...]
 
 On a synthetic RadioMapSeer made for the run (Ray sharding, radiounet protocol), the real
@@ -14,8 +15,9 @@ the test split as radiodiff-eval scores (native 256x256, [0, 1] gray, per image 
 - mean training map: radiodiff-eval's baseline;
 - regressor: a RadioUNet-style conv U-Net (below) trained directly on condition -> map (L1 + L2,
   AdamW) on the same shards, for the same updates and batch as the LDM;
-- latent regressor: the same conv U-Net regressing the LDM's latent target, decoded by the frozen
-  VAE (what the latent space costs at this budget, without diffusion);
+- latent regressor (with --latent-regressor; it costs a fifth of the run): the same conv U-Net
+  regressing the LDM's latent target, decoded by the frozen VAE (what the latent space costs at this
+  budget, without diffusion);
 - VAE reconstruction (posterior mode) and the LDM with and without EMA at 1, 2, 5, 10 sampler steps,
   and the EMA LDM at 5 steps averaging 4 draws (radiodiff-eval subprocesses);
 - transmitter ablation: the LDM (EMA, 5 steps) and the regressor with the transmitter channel set to
@@ -71,10 +73,12 @@ MEAN_DRAWS = 4  # a row of the EMA LDM at ABLATION_STEPS averaging this many dra
 MEAN_DRAWS_ROW = f"LDM EMA, {ABLATION_STEPS} steps, mean of {MEAN_DRAWS} draws"
 # Every LDM row samples with the default sampler.estimate=c_head; this one with the published update.
 REFERENCE_ROW = f"LDM EMA, {ABLATION_STEPS} steps, the published update (sampler.estimate=reference)"
+LATENT_ROW = "latent regressor (the conv U-Net -> the LDM's latent, decoded by the VAE)"
 TARGET_TX_DROP_DB, TARGET_VS_REGRESSOR_DB, TARGET_VS_VAE_DB = 3.0, 1.0, 1.5
-# Full run: 49 CPU-minutes measured (26.1 minutes wall with --threads 2 on 2 idle cores of an Intel Xeon with
-# AMX-BF16; 36.5 minutes, 67 CPU-minutes, on an AMD EPYC with AVX512-BF16; per update on 2 threads: VAE
-# ~0.25-0.35 s at batch 8, LDM ~0.7-1.0 s at batch 32, factor 2).
+# Full run with --latent-regressor: 49 to 60 CPU-minutes measured (26.1 and 32.3 minutes wall with --threads 2
+# on 2 idle cores of an Intel Xeon with AMX-BF16, on two days; 36.5 minutes, 67 CPU-minutes, on an AMD EPYC
+# with AVX512-BF16; per update on 2 threads: VAE ~0.25-0.35 s at batch 8, LDM ~0.7-1.0 s at batch 32, factor
+# 2). The latent regressor took 6.7 of the 32.3 minutes, so it is opt-in: the required rows fit the budget.
 # The LDM and the regressors train at batch 32 and lr 3e-3, the VAE-GAN at batch 8 and lr 1e-3. A tiny LDM
 # step on a CPU is overhead-bound: batch 32 costs 2-3x batch 8 per update, and at 1,000 updates it lifted the
 # LDM by 1.40 dB (the regressor by 0.80) at lr 1e-3, lr 2e-3 by 0.34 dB more. At lr 2e-3 the gap to the VAE
@@ -313,10 +317,12 @@ def in_process_rows(args: argparse.Namespace, runs: dict[str, Path], evals: Path
     train_seconds = time.perf_counter() - started
     reg_predict = regressor_predictor(regressor, data)
     reg = score_split(reg_predict, data, device, EVAL_BATCH, evals / "regressor_grid.png")
-    progress(f"latent regressor: {args.ldm_steps} updates at batch {args.batch}")
-    _, latent_predict = latent_regressor(ldm_dir, data, device, steps=args.ldm_steps, batch=args.batch, lr=args.lr,
-                                         seed=args.seed, **derived_flags(args))
-    latent = score_split(latent_predict, data, device, EVAL_BATCH, evals / "latent_regressor_grid.png")
+    latent = None
+    if args.latent_regressor:
+        progress(f"latent regressor: {args.ldm_steps} updates at batch {args.batch}")
+        _, latent_predict = latent_regressor(ldm_dir, data, device, steps=args.ldm_steps, batch=args.batch,
+                                             lr=args.lr, seed=args.seed, **derived_flags(args))
+        latent = score_split(latent_predict, data, device, EVAL_BATCH, evals / "latent_regressor_grid.png")
     progress(f"LDM EMA, {ABLATION_STEPS} steps: the edge metrics")
     ldm_scores = score_split(ldm, data, device, EVAL_BATCH)
     progress("VAE reconstruction: where its error lies")
@@ -329,13 +335,13 @@ def in_process_rows(args: argparse.Namespace, runs: dict[str, Path], evals: Path
     params = sum(p.numel() for p in regressor.parameters()) / 1e6
     named = {"ceiling": row(f"resolution ceiling (256 -> {size} -> 256)", ceiling, seconds=False),
              "regressor": row(f"regressor (conv U-Net, {params:.2f}M params)", reg),
-             "latent": row("latent regressor (the conv U-Net -> the LDM's latent, decoded by the VAE)", latent),
              "regressor_no_tx": row(f"regressor, transmitter removed ({reg_blank['psnr'] - reg['psnr']:+.2f} dB)",
                                     reg_blank),
              "ldm_no_tx": row("LDM EMA, 5 steps, transmitter removed", ldm_blank),
-             "ldm": row(f"LDM EMA, {ABLATION_STEPS} steps (scored in this process)", ldm_scores)}
+             "ldm": row(f"LDM EMA, {ABLATION_STEPS} steps (scored in this process)", ldm_scores),
+             **({"latent": row(LATENT_ROW, latent)} if latent else {})}
     buildings = {role: {k: scores[k] for k in ("psnr", *BUILDING_METRICS)} for role, scores in (
-        ("ceiling", ceiling), ("vae", vae), ("regressor", reg), ("latent", latent), ("ldm", ldm_scores))}
+        ("ceiling", ceiling), ("vae", vae), ("regressor", reg), ("ldm", ldm_scores), ("latent", latent)) if scores}
     return {**named, "buildings": buildings, "regressor_train_seconds": train_seconds,
             "num_samples": reg["num_samples"]}
 
@@ -376,6 +382,27 @@ def header(args: argparse.Namespace, num_samples: int, elapsed: float, precision
     return "; ".join(parts)
 
 
+def summary(named: dict, eval_rows: list[dict], baseline: dict) -> tuple[list[dict], list[str]]:
+    """The table's rows and the verdict lines, from in_process_rows' ``named`` (its latent regressor only
+    with --latent-regressor) and cli_rows' rows and baseline."""
+    ldm5 = next(r for r in eval_rows if r["name"] == f"LDM EMA, {ABLATION_STEPS} steps")
+    ldm5.update({k: named["ldm"][k] for k in EDGE_METRICS})  # the same predictor and seed, scored here
+    named["ldm_no_tx"]["name"] += f" ({named['ldm_no_tx']['psnr'] - ldm5['psnr']:+.2f} dB)"
+    latent = [named["latent"]] if "latent" in named else []
+    rows = [named["ceiling"], row("mean training map (radiodiff-eval baseline)", baseline, seconds=False),
+            named["regressor"], *latent, *eval_rows, named["ldm_no_tx"], named["regressor_no_tx"]]
+    reg, vae = named["regressor"]["psnr"], eval_rows[0]["psnr"]
+    targets = check_targets(ldm5["psnr"], named["ldm_no_tx"]["psnr"], reg, vae)
+    targets += [latent_line(ldm5["psnr"], named["latent"]["psnr"], reg)] if latent else []
+    mean_draws = next(r for r in eval_rows if r["name"] == MEAN_DRAWS_ROW)
+    targets.append(draws_line(mean_draws["psnr"], reg, vae))
+    reference = next(r for r in eval_rows if r["name"] == REFERENCE_ROW)
+    targets.append(estimate_line(ldm5["psnr"], reference["psnr"], reg))
+    targets.append(where_line(ldm5, named["regressor"], named["ceiling"]))
+    targets.append(buildings_line(named["buildings"]))
+    return rows, targets
+
+
 def bench_quality(args: argparse.Namespace) -> None:
     from pipeline.synthetic_shards import synthetic_shards
 
@@ -397,19 +424,7 @@ def bench_quality(args: argparse.Namespace) -> None:
         eval_rows, baseline = cli_rows(args, runs, out / "eval")
     for path in sorted((out / "eval").glob("*/grid.png")):
         shutil.copy(path, grids / f"{path.parent.name}_grid.png")
-    ldm5 = next(r for r in eval_rows if r["name"] == f"LDM EMA, {ABLATION_STEPS} steps")
-    ldm5.update({k: named["ldm"][k] for k in EDGE_METRICS})  # the same predictor and seed, scored here
-    named["ldm_no_tx"]["name"] += f" ({named['ldm_no_tx']['psnr'] - ldm5['psnr']:+.2f} dB)"
-    rows = [named["ceiling"], row("mean training map (radiodiff-eval baseline)", baseline, seconds=False),
-            named["regressor"], named["latent"], *eval_rows, named["ldm_no_tx"], named["regressor_no_tx"]]
-    targets = check_targets(ldm5["psnr"], named["ldm_no_tx"]["psnr"], named["regressor"]["psnr"], eval_rows[0]["psnr"])
-    targets.append(latent_line(ldm5["psnr"], named["latent"]["psnr"], named["regressor"]["psnr"]))
-    mean_draws = next(r for r in eval_rows if r["name"] == MEAN_DRAWS_ROW)
-    targets.append(draws_line(mean_draws["psnr"], named["regressor"]["psnr"], eval_rows[0]["psnr"]))
-    reference = next(r for r in eval_rows if r["name"] == REFERENCE_ROW)
-    targets.append(estimate_line(ldm5["psnr"], reference["psnr"], named["regressor"]["psnr"]))
-    targets.append(where_line(ldm5, named["regressor"], named["ceiling"]))
-    targets.append(buildings_line(named["buildings"]))
+    rows, targets = summary(named, eval_rows, baseline)
     elapsed = time.perf_counter() - began
     text = "\n".join([header(args, named["num_samples"], elapsed, precisions), "", format_table(rows), "", *targets])
     print("\n" + text)
@@ -451,6 +466,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="give the LDM (model.unet.tx_los=true) and both regressors the line-of-sight channels")
     parser.add_argument("--tx-detour", action="store_true",
                         help="give the LDM (model.unet.tx_detour=true) and both regressors the detour channel")
+    parser.add_argument("--latent-regressor", action="store_true",
+                        help="add the latent regressor's row: what the latent space costs without diffusion "
+                             "(a fifth of the run's time at the defaults)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of each process (1: spinning OpenMP threads stall on a shared machine)")
     parser.add_argument("--out", default="bench_quality", help="table.md, results.json, grids/, eval/, logs")

@@ -267,3 +267,32 @@ def test_a_factor_2_latent_gives_the_vae_one_downsampling_and_the_condition_stri
     assert cfg.model.unet.latent_size == 64 // 2
     with pytest.raises(ValueError, match="--latent-factor 8"):
         bq.size_overrides(64, factor=8)
+
+
+def _scores(psnr: float) -> dict:
+    return {"psnr": psnr, "ssim": 0.7, "nmse": 0.04, "rmse": 0.06, "edge_energy": 0.57, "edge_error": 0.018,
+            "seconds_per_map": 0.01}
+
+
+@pytest.mark.parametrize("with_latent", [False, True])
+def test_the_latent_regressor_row_and_line_appear_only_when_it_was_trained(bq, with_latent):
+    named = {"ceiling": bq.row("ceiling", _scores(26.0), seconds=False), "regressor": bq.row("regressor", _scores(24.0)),
+             "ldm": bq.row("LDM in process", _scores(23.5)), "ldm_no_tx": bq.row("LDM no tx", _scores(16.0)),
+             "regressor_no_tx": bq.row("regressor no tx", _scores(17.0)),
+             "buildings": {role: {"psnr": 24.0, "building_share": 0.5, "psnr_buildings_zeroed": 26.0}
+                           for role in ("ceiling", "vae", "regressor", "ldm")}}
+    if with_latent:
+        named["latent"] = bq.row(bq.LATENT_ROW, _scores(23.25))
+    eval_rows = [bq.row("VAE reconstruction (posterior mode)", _scores(25.25)),
+                 bq.row(f"LDM EMA, {bq.ABLATION_STEPS} steps", _scores(23.5)),
+                 bq.row(bq.MEAN_DRAWS_ROW, _scores(23.75)), bq.row(bq.REFERENCE_ROW, _scores(23.0))]
+    rows, lines = bq.summary(named, eval_rows, {"psnr": 14.5, "ssim": 0.5, "nmse": 0.3, "rmse": 0.19})
+    names = [r["name"] for r in rows]
+    assert (bq.LATENT_ROW in names) == with_latent
+    assert names[:2] == ["ceiling", "mean training map (radiodiff-eval baseline)"]
+    assert names[-2:] == ["LDM no tx (-7.50 dB)", "regressor no tx"]
+    assert len(rows) == 2 + 1 + with_latent + len(eval_rows) + 2
+    latent_lines = [line for line in lines if "latent regressor is" in line]
+    assert latent_lines == (["INFO  the latent regressor is -0.75 dB from the regressor (the latent space at this "
+                             "budget); the LDM is +0.25 dB from the latent regressor"] if with_latent else [])
+    assert [line[:4] for line in lines[:3]] == ["PASS", "PASS", "FAIL"]  # -0.5 from the regressor, -1.75 from the VAE
