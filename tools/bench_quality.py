@@ -339,9 +339,9 @@ def in_process_rows(args: argparse.Namespace, runs: dict[str, Path], evals: Path
                                     reg_blank),
              "ldm_no_tx": row("LDM EMA, 5 steps, transmitter removed", ldm_blank),
              "ldm": row(f"LDM EMA, {ABLATION_STEPS} steps (scored in this process)", ldm_scores),
-             **({"latent": row(LATENT_ROW, latent)} if latent else {})}
+             **({"latent": row(LATENT_ROW, latent)} if latent is not None else {})}
     buildings = {role: {k: scores[k] for k in ("psnr", *BUILDING_METRICS)} for role, scores in (
-        ("ceiling", ceiling), ("vae", vae), ("regressor", reg), ("ldm", ldm_scores), ("latent", latent)) if scores}
+        ("ceiling", ceiling), ("vae", vae), ("regressor", reg), ("ldm", ldm_scores), ("latent", latent)) if scores is not None}
     return {**named, "buildings": buildings, "regressor_train_seconds": train_seconds,
             "num_samples": reg["num_samples"]}
 

@@ -276,7 +276,8 @@ def _scores(psnr: float) -> dict:
 
 @pytest.mark.parametrize("with_latent", [False, True])
 def test_the_latent_regressor_row_and_line_appear_only_when_it_was_trained(bq, with_latent):
-    named = {"ceiling": bq.row("ceiling", _scores(26.0), seconds=False), "regressor": bq.row("regressor", _scores(24.0)),
+    named = {"ceiling": bq.row("ceiling", _scores(26.0), seconds=False),
+             "regressor": bq.row("regressor", _scores(24.0)),
              "ldm": bq.row("LDM in process", _scores(23.5)), "ldm_no_tx": bq.row("LDM no tx", _scores(16.0)),
              "regressor_no_tx": bq.row("regressor no tx", _scores(17.0)),
              "buildings": {role: {"psnr": 24.0, "building_share": 0.5, "psnr_buildings_zeroed": 26.0}
