@@ -374,7 +374,7 @@ def header(args: argparse.Namespace, num_samples: int, elapsed: float, precision
               f"~ t^{TIME_POWER:g}, EMA from update {args.ldm_steps // 2} with warmup power {EMA_WARMUP_POWER:g}"),
              *overrides,
              *([f"training streams augmented: data.augment={args.augment}"] if args.augment != "none" else []),
-             *([f"the LDM and both regressors see {derived} (not published inputs)"] if derived else []),
+             *([f"the LDM and the regressors see {derived} (not published inputs)"] if derived else []),
              f"trained in {precisions}",
              (f"edge energy / edge error: sharpness (radiodiff.metrics) at {args.image_size}x{args.image_size}, "
               "scored in this process; '-' where only radiodiff-eval scored the row"),
@@ -447,10 +447,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae-steps", type=int, help=f"VAE-GAN updates (default {DEFAULTS['vae_steps']})")
     parser.add_argument("--ldm-steps", type=int, help=f"LDM and regressor updates (default {DEFAULTS['ldm_steps']})")
     parser.add_argument("--batch", type=int,
-                        help=f"batch of the LDM and both regressors (default {DEFAULTS['batch']})")
+                        help=f"batch of the LDM and the regressors (default {DEFAULTS['batch']})")
     parser.add_argument("--vae-batch", type=int, help=f"batch of the VAE-GAN (default {DEFAULTS['vae_batch']})")
     parser.add_argument("--lr", type=float,
-                        help=f"peak learning rate of the LDM and both regressors, decaying to lr/10 (default "
+                        help=f"peak learning rate of the LDM and the regressors, decaying to lr/10 (default "
                              f"{DEFAULTS['lr']:g})")
     parser.add_argument("--vae-lr", type=float,
                         help=f"peak learning rate of the VAE-GAN, decaying to lr/10 (default {DEFAULTS['vae_lr']:g})")
@@ -461,11 +461,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "buildings cover) or nearest (the training default: one native pixel of it; every run "
                              "before this option; the regressor 0.9-1.2 dB lower, radiodiff/models/README.md)")
     parser.add_argument("--tx-distance", action="store_true",
-                        help="give the LDM (model.unet.tx_distance=true) and both regressors the distance channel")
+                        help="give the LDM (model.unet.tx_distance=true) and the regressors the distance channel")
     parser.add_argument("--tx-los", action="store_true",
-                        help="give the LDM (model.unet.tx_los=true) and both regressors the line-of-sight channels")
+                        help="give the LDM (model.unet.tx_los=true) and the regressors the line-of-sight channels")
     parser.add_argument("--tx-detour", action="store_true",
-                        help="give the LDM (model.unet.tx_detour=true) and both regressors the detour channel")
+                        help="give the LDM (model.unet.tx_detour=true) and the regressors the detour channel")
     parser.add_argument("--latent-regressor", action="store_true",
                         help="add the latent regressor's row: what the latent space costs without diffusion "
                              "(a fifth of the run's time at the defaults)")
