@@ -19,7 +19,8 @@ def metrics_table(results: dict[str, dict]) -> list[str]:
     for name, result in results.items():
         for who, values in ((TITLES[name], result), ("mean-map baseline", result["baseline"])):
             cells = [fmt.format(values[key]) for key, _, fmt in METRICS]
-            extra = [str(result["num_samples"]), f"{result['seconds_per_map']:.3f}"] if who == TITLES[name] else ["", ""]
+            own = who == TITLES[name]
+            extra = [str(result["num_samples"]), f"{result['seconds_per_map']:.3f}"] if own else ["", ""]
             lines.append(f"| {who} | " + " | ".join(cells + extra) + " |")
     return lines
 

@@ -233,7 +233,8 @@ class DiffusionConfig:
             try:
                 value = float(self.scale_factor)
             except ValueError:
-                raise ConfigError(f"diffusion.scale_factor={self.scale_factor!r}: expected a number, auto or null") from None
+                raise ConfigError(f"diffusion.scale_factor={self.scale_factor!r}: expected a number, auto "
+                                  "or null") from None
             check_positive("diffusion.scale_factor", value)
 
 

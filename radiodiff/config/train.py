@@ -103,7 +103,8 @@ class TrainConfig:
         per_pass = self.micro_batch * world_size
         if self.global_batch % per_pass == 0:
             return self.global_batch // per_pass
-        where = f"train.global_batch={self.global_batch} with train.micro_batch={self.micro_batch} on {world_size} rank(s)"
+        where = (f"train.global_batch={self.global_batch} with train.micro_batch={self.micro_batch} "
+                 f"on {world_size} rank(s)")
         fits = [m for m in range(1, self.global_batch // world_size + 1) if self.global_batch % (m * world_size) == 0]
         if fits:
             raise ConfigError(f"{where}: the global batch must be a multiple of micro_batch x world_size = "
@@ -200,8 +201,8 @@ class TrainLdmConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        max_steps=50000, global_batch=128, micro_batch=16, lr=5e-5, min_lr=5e-6, lr_decay="poly", betas=[0.9, 0.999], weight_decay=1e-4,
-        grad_clip=1.0))
+        max_steps=50000, global_batch=128, micro_batch=16, lr=5e-5, min_lr=5e-6, lr_decay="poly",
+        betas=[0.9, 0.999], weight_decay=1e-4, grad_clip=1.0))
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)

@@ -118,8 +118,9 @@ class RadioMapSeer:
 
     ``full_check=True`` reads every PNG header of the indexed samples; otherwise one file per
     folder is header-checked and every file is still checked for existence (each read validates
-    the file it decodes anyway; ``validate=False`` skips all of this). ``only`` restricts the index to the given samples (a partial copy
-    of the dataset); splits are still those of the full set of maps present.
+    the file it decodes anyway; ``validate=False`` skips all of this). ``only`` restricts the index
+    to the given samples (a partial copy of the dataset); splits are still those of the full set of
+    maps present.
     """
 
     def __init__(

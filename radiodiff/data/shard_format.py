@@ -1,9 +1,10 @@
 """Writing the shard format: deterministic WebDataset tars and the manifest's shard entries.
 
 A shard is a plain POSIX tar of samples, each sample's members adjacent and named
-``{key}.{member}`` (see ``schema.IMAGE_SAMPLES``, and ``schema.LATENT_SAMPLES`` for a latent cache). Tar headers carry no time, owner or mode variation,
-so the same samples always produce the same bytes and the same sha256: a re-run can tell an
-intact shard from a stale or corrupt one by its checksum alone.
+``{key}.{member}`` (see ``schema.IMAGE_SAMPLES``, and ``schema.LATENT_SAMPLES`` for a latent cache).
+Tar headers carry no time, owner or mode variation, so the same samples always produce the same
+bytes and the same sha256: a re-run can tell an intact shard from a stale or corrupt one by its
+checksum alone.
 """
 
 from __future__ import annotations

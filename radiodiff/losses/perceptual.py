@@ -56,7 +56,8 @@ def _load_backbone(model: nn.Module, path: Path) -> None:
                 if key not in state:
                     raise ValueError(f"{path}: not a torchvision vgg16 state dict (missing {key!r})")
                 if state[key].shape != param.shape:
-                    raise ValueError(f"{path}: {key} has shape {tuple(state[key].shape)}, expected {tuple(param.shape)}")
+                    raise ValueError(f"{path}: {key} has shape {tuple(state[key].shape)}, "
+                                     f"expected {tuple(param.shape)}")
                 with torch.no_grad():
                     param.copy_(state[key])
 

@@ -199,11 +199,12 @@ class ConditionStem(nn.Module):
     encoder's), widths ``dim*(1,2,4,4)``; ``first_stride`` is 4 (the published layout) or 2 (a factor-2 VAE).
 
     Two 3x3 conv-GroupNorm-SiLU layers per resolution (full, 1/2 when ``first_stride`` is 4, then one
-    pair per level) with 2x2 max-pooling between resolutions. Max-pooling is what lets the network *learn* to use the one-pixel
-    transmitter: the peak it makes in the first layers survives every pooling at full strength. With
-    stride-2 convolutions instead (every pixel still reaches every level), the transmitter's share of
-    each output is a few percent of the buildings', and the U-Net trained as a direct latent regressor
-    did not learn to use it in 400 updates (radiodiff/models/README.md).
+    pair per level) with 2x2 max-pooling between resolutions. Max-pooling is what lets the network
+    *learn* to use the one-pixel transmitter: the peak it makes in the first layers survives every
+    pooling at full strength. With stride-2 convolutions instead (every pixel still reaches every
+    level), the transmitter's share of each output is a few percent of the buildings', and the U-Net
+    trained as a direct latent regressor did not learn to use it in 400 updates
+    (radiodiff/models/README.md).
     """
 
     def __init__(self, in_channels: int, dim: int, groups: int, first_stride: int = 4) -> None:

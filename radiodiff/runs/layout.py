@@ -93,7 +93,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
             raise CheckpointError(f"{path}: no committed checkpoint verifies (see the warnings above)")
         return found
     if (path / META_FILE).is_file():
-        raise FileNotFoundError(f"checkpoint {path} is not committed (no {COMMITTED} file): it was not completely saved")
+        raise FileNotFoundError(f"checkpoint {path} is not committed (no {COMMITTED} file): "
+                                "it was not completely saved")
     raise FileNotFoundError(f"{path} is neither a committed checkpoint folder nor a run directory holding one")
 
 

@@ -61,7 +61,8 @@ class NullLogger:
 class RunLogger(NullLogger):
     """Appends one JSON object per logged step and mirrors it to wandb."""
 
-    def __init__(self, run_dir: Path, cfg: WandbConfig, *, run_id: str, config: dict[str, Any], resume_step: int) -> None:
+    def __init__(self, run_dir: Path, cfg: WandbConfig, *, run_id: str, config: dict[str, Any],
+                 resume_step: int) -> None:
         self.path = run_dir / METRICS_FILE
         truncate_metrics(self.path, resume_step)
         self.wandb = None

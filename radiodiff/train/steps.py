@@ -60,7 +60,9 @@ class StepContext:
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         """A host batch tensor on the device; non-blocking, so the copy does not synchronise."""
         tensor = tensor.to(self.device, non_blocking=True)
-        return tensor.contiguous(memory_format=torch.channels_last) if self.channels_last and tensor.dim() == 4 else tensor
+        if self.channels_last and tensor.dim() == 4:
+            return tensor.contiguous(memory_format=torch.channels_last)
+        return tensor
 
     def inputs(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = self.to_device(tensor)
