@@ -332,17 +332,18 @@ def in_process_rows(args: argparse.Namespace, runs: dict[str, Path], evals: Path
     reg_blank = score_split(without_transmitter(reg_predict, data.value_range), data, device, EVAL_BATCH,
                             evals / "regressor_no_tx_grid.png")
     ldm_blank = score_split(without_transmitter(ldm, data.value_range), data, device, EVAL_BATCH,
-                            evals / "ldm_ema_5_no_tx_grid.png")
+                            evals / f"ldm_ema_{ABLATION_STEPS}_no_tx_grid.png")
     params = sum(p.numel() for p in regressor.parameters()) / 1e6
     named = {"ceiling": row(f"resolution ceiling (256 -> {size} -> 256)", ceiling, seconds=False),
              "regressor": row(f"regressor (conv U-Net, {params:.2f}M params)", reg),
              "regressor_no_tx": row(f"regressor, transmitter removed ({reg_blank['psnr'] - reg['psnr']:+.2f} dB)",
                                     reg_blank),
-             "ldm_no_tx": row("LDM EMA, 5 steps, transmitter removed", ldm_blank),
+             "ldm_no_tx": row(f"LDM EMA, {ABLATION_STEPS} steps, transmitter removed", ldm_blank),
              "ldm": row(f"LDM EMA, {ABLATION_STEPS} steps (scored in this process)", ldm_scores),
              **({"latent": row(LATENT_ROW, latent)} if latent is not None else {})}
-    buildings = {role: {k: scores[k] for k in ("psnr", *BUILDING_METRICS)} for role, scores in (
-        ("ceiling", ceiling), ("vae", vae), ("regressor", reg), ("ldm", ldm_scores), ("latent", latent)) if scores is not None}
+    scored = (("ceiling", ceiling), ("vae", vae), ("regressor", reg), ("ldm", ldm_scores), ("latent", latent))
+    buildings = {role: {k: scores[k] for k in ("psnr", *BUILDING_METRICS)}
+                 for role, scores in scored if scores is not None}
     return {**named, "buildings": buildings, "regressor_train_seconds": train_seconds,
             "num_samples": reg["num_samples"]}
 
