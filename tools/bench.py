@@ -134,7 +134,8 @@ def slots_table(rows: list[tuple]) -> str:
              "| slots | ranks x workers | samples/s per rank | MB read per rank | train split MB |",
              "| --- | --- | --- | --- | --- |"]
     for ranks, workers, rate, megabytes, split_mb in rows:
-        lines.append(f"| {ranks * max(workers, 1)} | {ranks} x {workers} | {rate:.0f} | {megabytes:.1f} | {split_mb:.1f} |")
+        lines.append(f"| {ranks * max(workers, 1)} | {ranks} x {workers} | {rate:.0f} | {megabytes:.1f} "
+                     f"| {split_mb:.1f} |")
     lines.append("A rank's workers each read the shards holding their samples: at most workers x the split per epoch;")
     lines.append("with data.cache_dir a node fetches each shard from the root once, its ranks read the local copy.")
     return "\n".join(lines)

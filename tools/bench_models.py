@@ -17,9 +17,10 @@ weights, bf16 compute). channels_last: the inputs and the frozen modules' conv w
 train.channels_last (radiodiff/train/acceleration.py); compile: train.compile's regional compilation
 (two more untimed iterations compile it). vae-gan-ref: the reference's formulation of the same
 update (tools/bench_reference.py: fp32, eager, two autoencoder forwards, the adaptive weight through
-the full graph), reported as the speed-up of each vae-gan configuration over it. Every configuration gets fresh models and engines from seed 0 in this one process, so
-ratios compare like with like. GFLOPs are those FlopCounterMode counts (convolutions, matmuls,
-attention; not norms, element-wise ops or the optimizer) on each configuration's first, untimed, step.
+the full graph), reported as the speed-up of each vae-gan configuration over it. Every
+configuration gets fresh models and engines from seed 0 in this one process, so ratios compare like
+with like. GFLOPs are those FlopCounterMode counts (convolutions, matmuls, attention; not norms,
+element-wise ops or the optimizer) on each configuration's first, untimed, step.
 """
 
 from __future__ import annotations
@@ -253,7 +254,8 @@ def build_reference_vae_gan_step(
     """The reference's VAE-GAN update (tools/bench_reference.py) on the same models: fp32, eager."""
     from bench_reference import reference_update  # a sibling: a script's own folder is on its import path
 
-    from radiodiff.config import PerceptualConfig, TrainConfig, VaeGanLossConfig, autoencoder_preset, discriminator_preset
+    from radiodiff.config import (PerceptualConfig, TrainConfig, VaeGanLossConfig, autoencoder_preset,
+                                  discriminator_preset)
     from radiodiff.losses.perceptual import LPIPSLoss
     from radiodiff.models.autoencoder import build_vae_gan_generator
     from radiodiff.models.discriminator import build_discriminator
@@ -392,11 +394,13 @@ def speedups(rows: list[BenchRow]) -> list[tuple[str, float]]:
 
     for stage, preset in groups:
         for layout in layouts:
-            fp32, bf16 = times.get((stage, preset, "fp32", layout, False)), times.get((stage, preset, "bf16", layout, False))
+            fp32 = times.get((stage, preset, "fp32", layout, False))
+            bf16 = times.get((stage, preset, "bf16", layout, False))
             if fp32 and bf16:
                 out.append((f"{stage} {preset}: bf16 over fp32, channels_last {on(layout)}", fp32 / bf16))
         for precision in PRECISIONS:
-            off, with_cl = times.get((stage, preset, precision, False, False)), times.get((stage, preset, precision, True, False))
+            off = times.get((stage, preset, precision, False, False))
+            with_cl = times.get((stage, preset, precision, True, False))
             if off and with_cl:
                 out.append((f"{stage} {preset}: channels_last on over off, {precision}", off / with_cl))
             for layout in layouts:

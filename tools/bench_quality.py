@@ -199,8 +199,9 @@ def latent_line(ldm_psnr: float, latent_psnr: float, regressor_psnr: float) -> s
 
 def draws_line(mean_psnr: float, regressor_psnr: float, vae_psnr: float) -> str:
     """The mean of several draws against the two references (not a target: it costs that many samplings)."""
-    return (f"INFO  the mean of {MEAN_DRAWS} draws ({MEAN_DRAWS}x the sampler's cost) is {mean_psnr - regressor_psnr:+.2f} "
-            f"dB from the regressor and {mean_psnr - vae_psnr:+.2f} dB from the VAE reconstruction")
+    return (f"INFO  the mean of {MEAN_DRAWS} draws ({MEAN_DRAWS}x the sampler's cost) is "
+            f"{mean_psnr - regressor_psnr:+.2f} dB from the regressor and {mean_psnr - vae_psnr:+.2f} dB from the "
+            "VAE reconstruction")
 
 
 def estimate_line(ldm_psnr: float, reference_psnr: float, regressor_psnr: float) -> str:

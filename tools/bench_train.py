@@ -26,12 +26,14 @@ from radiodiff.launch import console_command
 def run_case(stage: str, run_dir: Path, shards: Path, args: argparse.Namespace, extra: list[str]) -> list[dict]:
     overrides = [f"run_dir={run_dir}", f"data.shards={shards}", f"model={args.preset}", "wandb.enabled=false",
                  "train.log_every=1", f"train.max_steps={args.steps}", f"train.ckpt_every={args.steps}",
-                 f"train.global_batch={args.batch * args.nproc}", f"train.micro_batch={args.batch}", "data.num_workers=0", *extra]
+                 f"train.global_batch={args.batch * args.nproc}", f"train.micro_batch={args.batch}",
+                 "data.num_workers=0", *extra]
     if stage == "vae":
         overrides.append("perceptual.pretrained=false")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2)
                                                                                     // args.nproc)))}
-    done = subprocess.run(console_command(f"radiodiff-train-{stage}", args.nproc) + overrides, capture_output=True, text=True, env=env)
+    done = subprocess.run(console_command(f"radiodiff-train-{stage}", args.nproc) + overrides, capture_output=True,
+                          text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{stage} run failed:\n{done.stderr[-3000:]}")
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

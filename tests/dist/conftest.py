@@ -16,7 +16,8 @@ from tests.conftest import PROCESS_GROUP_KEYS
 
 BIN = Path(sys.executable).parent
 # Tiny, fast, deterministic: 64 px maps, no data-loader workers, metrics every step, no wandb.
-TINY = ["model=tiny", "data.num_workers=0", "train.global_batch=4", "train.micro_batch=2", "train.log_every=1", "wandb.enabled=false"]
+TINY = ["model=tiny", "data.num_workers=0", "train.global_batch=4", "train.micro_batch=2", "train.log_every=1",
+        "wandb.enabled=false"]
 # The VAE-GAN without its LPIPS term unless a test is about the objective itself: with no pretrained
 # VGG16 (never downloaded) LPIPS is a random network, no signal, yet a large part of a tiny step and
 # ~1.5 s of start-up per rank. The tests of the objective (rank invariance, BF16, gradient averaging, sync-free
@@ -49,16 +50,16 @@ def environment() -> dict[str, str]:
 def train(stage: str, run_dir: Path, shards: Path, *overrides: str, nproc: int = 2, timeout_s: int = 600) -> Run:
     """Run radiodiff-train-{stage} to completion and return its exit code, output and run dir."""
     args = [f"run_dir={run_dir}", f"data.shards={shards}", *TINY, *STAGE_TINY[stage], *overrides]
-    done = subprocess.run(console_command(f"radiodiff-train-{stage}", nproc) + args, capture_output=True, text=True, timeout=timeout_s,
-                          env=environment())
+    done = subprocess.run(console_command(f"radiodiff-train-{stage}", nproc) + args, capture_output=True, text=True,
+                          timeout=timeout_s, env=environment())
     return Run(done.returncode, done.stdout + done.stderr, run_dir)
 
 
 def start(stage: str, run_dir: Path, shards: Path, *overrides: str, nproc: int = 2) -> subprocess.Popen:
     """Start a training run in its own process group (so that a test can signal or kill all of it)."""
     args = [f"run_dir={run_dir}", f"data.shards={shards}", *TINY, *STAGE_TINY[stage], *overrides]
-    return subprocess.Popen(console_command(f"radiodiff-train-{stage}", nproc) + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=environment(), start_new_session=True)
+    return subprocess.Popen(console_command(f"radiodiff-train-{stage}", nproc) + args, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=environment(), start_new_session=True)
 
 
 def stopped_at(run_dir: Path, step: int, copy: Path) -> Path:

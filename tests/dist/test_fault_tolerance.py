@@ -22,7 +22,8 @@ def wait_for(path: Path, process: subprocess.Popen, timeout_s: float = 300) -> N
     deadline = time.monotonic() + timeout_s
     while not path.exists():
         if process.poll() is not None:
-            raise AssertionError(f"the run ended ({process.returncode}) before {path} appeared:\n{process.stdout.read()}")
+            raise AssertionError(f"the run ended ({process.returncode}) before {path} appeared:\n"
+                                 f"{process.stdout.read()}")
         if time.monotonic() > deadline:
             raise AssertionError(f"{path} did not appear in {timeout_s} s")
         time.sleep(0.2)

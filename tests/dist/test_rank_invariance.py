@@ -1,7 +1,8 @@
 """Same training on any number of ranks: with fp32, a fixed global batch and one seed, 1 rank x
 accumulation 4, 2 ranks x 2 and 4 ranks x 1 give the same losses for 5 updates (relative difference
-<= 1e-5, the reduction order's; 1e-3 for the GAN terms, which magnify it: below). Also what would have caught the reference code's unaveraged
-gradients: a rank that trained on its own micro-batches would drift from the others."""
+<= 1e-5, the reduction order's; 1e-3 for the GAN terms, which magnify it: below). Also what would have
+caught the reference code's unaveraged gradients: a rank that trained on its own micro-batches would
+drift from the others."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def assert_same_losses(runs: dict, key: str, rel_tol: float = 1e-5) -> None:
 @pytest.fixture(scope="module")
 def vae_runs(train_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("vae-ranks")
-    runs = {n: train("vae", root / f"r{n}", train_shards, *FP32, *LPIPS, "loss.disc_start=3", nproc=n) for n in GEOMETRIES}
+    runs = {n: train("vae", root / f"r{n}", train_shards, *FP32, *LPIPS, "loss.disc_start=3", nproc=n)
+            for n in GEOMETRIES}
     for n, run in runs.items():
         assert run.returncode == 0, (n, run.output[-3000:])
     return runs

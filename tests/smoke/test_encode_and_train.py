@@ -65,7 +65,8 @@ def ldm_data(made: Made, vae: FrozenVae) -> DataConfig:
 
 def step_config(made: Made):
     return compose("train_ldm", ["run_dir=/unused", f"data.shards={made.shards}", f"vae.checkpoint={made.vae}",
-                                 "model=tiny", "deepspeed.precision=fp32", "train.global_batch=2", "train.micro_batch=2"])
+                                 "model=tiny", "deepspeed.precision=fp32", "train.global_batch=2",
+                                 "train.micro_batch=2"])
 
 
 def one_step(batch: dict, vae: FrozenVae, made: Made) -> tuple[torch.Tensor, list[torch.Tensor]]:

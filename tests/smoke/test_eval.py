@@ -38,8 +38,9 @@ def runs(train_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
 
 
 def run_eval(run_dir: Path, shards: Path, out_dir: Path, *overrides: str, nproc: int = 1) -> dict:
-    done = subprocess.run([*console_command("radiodiff-eval", nproc), f"run_dir={run_dir}", f"data.shards={shards}", f"out_dir={out_dir}",
-                           *overrides], capture_output=True, text=True, timeout=300, env=environment())
+    done = subprocess.run([*console_command("radiodiff-eval", nproc), f"run_dir={run_dir}", f"data.shards={shards}",
+                           f"out_dir={out_dir}", *overrides], capture_output=True, text=True, timeout=300,
+                          env=environment())
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     return json.loads((out_dir / "metrics.json").read_text())
 

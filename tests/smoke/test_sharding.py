@@ -166,7 +166,8 @@ def test_inspect_shards_verifies_and_finds_a_corrupt_shard(sharded: Path, tmp_pa
     import importlib.util
     import shutil
 
-    spec = importlib.util.spec_from_file_location("inspect_shards", Path(__file__).parents[2] / "tools" / "inspect_shards.py")
+    spec = importlib.util.spec_from_file_location("inspect_shards",
+                                                  Path(__file__).parents[2] / "tools" / "inspect_shards.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     assert tool.main([str(sharded), "--verify", "--show", "2"]) == 0

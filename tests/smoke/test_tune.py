@@ -109,7 +109,8 @@ def test_best_yaml_composes_as_a_train_vae_config(grid_sweep: tuple[Path, int], 
     rows = read_rows(out_dir)
     best = max(rows, key=lambda r: float(r["val/psnr"]))
     # Exactly what `radiodiff-train-vae --config out_dir/best.yaml run_dir=...` composes.
-    config_file, overrides = split_config_file(["--config", str(out_dir / "best.yaml"), f"run_dir={tmp_path / 'again'}"])
+    config_file, overrides = split_config_file(["--config", str(out_dir / "best.yaml"),
+                                                f"run_dir={tmp_path / 'again'}"])
     cfg = compose("train_vae", overrides, config_file)
     assert isinstance(cfg, TrainVaeConfig)
     assert cfg.run_dir == str(tmp_path / "again")
@@ -212,7 +213,8 @@ def test_optuna_search_names_the_missing_package(monkeypatch: pytest.MonkeyPatch
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "optuna" else real_find_spec(name, *a))
     with pytest.raises(ConfigError, match="pip install optuna"):
         check_search_available(TuneSweepConfig(search="optuna"))
 

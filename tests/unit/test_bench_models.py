@@ -160,17 +160,19 @@ def test_cli_validates_image_size() -> None:
     assert done.returncode != 0 and "--image-size=48" in done.stderr
 
 
-def test_reference_update_is_timed_side_by_side_and_trains_both_networks(bench_models, world_of_one, one_thread) -> None:
+def test_reference_update_is_timed_side_by_side_and_trains_both_networks(bench_models, world_of_one,
+                                                                        one_thread) -> None:
     bm = bench_models
     import sys
 
     sys.path.insert(0, str(TOOLS))  # as when run as a script: bench_reference is a sibling
     try:
         torch.manual_seed(0)
-        step = bm.build_reference_vae_gan_step(bm.MODEL_PRESETS["tiny"], IMAGE, BATCH, world_of_one.device, "fp32", False)
+        step = bm.build_reference_vae_gan_step(bm.MODEL_PRESETS["tiny"], IMAGE, BATCH, world_of_one.device, "fp32",
+                                               False)
         generator, discriminator = step.models
-        before = [p.detach().clone() for p in (generator.autoencoder.encoder.conv_in.weight, discriminator.main[0].weight,
-                                               generator.autoencoder.last_layer.weight)]
+        before = [p.detach().clone() for p in (generator.autoencoder.encoder.conv_in.weight,
+                                               discriminator.main[0].weight, generator.autoencoder.last_layer.weight)]
         step.run()
         after = (generator.autoencoder.encoder.conv_in.weight, discriminator.main[0].weight,
                  generator.autoencoder.last_layer.weight)
@@ -181,7 +183,8 @@ def test_reference_update_is_timed_side_by_side_and_trains_both_networks(bench_m
         device, rows = bm.run_model_bench(opts)
     finally:
         sys.path.remove(str(TOOLS))
-    assert [(r.stage, r.precision, r.compiled) for r in rows] == [("vae-gan", "fp32", False), ("vae-gan-ref", "fp32", False)]
+    assert [(r.stage, r.precision, r.compiled) for r in rows] == [("vae-gan", "fp32", False),
+                                                                  ("vae-gan-ref", "fp32", False)]
     ratios = dict(bm.speedups(rows))
     label = "vae-gan tiny: fp32, channels_last off, compile off over the reference's update (fp32 eager)"
     assert ratios[label] == pytest.approx(rows[1].ms_per_image / rows[0].ms_per_image)

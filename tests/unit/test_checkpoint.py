@@ -158,7 +158,8 @@ def test_a_run_config_with_an_unknown_key_is_one_error_naming_the_file(tmp_path:
     from radiodiff.config import TrainVaeConfig
 
     (tmp_path / layout.CONFIG_FILE).write_text("train:\n  no_such_key: 3\n")
-    with pytest.raises(ValueError, match=r"config\.yaml: Key 'no_such_key' not in 'TrainConfig'.*another radiodiff version"):
+    with pytest.raises(ValueError,
+                       match=r"config\.yaml: Key 'no_such_key' not in 'TrainConfig'.*another radiodiff version"):
         layout.read_run_config(tmp_path, TrainVaeConfig)
 
 

@@ -35,7 +35,8 @@ def test_config_precision_and_stage(precision: str, stage: int) -> None:
     assert config["zero_optimization"]["stage"] == stage
     assert ("bf16" in config) == (precision == "bf16") and "torch_autocast" not in config
     if precision == "bf16":
-        assert config["bf16"] == {"enabled": True, "check_grad_overflow": False} and config["data_types"] == {"grad_accum_dtype": "fp32"}
+        assert config["bf16"] == {"enabled": True, "check_grad_overflow": False}
+        assert config["data_types"] == {"grad_accum_dtype": "fp32"}
     assert config["checkpoint"] == {"load_universal": True}
 
 
@@ -133,5 +134,7 @@ def test_communication_settings() -> None:
     on_gpu = deepspeed_config(TrainConfig(), ds, world_size=1, on_gpu=True)["zero_optimization"]
     assert on_gpu["overlap_comm"] is True and on_gpu["reduce_bucket_size"] == 10**7
     forced = DeepSpeedConfig(zero_stage=1, precision="fp32", overlap_comm=False)
-    assert deepspeed_config(TrainConfig(), forced, world_size=1, on_gpu=True)["zero_optimization"]["overlap_comm"] is False
-    assert deepspeed_config(TrainConfig(), DeepSpeedConfig(zero_stage=0, precision="fp32"), world_size=1)["zero_optimization"] == {"stage": 0}
+    on_gpu = deepspeed_config(TrainConfig(), forced, world_size=1, on_gpu=True)
+    assert on_gpu["zero_optimization"]["overlap_comm"] is False
+    stage_0 = deepspeed_config(TrainConfig(), DeepSpeedConfig(zero_stage=0, precision="fp32"), world_size=1)
+    assert stage_0["zero_optimization"] == {"stage": 0}
