@@ -84,8 +84,9 @@ TARGET_TX_DROP_DB, TARGET_VS_REGRESSOR_DB, TARGET_VS_VAE_DB = 3.0, 1.0, 1.5
 # LDM by 1.40 dB (the regressor by 0.80) at lr 1e-3, lr 2e-3 by 0.34 dB more. At lr 2e-3 the gap to the VAE
 # reconstruction was 1.18 dB at seed 11 and 1.65 dB at seed 12; at lr 3e-3 it is 1.09 and 1.39 dB (the LDM
 # +0.23 dB at seed 12, level at seed 11; docs/quality_runs.md), and 1.55 and 1.99 dB at seeds 13 and 14: the
-# 1.5 dB target holds at 2 of 4 seeds in this budget. The VAE-GAN step costs ~linearly in the batch, so it
-# keeps batch 8.
+# 1.5 dB target holds at 2 of 4 seeds in this budget. With --tx-los --tx-detour (not published inputs) it
+# holds at seeds 13 and 14 (0.43 and 0.46 dB), in 28-30 minutes. The VAE-GAN step costs ~linearly in the
+# batch, so it keeps batch 8.
 # The LDM gets 1,000 updates, not fewer: at 700 its transmitter ablation sat at the 3 dB threshold (-2.9
 # to -3.2 dB over runs, factor 4), so the check would have read noise.
 # The latent is 32x32 (--latent-factor 2), not the tiny preset's 16x16: at 16x16 the same conv U-Net
